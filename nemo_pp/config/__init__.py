@@ -1,6 +1,6 @@
 """Config loading for nemo_pp recipes: YAML + env interpolation + overrides + `_target_`.
 
-OmegaConf does the loading and interpolation; this package
+OmegaConf does the loading and interpolation, Hydra the instantiation; this package
 adds the NeMo AutoModel command-line forms, a "did you mean" for typos, recipe
 defaults, and an enforced `_target_` allowlist checked before anything runs.
 
@@ -9,12 +9,16 @@ Typical recipe use::
     path, overrides = parse_cli(sys.argv[1:])
     cfg = load_config(path, overrides, defaults=RECIPE_DEFAULTS)
     validate_targets(cfg)
+    model = instantiate(cfg.model)
+    optimizer = instantiate(cfg.optimizer, params=model.parameters())
 """
 
 from .cli import USAGE, parse_cli
 from .errors import ConfigError
+from .instantiate import instantiate
 from .keys import get_dotted_keys
 from .loader import load_config
+from .save import config_to_yaml, save_config
 from .targets import ALLOWLIST_ENV_VAR, DEFAULT_ALLOWED_PREFIXES, validate_targets
 
 __all__ = [
@@ -22,8 +26,11 @@ __all__ = [
     "DEFAULT_ALLOWED_PREFIXES",
     "USAGE",
     "ConfigError",
+    "config_to_yaml",
     "get_dotted_keys",
+    "instantiate",
     "load_config",
     "parse_cli",
+    "save_config",
     "validate_targets",
 ]
