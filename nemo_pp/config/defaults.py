@@ -53,6 +53,8 @@ def merge_defaults(defaults: Mapping | DictConfig | None, cfg: DictConfig) -> Di
         OmegaConf.create(defaults if isinstance(defaults, DictConfig) else dict(defaults)), resolve=False
     )
     _prune(plain_defaults, to_plain(cfg))
-    merged = OmegaConf.merge(OmegaConf.create(plain_defaults), cfg)
-    assert isinstance(merged, DictConfig)
-    return merged
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(plain_defaults), cfg), resolve=False)
+    # OmegaConf puts the defaults' sections first; keep the user's YAML order on top so
+    # the printed config reads like the file, with recipe defaults after it.
+    order = [k for k in cfg.keys() if k in merged] + [k for k in merged if k not in cfg]
+    return OmegaConf.create({k: merged[k] for k in order})

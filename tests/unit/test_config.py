@@ -136,6 +136,16 @@ def test_defaults_nemo_prefix_counts_as_same_target(write_yaml):
     assert load_config(path, defaults=defaults).loss_fn.ignore_index == -100
 
 
+def test_defaults_keep_yaml_order_first(base):
+    keys = list(load_config(base, defaults=DEFAULTS).keys())
+    assert keys == ["distributed", "model", "optimizer", "dataloader", "checkpoint", "step_scheduler"]
+
+
+def test_defaults_may_be_referenced_by_interpolation(write_yaml):
+    cfg = load_config(write_yaml("lr_copy: ${optimizer.lr}\n"), defaults=DEFAULTS)
+    assert cfg.lr_copy == pytest.approx(3e-4)
+
+
 def test_defaults_not_modified(write_yaml):
     defaults = {"optimizer": {"_target_": "torch.optim.AdamW", "lr": 1.0}}
     load_config(write_yaml("optimizer:\n  _target_: torch.optim.SGD\n"), defaults=defaults)
