@@ -1,0 +1,125 @@
+"""The one place that touches private ``torch.distributed.pipelining`` attributes.
+
+Static stage metadata (shapes known up front, no shape-inference forward) and the
+reset that a new sequence length needs both depend on private names that changed
+between torch releases:
+
+* torch >= 2.12 ("new API"): stages carry ``_user_meta`` (a ``_StageMeta``) and an
+  ``_inference_mode`` decided by a P2P vote at initialisation; schedules carry
+  ``_stage_forward_initialized/_stage_backward_initialized`` (single-stage) or
+  ``_stages_forward_initialized/_stages_backward_initialized`` (multi-stage).
+* torch 2.11 ("old API"): stages carry ``inputs_meta`` and ``_outputs_meta``
+  (set through ``_configure_outputs_meta``); schedules carry ``_stage_initialized``
+  (single) or ``_stages_initialized`` (multi).
+
+Everything else in nemo_pp goes through the functions below.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.distributed.pipelining import PipelineStage
+
+__all__ = [
+    "STAGE_META_API",
+    "NemoPipelineStage",
+    "set_static_stage_meta",
+    "mark_schedule_uninitialized",
+    "stage_uses_static_meta",
+]
+
+
+def _detect_api() -> str:
+    try:
+        from torch.distributed.pipelining._utils import _StageMeta  # noqa: F401
+    except ImportError:
+        return "old"
+    return "new"
+
+
+#: ``"new"`` (torch >= 2.12, ``_user_meta``) or ``"old"`` (torch 2.11, ``inputs_meta``).
+STAGE_META_API = _detect_api()
+
+
+class NemoPipelineStage(PipelineStage):
+    """``PipelineStage`` that keeps accumulated gradients across a re-initialisation.
+
+    torch 2.13 wipes every FSDP parameter's ``.grad`` after stage initialisation,
+    because a *dynamic* initialisation runs a real forward/backward whose gradients
+    are garbage. With static metadata no such pass runs, so the wipe would only
+    destroy gradients accumulated before a sequence-length change (DESIGN.md).
+    """
+
+    def _post_metadata_inference_cleanup(self) -> None:  # torch >= 2.12 hook
+        mode = getattr(self, "_inference_mode", None)
+        if mode is not None and getattr(mode, "value", None) == "static":
+            return
+        super()._post_metadata_inference_cleanup()
+
+
+def _as_meta(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(requires_grad)
+
+
+def set_static_stage_meta(
+    stage: PipelineStage,
+    inputs: Sequence[torch.Tensor],
+    outputs: Sequence[torch.Tensor],
+) -> None:
+    """Give ``stage`` static input/output metadata for the next initialisation.
+
+    Args:
+        stage: the stage to configure.
+        inputs: example (meta-device is fine) tensors of one microbatch's stage inputs.
+            A floating-point input of a non-first stage must have
+            ``requires_grad=True`` or the backward recv never posts and ranks deadlock.
+        outputs: example tensors of one microbatch's stage outputs.
+    """
+    inputs = tuple(inputs)
+    outputs = tuple(outputs)
+    if STAGE_META_API == "new":
+        from torch.distributed.pipelining._utils import _StageMeta, extract_tensor_metas
+
+        stage._user_meta = _StageMeta(
+            inputs=extract_tensor_metas(inputs),
+            outputs=extract_tensor_metas(outputs),
+        )
+        # Forget what the last initialisation derived, so nothing stale survives.
+        stage._stage_meta = _StageMeta()
+    else:
+        stage.inputs_meta = inputs
+        stage._outputs_meta = None
+        stage._configure_outputs_meta(outputs)
+
+
+def stage_uses_static_meta(stage: PipelineStage) -> bool:
+    """True when ``stage`` will skip shape inference at its next initialisation."""
+    if STAGE_META_API == "new":
+        meta = getattr(stage, "_user_meta", None)
+        return meta is not None and meta.is_complete_for_forward()
+    return getattr(stage, "inputs_meta", None) is not None and getattr(stage, "_outputs_meta", None) is not None
+
+
+def mark_schedule_uninitialized(schedule) -> None:
+    """Make the next ``schedule.step()`` re-create recv/send buffers from stage metadata."""
+    names = (
+        "_stage_forward_initialized",
+        "_stage_backward_initialized",
+        "_stages_forward_initialized",
+        "_stages_backward_initialized",
+        "_stage_initialized",
+        "_stages_initialized",
+    )
+    found = False
+    for name in names:
+        if hasattr(schedule, name):
+            setattr(schedule, name, False)
+            found = True
+    if not found:
+        raise RuntimeError(
+            f"{type(schedule).__name__} has none of the initialisation flags nemo_pp knows "
+            f"({', '.join(names)}); torch {torch.__version__} changed its private API: "
+            "update nemo_pp/distributed/pipelining/_torch_compat.py"
+        )

@@ -1,0 +1,61 @@
+"""Gradient clipping across pipeline stages.
+
+Each pp rank only sees its stages' gradients, so a per-rank ``clip_grad_norm_``
+would clip with the wrong norm. The global norm is ``(sum_r ||g_r||_p^p)^(1/p)``
+all-reduced over the pp group (max for the inf-norm), the method of torchtitan's
+``clip_grad_norm_`` for pipeline parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def clip_grad_norm_across_stages(
+    parameters: Iterable[nn.Parameter],
+    max_norm: float | None,
+    norm_type: float = 2.0,
+    pp_group=None,
+    exclude_from_norm: Iterable[nn.Parameter] = (),
+) -> torch.Tensor:
+    """Clip all gradients of ``parameters`` by the norm over every pipeline stage.
+
+    Args:
+        parameters: this rank's parameters (all local stages).
+        max_norm: clip threshold; None or inf only computes the norm.
+        norm_type: p of the p-norm; ``inf`` for the max-norm.
+        pp_group: process group of the pipeline axis (None: no pipeline).
+        exclude_from_norm: parameters left out of the norm but still clipped (the
+            second copy of a tied embedding, so the tied weight counts once).
+
+    Returns:
+        the global gradient norm (float32 scalar tensor), equal to the unsplit
+        model's ``torch.nn.utils.clip_grad_norm_`` result.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    excluded = {id(p) for p in exclude_from_norm}
+    grads = [p.grad for p in params if id(p) not in excluded]
+    norm_type = float(norm_type)
+    if grads:
+        total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+        if hasattr(total, "full_tensor"):
+            total = total.full_tensor()
+        total = total.float()
+    else:
+        device = params[0].grad.device if params else torch.device("cpu")
+        total = torch.zeros((), device=device)
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        if math.isinf(norm_type):
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pp_group)
+        else:
+            total = total**norm_type
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
+            total = total ** (1.0 / norm_type)
+    if max_norm is not None and not math.isinf(max_norm) and params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -1,0 +1,185 @@
+"""Hugging Face specifics of pipelining: stage-friendly forwards and model validation.
+
+After splitting, a stage's ``model.layers`` is an ``nn.ModuleDict`` keyed by the
+ORIGINAL layer index and modules that live on other stages are ``None``. HF's own
+``forward`` slices ``self.layers[:n]`` and returns ``ModelOutput`` objects, so stages
+use the forwards below, which return plain tensors:
+
+* first stage (has ``embed_tokens``): ``input_ids [mb, S] int64 -> hidden [mb, S, H]``
+* middle stages: ``hidden [mb, S, H] -> hidden [mb, S, H]``
+* last stage (has ``norm`` and ``lm_head``): ``hidden -> logits [mb, S, V]``
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Callable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "create_pipeline_forward_inner",
+    "create_pipeline_forward_causal_lm",
+    "patch_hf_model_for_pp",
+    "validate_hf_model_for_pipeline_support",
+    "iter_decoder_layers",
+]
+
+
+def iter_decoder_layers(layers) -> list[tuple[int, nn.Module]]:
+    """``(original_index, layer)`` pairs of a ModuleList or a split stage's ModuleDict."""
+    if layers is None:
+        return []
+    if isinstance(layers, nn.ModuleDict):
+        return [(int(k), v) for k, v in layers.items() if v is not None]
+    return [(i, layer) for i, layer in enumerate(layers) if layer is not None]
+
+
+def _build_mask_mapping(config, hidden: torch.Tensor, attention_mask, position_ids) -> dict:
+    """Causal masks per attention type; only shape/dtype/device of ``hidden`` are read."""
+    if isinstance(attention_mask, dict):  # already a causal_mask_mapping
+        return attention_mask
+    from transformers.masking_utils import create_causal_mask
+
+    kwargs = dict(
+        config=config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        past_key_values=None,
+        position_ids=position_ids,
+    )
+    mapping = {"full_attention": create_causal_mask(**kwargs)}
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        from transformers.masking_utils import create_sliding_window_causal_mask
+
+        mapping["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+    return mapping
+
+
+def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callable:
+    """A ``forward`` for the decoder module (``model.model``) that works on any stage.
+
+    The returned function is bound as ``decoder.forward`` with signature
+    ``(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+    causal_mask_mapping=None, **kwargs) -> hidden [mb, S, H]``. On stages without
+    ``embed_tokens`` a float tensor passed as ``input_ids`` is taken as hidden states
+    (that is what the previous stage sends). ``norm`` runs only where it is present.
+    """
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        causal_mask_mapping: dict | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError(f"{model_class_name} stage got neither input_ids nor inputs_embeds")
+            if getattr(self, "embed_tokens", None) is not None and not input_ids.is_floating_point():
+                inputs_embeds = self.embed_tokens(input_ids)
+            elif input_ids.is_floating_point():
+                inputs_embeds = input_ids
+            else:
+                raise ValueError(
+                    "a stage without embed_tokens received integer token ids; only the first "
+                    "stage may take input_ids"
+                )
+        hidden = inputs_embeds
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        if causal_mask_mapping is None:
+            causal_mask_mapping = _build_mask_mapping(self.config, hidden, attention_mask, position_ids)
+        position_embeddings = self.rotary_emb(hidden, position_ids) if getattr(self, "rotary_emb", None) is not None else None
+        layer_types = getattr(self.config, "layer_types", None)
+        for idx, layer in iter_decoder_layers(getattr(self, "layers", None)):
+            attn_type = layer_types[idx] if layer_types else "full_attention"
+            out = layer(
+                hidden,
+                attention_mask=causal_mask_mapping.get(attn_type, causal_mask_mapping["full_attention"]),
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=None,
+                use_cache=False,
+                **kwargs,
+            )
+            # transformers < 5 returns a tuple from decoder layers
+            hidden = out[0] if isinstance(out, tuple) else out
+        if getattr(self, "norm", None) is not None:
+            hidden = self.norm(hidden)
+        return hidden
+
+    return forward
+
+
+def create_pipeline_forward_causal_lm() -> Callable:
+    """A ``forward`` for the ``...ForCausalLM`` wrapper that returns a tensor.
+
+    Returns logits ``[mb, S, V]`` (or the last ``logits_to_keep`` positions) where
+    ``lm_head`` is present, otherwise the hidden states ``[mb, S, H]`` to send on.
+    """
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> torch.Tensor:
+        inner = getattr(self, "model", None)
+        if inner is not None:
+            hidden = inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                **kwargs,
+            )
+        else:
+            hidden = inputs_embeds if inputs_embeds is not None else input_ids
+        if getattr(self, "lm_head", None) is None:
+            return hidden
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep > 0:
+                hidden = hidden[:, -logits_to_keep:, :]
+        else:
+            hidden = hidden[:, logits_to_keep, :]
+        return self.lm_head(hidden)
+
+    return forward
+
+
+def patch_hf_model_for_pp(model: nn.Module, patch_inner_model: bool = True, patch_causal_lm_model: bool = True) -> None:
+    """Replace ``forward`` of the decoder and/or the CausalLM wrapper in place (instance-level)."""
+    inner = getattr(model, "model", None)
+    if patch_inner_model:
+        target = inner if isinstance(inner, nn.Module) else model
+        target.forward = types.MethodType(create_pipeline_forward_inner(type(target).__name__), target)
+    if patch_causal_lm_model and isinstance(inner, nn.Module):
+        model.forward = types.MethodType(create_pipeline_forward_causal_lm(), model)
+
+
+def validate_hf_model_for_pipeline_support(model: nn.Module) -> None:
+    """Raise ``ValueError`` when a model cannot be pipelined by nemo_pp.
+
+    Unlike NeMo AutoModel, tied word embeddings are SUPPORTED (see
+    ``nemo_pp.distributed.pipelining.tied``); only encoder-decoder models and models
+    without a decoder layer stack are rejected.
+    """
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model; pipelining supports decoder-only causal LMs")
+    inner = getattr(model, "model", model)
+    if getattr(inner, "layers", None) is None:
+        raise ValueError(
+            f"{type(model).__name__} has no decoder layer stack at 'model.layers'; pass "
+            "module_fqns_per_model_part and patch_inner_model=False/patch_causal_lm_model=False"
+        )
