@@ -239,6 +239,11 @@ def _fresh_tmp_dir(final: Path) -> Path:
 def _commit_dir(tmp: Path, final: Path, info: dict[str, Any]) -> None:
     """Write the marker into ``tmp`` and rename it to ``final`` (replacing an old one)."""
     info = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    # Some writers (safetensors via a temp file) leave 0600; make files as readable as the folder.
+    mode = tmp.stat().st_mode & 0o666
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            f.chmod(mode)
     (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     if final.exists():
         # Move the old one aside first: rename is atomic, rmtree is not.
