@@ -18,6 +18,7 @@ from .functional import (
 )
 from .grads import clip_grad_norm_across_stages
 from .hf_utils import validate_hf_model_for_pipeline_support
+from .schedules import schedule_style
 from .tied import TiedEmbeddingSync, is_tied
 
 logger = logging.getLogger(__name__)
@@ -178,8 +179,6 @@ class AutoPipeline:
         self._info = PipelineInfo(True, schedule, has_first, has_last, parts, stages)
         if tied:
             num_stages = stages[0].num_stages
-            from .schedules import schedule_style
-
             style = schedule_style(self.pp_schedule or "1f1b") if not self.pp_schedule_csv else "loop"
             pp_size = self.world_mesh[self.pp_axis_name].size() if self.world_mesh.ndim > 1 else self.world_mesh.size()
             last_rank = 0 if style == "v" else (num_stages - 1) % pp_size
@@ -291,10 +290,11 @@ class AutoPipeline:
         modules = self.list_stage_modules()
         counts = self.get_stage_param_counts(trainable_only)
         total = max(1, sum(counts))
-        stage_to_rank = getattr(self._info.schedule, "stage_index_to_group_rank", None) or {}
-        lines = [f"Pipeline: {len(modules)} stages, schedule {self.pp_schedule}"]
+        pp_size = dist.get_world_size(self.pp_group)
+        v_style = schedule_style(self.pp_schedule or "1f1b") == "v" and not self.pp_schedule_csv
+        lines = [f"Pipeline: {len(modules)} stages over {pp_size} pp ranks, schedule {self.pp_schedule}"]
         for idx, (names, n) in enumerate(zip(modules, counts)):
-            rank = stage_to_rank.get(idx, "?") if isinstance(stage_to_rank, dict) else "?"
+            rank = (idx if idx < pp_size else 2 * pp_size - 1 - idx) if v_style else idx % pp_size
             lines.append(f"  stage {idx} (pp_rank {rank}): {n:,} params ({100 * n / total:.1f}%)")
             shown = _compress_layer_names(names)
             for name in shown[:max_modules_per_stage]:

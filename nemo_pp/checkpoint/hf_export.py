@@ -1,0 +1,109 @@
+"""Consolidated Hugging Face export of a (pipelined) model.
+
+Stage parameters keep their original FQNs (``model.layers.<i>...``), so each pp
+rank writes its own safetensors shard and rank 0 writes the index, config and
+tokenizer: the result is a normal HF folder that
+``AutoModelForCausalLM.from_pretrained`` loads, at any pp size. A tied embedding is
+stored once (``model.embed_tokens.weight``); ``tie_word_embeddings`` in the config
+re-ties it on load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 / TP parameters are DTensors: gather (collective over their mesh)
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def stage_state_dict(model_parts: Sequence[nn.Module], tied: bool) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU tensors of this rank's parts, by original FQN."""
+    out: dict[str, torch.Tensor] = {}
+    for part in model_parts:
+        for name, p in part.named_parameters(remove_duplicate=False):
+            if tied and name == "lm_head.weight":
+                continue
+            out[name] = _full(p.detach()).cpu().contiguous()
+        for name, b in part.named_buffers():
+            if "rotary_emb" in name or name in out:
+                continue  # derived from the config, not stored by HF
+            out[name] = _full(b.detach()).cpu().contiguous()
+    return out
+
+
+def save_consolidated_hf(
+    out_dir: str | Path,
+    model_parts: Sequence[nn.Module],
+    config,
+    tokenizer=None,
+    tied: bool = False,
+    pp_rank: int = 0,
+    pp_size: int = 1,
+    is_writer: bool = True,
+) -> Path:
+    """Write a Hugging Face model folder from every pp rank's parts (collective).
+
+    Args:
+        out_dir: destination folder.
+        model_parts: this rank's stage modules.
+        config: the HF config (saved as ``config.json``).
+        tokenizer: saved beside the weights when given.
+        tied: drop ``lm_head.weight`` (stored once as the embedding).
+        pp_rank, pp_size: this rank's pipeline coordinate; shard ``pp_rank`` of ``pp_size``.
+        is_writer: False on data-parallel replicas (dp_rank != 0): they join the
+            gathers but write nothing.
+
+    Returns:
+        ``out_dir``.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    state = stage_state_dict(model_parts, tied)
+    shard = "model.safetensors" if pp_size == 1 else f"model-{pp_rank + 1:05d}-of-{pp_size:05d}.safetensors"
+    if is_writer:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / shard), metadata={"format": "pt"})
+    names = {k: (shard, v.numel() * v.element_size()) for k, v in state.items()} if is_writer else {}
+    gathered: list = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, names)
+    else:
+        gathered = [names]
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+        return out
+    weight_map, total = {}, 0
+    for d in gathered:
+        for k, (file, nbytes) in (d or {}).items():
+            if k not in weight_map:
+                weight_map[k] = file
+                total += nbytes
+    if pp_size > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = _copy_config(config, tied)
+    config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def _copy_config(config, tied: bool):
+    import copy
+
+    cfg = copy.deepcopy(config)
+    cfg.tie_word_embeddings = bool(tied)
+    if hasattr(cfg, "get_text_config"):
+        cfg.get_text_config().tie_word_embeddings = bool(tied)
+    return cfg

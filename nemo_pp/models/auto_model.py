@@ -1,0 +1,68 @@
+"""``NeMoAutoModelForCausalLM``: NeMo AutoModel's model entry point, backed by transformers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """``"bfloat16"``/``"torch.bfloat16"``/``torch.bfloat16`` -> ``torch.bfloat16``; None/"auto" -> None.
+
+    Raises:
+        ValueError: an unknown dtype name (the valid ones are listed).
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _looks_local(path: str) -> bool:
+    # hub ids are "org/name": one slash, no leading / . ~
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def check_model_path(path: str, key: str = "model.pretrained_model_name_or_path") -> None:
+    """Raise FileNotFoundError (with the command that fetches the assets) for a missing local path."""
+    path = str(path)
+    if _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+        from nemo_pp.assets import missing_asset_message
+
+        raise FileNotFoundError(f"{key}: {missing_asset_message(path)}")
+
+
+class NeMoAutoModelForCausalLM:
+    """Loads Hugging Face causal LMs (hub id or local folder) with a dtype default of float32.
+
+    ``from_pretrained(pretrained_model_name_or_path, torch_dtype=None, **kwargs)`` accepts
+    the NeMo spellings ``torch_dtype: bfloat16`` and passes everything else to
+    ``transformers.AutoModelForCausalLM.from_pretrained``.
+    """
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path: str, *args, torch_dtype=None, dtype=None, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        check_model_path(pretrained_model_name_or_path)
+        resolved = resolve_dtype(dtype if dtype is not None else torch_dtype) or torch.float32
+        kwargs.setdefault("attn_implementation", "sdpa")
+        return AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, dtype=resolved, **kwargs)
+
+    @staticmethod
+    def from_config(config, *args, torch_dtype=None, dtype=None, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        resolved = resolve_dtype(dtype if dtype is not None else torch_dtype) or torch.float32
+        return AutoModelForCausalLM.from_config(config, *args, dtype=resolved, **kwargs)

@@ -1,0 +1,42 @@
+"""Recipe defaults for every section a YAML may leave out (the YAML wins)."""
+
+RECIPE_DEFAULTS = {
+    "seed": 42,
+    "dist_env": {"device": "auto", "timeout_minutes": 10},
+    "distributed": {
+        "strategy": "fsdp2",
+        "dp_size": None,
+        "dp_replicate_size": 1,
+        "tp_size": 1,
+        "cp_size": 1,
+        "pp_size": 1,
+        "sequence_parallel": False,
+        "pipeline": {
+            "_target_": "nemo_pp.distributed.pipelining.AutoPipeline",
+            "pp_schedule": "1f1b",
+            "pp_schedule_csv": None,
+            "pp_microbatch_size": 1,
+            "layers_per_stage": None,
+            "round_virtual_stages_to_pp_multiple": None,
+            "module_fqns_per_model_part": None,
+            "patch_inner_model": True,
+            "patch_causal_lm_model": True,
+            "scale_grads_in_schedule": False,
+            "pp_seq_len": None,
+        },
+    },
+    "loss_fn": {"_target_": "nemo_pp.loss.masked_ce.MaskedCrossEntropy"},
+    "dataloader": {"batch_size": 1, "shuffle": True, "num_workers": 0, "pad_seq_len_divisible": None},
+    "step_scheduler": {
+        "global_batch_size": None,
+        "local_batch_size": None,
+        "num_epochs": 1,
+        "max_steps": None,
+        "val_every_steps": None,
+    },
+    "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1.0e-5, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.0},
+    "lr_scheduler": {"lr_warmup_steps": 0, "lr_decay_style": "cosine", "min_lr": 0.0},
+    "clip_grad_norm": {"max_norm": 1.0},
+    "logging": {"log_every_steps": 1},
+    "checkpoint": {"checkpoint_dir": "outputs/finetune", "save_consolidated": True},
+}

@@ -1,0 +1,145 @@
+"""One optimizer step and the validation loss, with or without a pipeline.
+
+Loss normalisation (DESIGN.md): the loss function reduces by SUM, and after all
+microbatches and gradient-accumulation batches every gradient is divided by the
+number of label tokens of the whole step, summed over the data-parallel ranks.
+That makes the step's gradient exactly the gradient of the token-mean loss of the
+global batch, independent of how it was split into microbatches and batches.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nemo_pp.distributed.pipelining.grads import clip_grad_norm_across_stages
+
+IGNORE_INDEX = -100
+
+
+def _all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value
+
+
+class TrainEngine:
+    """Runs forward/backward, normalisation, clipping and the optimizer for model parts.
+
+    Args:
+        model_parts: this rank's modules (the whole model when pp_size is 1).
+        loss_fn: ``loss_fn(logits [B, S, V], labels [B, S]) -> scalar`` summed over tokens.
+        device: where batches go.
+        dp_group: data-parallel process group (None: no data parallelism).
+        autopipeline: the built ``AutoPipeline`` when pipelining, else None.
+        max_grad_norm: clip threshold (None: no clipping, the norm is still reported).
+    """
+
+    def __init__(
+        self,
+        model_parts: Sequence[nn.Module],
+        loss_fn: Callable,
+        device: torch.device,
+        dp_group=None,
+        autopipeline=None,
+        max_grad_norm: float | None = 1.0,
+    ):
+        self.parts = list(model_parts)
+        self.loss_fn = loss_fn
+        self.device = device
+        self.dp_group = dp_group
+        self.ap = autopipeline
+        self.max_grad_norm = max_grad_norm
+        self.pp_group = autopipeline.pp_group if autopipeline is not None else None
+
+    # ----------------------------------------------------------------- passes
+    def _forward(self, batch: dict, train: bool) -> torch.Tensor:
+        """Summed loss of one batch on this rank (0 on pp ranks without the last stage)."""
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        if self.ap is None:
+            logits = self.parts[0](input_ids=ids)
+            logits = logits.logits if hasattr(logits, "logits") else logits
+            loss = self.loss_fn(logits, labels)
+            if train:
+                loss.backward()
+            return loss.detach().float()
+        info = self.ap.info
+        self.ap.update_seq_len(ids.shape[1])
+        losses: list | None = [] if info.has_last_stage else None
+        args = (ids,) if info.has_first_stage else ()
+        target = labels if info.has_last_stage else None
+        run = info.schedule.step if train else info.schedule.eval
+        run(*args, target=target, losses=losses)
+        if not losses:
+            return torch.zeros((), device=self.device)
+        return torch.stack([l.detach().float() for l in losses]).sum()
+
+    def _tokens(self, batches: Iterable[dict]) -> torch.Tensor:
+        count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        return _all_reduce_sum(torch.tensor(float(count), device=self.device), self.dp_group)
+
+    def _global_loss(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> float:
+        # the last pp rank holds the loss; others add 0, so a sum is a broadcast
+        _all_reduce_sum(loss_sum, self.dp_group)
+        _all_reduce_sum(loss_sum, self.pp_group)
+        return float(loss_sum / tokens.clamp(min=1))
+
+    # ------------------------------------------------------------------ train
+    def train_step(self, batches: Sequence[dict], optimizers, lr_schedulers) -> dict:
+        """One optimizer step over ``batches`` (gradient accumulation); returns metrics.
+
+        Returns:
+            ``{"loss": token-mean loss, "grad_norm": global norm before clipping,
+            "num_label_tokens": int, "tokens": int input tokens on this dp rank,
+            "step_time_s": seconds}``.
+        """
+        start = time.perf_counter()
+        for part in self.parts:
+            part.train()
+        tokens = self._tokens(batches)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            loss_sum += self._forward(batch, train=True)
+        divisor = float(tokens.clamp(min=1))
+        for part in self.parts:
+            for p in part.parameters():
+                if p.grad is not None:
+                    p.grad.div_(divisor)
+        if self.ap is not None:
+            self.ap.sync_tied_grads()
+            grad_norm = self.ap.clip_grad_norm(self.max_grad_norm)
+        else:
+            params = [p for part in self.parts for p in part.parameters()]
+            grad_norm = clip_grad_norm_across_stages(params, self.max_grad_norm)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for sched in lr_schedulers:
+            sched.step()
+        loss = self._global_loss(loss_sum, tokens)
+        return {
+            "loss": loss,
+            "grad_norm": float(grad_norm),
+            "num_label_tokens": int(tokens),
+            "tokens": int(sum(b["input_ids"].numel() for b in batches)),
+            "step_time_s": time.perf_counter() - start,
+        }
+
+    # ------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validation_loss(self, batches: Iterable[dict]) -> float:
+        """Token-mean loss over ``batches`` (every rank must pass the same number)."""
+        for part in self.parts:
+            part.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        count = 0
+        for batch in batches:
+            loss_sum += self._forward(batch, train=False)
+            count += int((batch["labels"] != IGNORE_INDEX).sum())
+        tokens = _all_reduce_sum(torch.tensor(float(count), device=self.device), self.dp_group)
+        return self._global_loss(loss_sum, tokens)

@@ -1,0 +1,249 @@
+"""Supervised fine-tuning of a Hugging Face causal LM, with pipeline parallelism when pp_size > 1.
+
+    torchrun --nproc_per_node=2 recipes/finetune.py --config configs/smollm2_135m_squad_pp2.yaml \
+        [--distributed.pipeline.pp_schedule gpipe] [--step_scheduler.max_steps 5] ...
+
+Read top to bottom: ``setup()`` checks the whole config (arithmetic only, on every
+rank, before any weight is loaded), then builds mesh, model, pipeline, data and
+optimizer; ``run()`` trains with gradient accumulation, validates before and after,
+logs each step and exports a consolidated Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import torch.distributed as dist
+import transformers
+from tqdm import tqdm
+
+from nemo_pp.config import ConfigError, config_to_yaml, instantiate, load_config, parse_cli, save_config, validate_targets
+from nemo_pp.training.defaults import RECIPE_DEFAULTS
+from nemo_pp.training.preflight import Preflight, preflight_check
+
+logger = logging.getLogger("nemo_pp.finetune")
+
+
+class FinetuneRecipe:
+    """The fine-tuning recipe: ``FinetuneRecipe(cfg).setup(); .run()``."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "FinetuneRecipe":
+        from transformers import AutoTokenizer
+
+        from nemo_pp.datasets.utils import SFTCollator
+        from nemo_pp.distributed.init import initialize_distributed, set_seed
+        from nemo_pp.distributed.mesh import build_device_mesh
+        from nemo_pp.training.data import build_dataloader
+        from nemo_pp.training.engine import TrainEngine
+        from nemo_pp.training.lr_scheduler import build_lr_scheduler
+        from nemo_pp.training.metrics import JSONLLogger
+
+        cfg = self.cfg
+        # 1. everything that can be checked without weights or communication
+        self.plan: Preflight = preflight_check(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+        # 2. processes, mesh, seed
+        self.dist = initialize_distributed(cfg.dist_env.device, timeout_s=60 * float(cfg.dist_env.timeout_minutes))
+        self.mesh = build_device_mesh(self.dist.device.type, self.plan.sizes)
+        set_seed(int(cfg.seed))
+        self.is_main = self.dist.is_main
+        self.out_dir = Path(cfg.checkpoint.checkpoint_dir)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
+            print(f"Resolved config (saved to {self.out_dir / 'config.yaml'}):\n{config_to_yaml(cfg)}", flush=True)
+
+        # 3. tokenizer, data (each dp rank its own shard; pp ranks of a group read the same)
+        if not self.is_main:
+            datasets.disable_progress_bars()
+            transformers.utils.logging.disable_progress_bar()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.plan.model_path)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=cfg.dataloader.get("pad_seq_len_divisible"))
+        with _main_rank_first(self.is_main):  # rank 0 tokenizes, the others read datasets' cache
+            train_ds = instantiate(cfg.dataset, tokenizer=self.tokenizer)
+        self.train_loader = build_dataloader(
+            train_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
+            shuffle=bool(cfg.dataloader.shuffle), seed=int(cfg.seed), collate_fn=collate,
+            num_workers=int(cfg.dataloader.num_workers),
+        )
+        self.val_loader = None
+        if cfg.get("validation_dataset") is not None:
+            with _main_rank_first(self.is_main):
+                val_ds = instantiate(cfg.validation_dataset, tokenizer=self.tokenizer)
+            self.val_loader = build_dataloader(
+                val_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
+                shuffle=False, seed=int(cfg.seed), collate_fn=collate, num_workers=0,
+            )
+
+        # 4. model -> pipeline stages (or the whole model) -> optimizer per part
+        model = instantiate(cfg.model)
+        self.model_config = model.config
+        loss_fn = instantiate(cfg.loss_fn)
+        self.ap = None
+        if self.plan.sizes.pp > 1:
+            self.ap = instantiate(
+                cfg.distributed.pipeline,
+                world_mesh=self.mesh.world,
+                pp_batch_size=self.plan.local_batch_size,
+                device=self.dist.device,
+            ).build(model, loss_fn=loss_fn, parallelize_fn=self.plan.parallelize_fn(self.mesh))
+            self.parts = self.ap.parts
+            if self.is_main:
+                print(self.ap.debug_summary(), flush=True)
+            stage_table = self.ap.pretty_print_stages()
+            if self.is_main:
+                print(stage_table, flush=True)
+        else:
+            model.to(self.dist.device)
+            parallelize = self.plan.parallelize_fn(self.mesh)
+            if parallelize is not None:
+                parallelize(model, self.mesh.world, None, pp_enabled=False, dp_axis_names=("dp",))
+            self.parts = [model]
+        self.tied = bool(getattr(self.model_config, "tie_word_embeddings", False))
+        del model
+        self.optimizers = [instantiate(cfg.optimizer, params=part.parameters()) for part in self.parts]
+        self.total_steps = self.plan.total_steps(len(self.train_loader))
+        self.lr_schedulers = [
+            build_lr_scheduler(opt, self.total_steps, **dict(cfg.lr_scheduler)) for opt in self.optimizers
+        ]
+        self.engine = TrainEngine(
+            self.parts, loss_fn, self.dist.device, dp_group=self.mesh.dp.get_group() if self.mesh.sizes.dp > 1 else None,
+            autopipeline=self.ap, max_grad_norm=cfg.clip_grad_norm.max_norm,
+        )
+        self.metrics = JSONLLogger(self.out_dir / "metrics.jsonl", enabled=self.is_main)
+        return self
+
+    # -------------------------------------------------------------------- run
+    def _validate(self, step: int, tag: str) -> float | None:
+        if self.val_loader is None:
+            return None
+        start = time.perf_counter()
+        loss = self.engine.validation_loss(self.val_loader)
+        seconds = time.perf_counter() - start
+        self.metrics.log({"event": "validation", "tag": tag, "step": step, "val_loss": loss, "seconds": seconds})
+        if self.is_main:
+            tqdm.write(f"validation ({tag}, step {step}): loss {loss:.4f} [{seconds:.1f} s]")
+        return loss
+
+    def _step_batches(self):
+        """Yield lists of ``grad_acc_steps`` batches, one list per optimizer step."""
+        acc = self.plan.grad_acc_steps
+        step = 0
+        for epoch in range(self.plan.num_epochs):
+            self.train_loader.sampler.set_epoch(epoch)
+            group = []
+            for batch in self.train_loader:
+                group.append(batch)
+                if len(group) == acc:
+                    yield group
+                    group = []
+                    step += 1
+                    if step >= self.total_steps:
+                        return
+
+    def run(self) -> dict:
+        from nemo_pp.checkpoint.hf_export import save_consolidated_hf
+        from nemo_pp.training.metrics import format_step, peak_memory_bytes
+
+        cfg = self.cfg
+        wall_start = time.perf_counter()
+        val_before = self._validate(0, "before training")
+        bar = tqdm(total=self.total_steps, desc="train", unit="step", disable=not self.is_main, dynamic_ncols=True)
+        step, train_tokens, train_seconds, record = 0, 0, 0.0, {}
+        val_every = cfg.step_scheduler.get("val_every_steps")
+        for batches in self._step_batches():
+            out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
+            step += 1
+            # every dp rank processes its own tokens; pp ranks of one group share them
+            global_tokens = out["tokens"] * self.plan.sizes.dp
+            train_tokens += global_tokens
+            train_seconds += out["step_time_s"]
+            record = {
+                "event": "train", "step": step, "total_steps": self.total_steps, "loss": out["loss"],
+                "grad_norm": out["grad_norm"], "lr": self.lr_schedulers[0].get_last_lr()[0],
+                "tokens": global_tokens, "num_label_tokens": out["num_label_tokens"],
+                "tokens_per_s": global_tokens / out["step_time_s"], "step_time_s": out["step_time_s"],
+                "peak_memory_bytes": peak_memory_bytes(self.dist.device),
+            }
+            self.metrics.log(record)
+            if self.is_main:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if step % int(cfg.logging.log_every_steps) == 0 or step == self.total_steps:
+                    tqdm.write(format_step(record))
+            if val_every and step % int(val_every) == 0 and step < self.total_steps:
+                self._validate(step, "periodic")
+        bar.close()
+        val_after = self._validate(step, "after training")
+
+        export_dir = None
+        if cfg.checkpoint.save_consolidated:
+            export_dir = self.out_dir / "hf_model"
+            save_consolidated_hf(
+                export_dir, self.parts, self.model_config, self.tokenizer, tied=self.tied,
+                pp_rank=self.mesh.pp_rank, pp_size=self.plan.sizes.pp, is_writer=self.mesh.dp_rank == 0,
+            )
+        summary = {
+            "event": "summary", "steps": step, "wall_time_s": time.perf_counter() - wall_start,
+            "train_tokens": train_tokens, "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
+            "val_loss_before": val_before, "val_loss_after": val_after,
+            "final_train_loss": record.get("loss"), "export_dir": str(export_dir) if export_dir else None,
+        }
+        self.metrics.log(summary)
+        if self.is_main:
+            print(
+                f"done: {step} steps in {summary['wall_time_s']:.0f} s, {summary['train_tokens_per_s']:.0f} train tok/s; "
+                f"val loss {_fmt(val_before)} -> {_fmt(val_after)}; exported to {export_dir}",
+                flush=True,
+            )
+        return summary
+
+
+@contextlib.contextmanager
+def _main_rank_first(is_main: bool):
+    if not is_main:
+        dist.barrier()
+    yield
+    if is_main:
+        dist.barrier()
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(path, overrides, defaults=RECIPE_DEFAULTS)
+        validate_targets(cfg)
+        recipe = FinetuneRecipe(cfg).setup()
+    except (ConfigError, ValueError, FileNotFoundError, NotImplementedError) as exc:
+        # identical on every rank (nothing above depends on the rank): exit, never hang
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        recipe.run()
+    finally:
+        from nemo_pp.distributed.init import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

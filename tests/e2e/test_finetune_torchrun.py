@@ -1,0 +1,95 @@
+"""The real command line: torchrun + recipes/finetune.py on the real SmolLM2 and SQuAD."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+CONFIG = "configs/smollm2_135m_squad_pp2.yaml"
+
+
+def run_recipe(nproc: int, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = TORCHRUN + [f"--nproc_per_node={nproc}", "recipes/finetune.py", "--config", CONFIG, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.e2e
+def test_pp2_finetune_exports_a_model_transformers_reloads(real_assets, tmp_path):
+    out = tmp_path / "run"
+    proc = run_recipe(
+        2,
+        f"--checkpoint.checkpoint_dir={out}",
+        "--step_scheduler.max_steps", "2",
+        "--step_scheduler.global_batch_size", "2",
+        "--dataloader.batch_size", "2",
+        "--dataset.seq_length", "96",
+        "--dataset.limit_dataset_samples", "64",
+        "--validation_dataset.seq_length", "96",
+        "--validation_dataset.limit_dataset_samples", "4",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = read_metrics(out)
+    train = [r for r in records if r["event"] == "train"]
+    summary = records[-1]
+    assert len(train) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert summary["event"] == "summary" and summary["val_loss_after"] is not None
+    saved = (out / "config.yaml").read_text()
+    assert "max_steps: 2" in saved and "seq_length: 96" in saved  # overrides reach the saved config
+
+    # the consolidated export is a normal HF folder, the tie preserved, one tensor stored
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = out / "hf_model"
+    keys = set()
+    for f in export.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            keys |= set(sf.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # its validation loss equals the one the pipelined model reported after training
+    from nemo_pp.datasets.llm.squad import SQuAD
+    from nemo_pp.datasets.utils import default_collater
+
+    tok = AutoTokenizer.from_pretrained(export)
+    val = SQuAD(str(real_assets[1]), "validation", tokenizer=tok, seq_length=96, limit_dataset_samples=4)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, 4, 2):
+            b = default_collater([val[i], val[i + 1]], pad_seq_len_divisible=16, pad_token_id=tok.pad_token_id)
+            logits = model(input_ids=b["input_ids"]).logits
+            total += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1), ignore_index=-100, reduction="sum"))
+            count += int((b["labels"] != -100).sum())
+    assert abs(total / count - summary["val_loss_after"]) < 1e-4, (total / count, summary["val_loss_after"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--distributed.pp_sise", "2"], "did you mean 'distributed.pp_size'"),
+        (["--distributed.pipeline.pp_schedule", "2f2b"], "Valid schedules: GPipe, 1F1B"),
+        (["--dataloader.batch_size", "1", "--step_scheduler.global_batch_size", "1"],
+         "1F1B needs at least as many microbatches as stages"),
+    ],
+)
+def test_bad_input_fails_fast_on_every_rank(real_assets, tmp_path, overrides, message):
+    proc = run_recipe(2, f"--checkpoint.checkpoint_dir={tmp_path}", *overrides, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Loading weights" not in proc.stderr + proc.stdout  # failed before any weight was read

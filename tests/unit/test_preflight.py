@@ -1,0 +1,74 @@
+"""Bad recipe input is refused before any process group or weight, naming key and fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from nemo_pp.config import ConfigError, load_config, validate_targets
+from nemo_pp.training.defaults import RECIPE_DEFAULTS
+from nemo_pp.training.preflight import preflight_check
+from tests.tiny_models import tiny_config
+
+YAML = """
+distributed:
+  pp_size: 2
+  pipeline:
+    _target_: nemo_pp.distributed.pipelining.AutoPipeline
+    pp_schedule: 1f1b
+model:
+  _target_: nemo_pp.NeMoAutoModelForCausalLM.from_pretrained
+  pretrained_model_name_or_path: {model}
+dataset:
+  _target_: nemo_pp.datasets.llm.squad.SQuAD
+  path_or_dataset: {data}
+dataloader:
+  batch_size: 4
+"""
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_config("llama", layers=4).save_pretrained(model_dir)  # config only: no weights needed
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text(YAML.format(model=model_dir, data=tmp_path / "data"))
+    return path
+
+
+def check(path, *overrides, world=2):
+    cfg = load_config(path, list(overrides), defaults=RECIPE_DEFAULTS)
+    validate_targets(cfg)
+    return preflight_check(cfg, world_size=world)
+
+
+def test_good_config_derives_the_plan(cfg_file):
+    plan = check(cfg_file, "step_scheduler.global_batch_size=8")
+    assert (plan.sizes.pp, plan.sizes.dp, plan.local_batch_size, plan.grad_acc_steps, plan.num_stages) == (2, 1, 4, 2, 2)
+    assert plan.schedule == "1F1B"
+
+
+@pytest.mark.parametrize(
+    "overrides,world,error,message",
+    [
+        ([], 3, ValueError, r"world size 3 is not divisible by pp_size\*cp_size\*tp_size"),
+        (["distributed.pipeline.pp_microbatch_size=3"], 2, ValueError, "not divisible by distributed.pipeline.pp_microbatch_size"),
+        (["dataloader.batch_size=1"], 2, ValueError, "1F1B needs at least as many microbatches as stages"),
+        (["distributed.pipeline.pp_schedule=2f2b"], 2, ValueError, "Valid schedules: GPipe, 1F1B"),
+        (["distributed.pp_size=8"], 8, ValueError, "only 4 layers"),
+        (["step_scheduler.global_batch_size=6"], 2, ValueError, "step_scheduler.global_batch_size=6 is not a multiple"),
+        (["model.pretrained_model_name_or_path=/nonexistent/model"], 2, FileNotFoundError, "python -m nemo_pp.assets"),
+        (["dataset.path_or_dataset=/nonexistent/squad"], 2, FileNotFoundError, "dataset.path_or_dataset"),
+        (["distributed.cp_size=2"], 4, ValueError, "no CPU implementation"),
+    ],
+)
+def test_bad_input_names_key_and_fix(cfg_file, overrides, world, error, message):
+    with pytest.raises(error, match=message):
+        check(cfg_file, *overrides, world=world)
+
+
+def test_unimportable_target_and_unknown_override(cfg_file):
+    with pytest.raises(ConfigError, match="loss_fn._target_"):
+        check(cfg_file, "loss_fn._target_=nemo_pp.loss.masked_ce.MaskedCrossEntropyy")
+    with pytest.raises(ConfigError, match="did you mean 'distributed.pp_size'"):
+        check(cfg_file, "distributed.pp_sise=2")
