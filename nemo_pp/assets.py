@@ -97,6 +97,21 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
+def looks_like_local_path(path: str | os.PathLike) -> bool:
+    """A filesystem path rather than a hub id (``"name"`` or ``"owner/name"``)."""
+    path = str(path)
+    if path.startswith(("/", ".", "~")) or path.endswith((".json", ".jsonl")):
+        return True
+    # A hub id has at most one slash; a relative path like data/squad also has one,
+    # so that is local only when it exists.
+    return path.count("/") > 1 or (os.sep != "/" and os.sep in path) or os.path.exists(path)
+
+
+def missing_local_path(path: str | os.PathLike) -> bool:
+    """True for a local-looking path that does not exist (a hub id never is)."""
+    return looks_like_local_path(path) and not os.path.exists(os.path.expanduser(str(path)))
+
+
 def missing_asset_message(path: str | os.PathLike, what: str = "model path") -> str:
     """The error text for a local asset path that does not exist.
 

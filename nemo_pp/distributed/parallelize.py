@@ -37,4 +37,6 @@ class FSDP2Parallelizer:
         for module in model.modules():
             if hasattr(module, "set_gradient_divide_factor"):
                 module.set_gradient_divide_factor(1.0)
+                # plain SUM collectives: a factor without this becomes PREMUL_SUM, which gloo lacks
+                module.set_force_sum_reduction_for_comms(True)
         return model

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 _DTYPES = {
@@ -29,17 +27,11 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def _looks_local(path: str) -> bool:
-    # hub ids are "org/name": one slash, no leading / . ~
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1
-
-
 def check_model_path(path: str, key: str = "model.pretrained_model_name_or_path") -> None:
     """Raise FileNotFoundError (with the command that fetches the assets) for a missing local path."""
-    path = str(path)
-    if _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
-        from nemo_pp.assets import missing_asset_message
+    from nemo_pp.assets import missing_asset_message, missing_local_path
 
+    if missing_local_path(path):
         raise FileNotFoundError(f"{key}: {missing_asset_message(path)}")
 
 

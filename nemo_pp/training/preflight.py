@@ -6,7 +6,6 @@ fails identically everywhere, before a process group exists or a weight is read.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +44,6 @@ class Preflight:
         return FSDP2Parallelizer(mesh, reshard_after_forward=not self.split_backward)
 
 
-def _local_path_missing(path) -> bool:
-    path = str(path)
-    return (path.startswith(("/", ".", "~")) or path.count("/") > 1) and not os.path.exists(os.path.expanduser(path))
-
-
 def preflight_check(cfg, world_size: int) -> Preflight:
     """Validate ``cfg`` against ``world_size``; raise with the config key and the fix.
 
@@ -59,7 +53,7 @@ def preflight_check(cfg, world_size: int) -> Preflight:
         FileNotFoundError: missing local model or data set (names the asset command).
         NotImplementedError: tp/cp sizes this version does not implement.
     """
-    from nemo_pp.assets import missing_asset_message
+    from nemo_pp.assets import missing_asset_message, missing_local_path
     from nemo_pp.distributed.pipelining.schedules import (
         V_STYLE_SCHEDULES,
         canonical_schedule_name,
@@ -86,11 +80,11 @@ def preflight_check(cfg, world_size: int) -> Preflight:
     model_path = cfg.model.get("pretrained_model_name_or_path")
     if model_path is None:
         raise ValueError("model.pretrained_model_name_or_path is required")
-    if _local_path_missing(model_path):
+    if missing_local_path(model_path):
         raise FileNotFoundError(f"model.pretrained_model_name_or_path: {missing_asset_message(model_path)}")
     for section in ("dataset", "validation_dataset"):
         node = cfg.get(section)
-        if node is not None and node.get("path_or_dataset") is not None and _local_path_missing(node.path_or_dataset):
+        if node is not None and node.get("path_or_dataset") is not None and missing_local_path(node.path_or_dataset):
             raise FileNotFoundError(f"{section}.path_or_dataset: {missing_asset_message(node.path_or_dataset, 'data set')}")
 
     local_bs = int(cfg.dataloader.batch_size)

@@ -11,24 +11,14 @@ YAML (NeMo AutoModel shape)::
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nemo_pp.assets import missing_asset_message, squad_dir
+from nemo_pp.assets import looks_like_local_path, missing_asset_message, squad_dir
 
 IGNORE_INDEX = -100
-
-
-def _looks_local(path: str) -> bool:
-    """A filesystem path rather than a hub id (``"name"`` or ``"owner/name"``)."""
-    if path.startswith(("/", ".", "~")) or path.endswith((".json", ".jsonl")):
-        return True
-    # A hub id has at most one slash; a relative path like data/squad also has one,
-    # so that is local only when it exists.
-    return path.count("/") > 1 or (os.sep != "/" and os.sep in path) or os.path.exists(path)
 
 
 def load_squad_rows(path_or_dataset: str, split: str):
@@ -45,7 +35,7 @@ def load_squad_rows(path_or_dataset: str, split: str):
     """
     import datasets
 
-    if _looks_local(path_or_dataset):
+    if looks_like_local_path(path_or_dataset):
         path = Path(path_or_dataset).expanduser()
         if not path.exists():
             raise FileNotFoundError(missing_asset_message(path_or_dataset, "dataset path_or_dataset"))
