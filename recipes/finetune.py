@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         validate_targets(cfg)
         recipe = FinetuneRecipe(cfg).setup()
     except (ConfigError, ValueError, FileNotFoundError, NotImplementedError) as exc:
-        # identical on every rank (nothing above depends on the rank): exit, never hang
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        # identical on every rank (nothing above depends on the rank): exit, never hang.
+        # Every rank prints: torchrun kills the others as soon as the first one exits.
+        print(f"[rank {rank}] error: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
         recipe.run()
