@@ -44,11 +44,11 @@ def reference(model, batches):
     return total / tokens, grads, tokens
 
 
-def _run_parity(rank, world, arch, tied, schedule, layers, batch_size, seq_lens, layers_per_stage):
+def _run_parity(rank, world, arch, tied, schedule, layers, batch_size, seq_lens, layers_per_stage, pp=None):
     from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
 
-    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp or world))
     ref_model = tiny_model(arch, tied, layers)
     model = copy.deepcopy(ref_model)
     vocab = ref_model.config.vocab_size
@@ -104,7 +104,20 @@ def test_pp2_matches_unsplit_model(arch, tied, schedule, layers, batch, seq_lens
     assert sum(checked) > 0
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+MULTI_STAGE = ["Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
+
+
+@pytest.mark.parametrize("schedule", MULTI_STAGE)
+def test_every_multi_stage_schedule_at_pp2(schedule):
+    run_ranks(_run_parity, 2, "llama", True, schedule, 4, 4, (16,), None)
+
+
+@pytest.mark.parametrize("schedule,layers,batch", [("1f1b", 4, 4), ("interleaved_1f1b", 8, 4), ("zbv", 8, 8)])
+def test_pp4_matches_unsplit_model(schedule, layers, batch):
+    run_ranks(_run_parity, 4, "qwen2", True, schedule, layers, batch, (16,), None, timeout=240)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b"] + MULTI_STAGE)
 def test_seq_len_change_with_accumulation_matches_reference(schedule):
     """16 -> 32 -> 8 tokens, grads accumulated across the changes, no extra forward."""
     run_ranks(_run_parity, 2, "llama", True, schedule, 4, 4, (16, 32, 8), None)

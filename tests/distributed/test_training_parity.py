@@ -97,7 +97,11 @@ def _run_training(rank, world, pp, arch, tied, schedule, export_dir):
     return True
 
 
-@pytest.mark.parametrize("arch,tied,schedule", [("llama", True, "1f1b"), ("qwen2", False, "gpipe"), ("llama", True, "interleaved_1f1b")])
+@pytest.mark.parametrize(
+    "arch,tied,schedule",
+    [("llama", True, "1f1b"), ("qwen2", False, "gpipe"), ("llama", True, "interleaved_1f1b"), ("qwen2", True, "looped_bfs"),
+     ("llama", True, "zero_bubble"), ("llama", False, "zbv"), ("qwen2", True, "dualpipev")],
+)
 def test_pp2_weights_norm_tie_and_export_match_reference(tmp_path, arch, tied, schedule):
     run_ranks(_run_training, 2, 2, arch, tied, schedule, str(tmp_path / "export"))
 

@@ -123,3 +123,11 @@ def mark_schedule_uninitialized(schedule) -> None:
             f"({', '.join(names)}); torch {torch.__version__} changed its private API: "
             "update nemo_pp/distributed/pipelining/_torch_compat.py"
         )
+
+
+def schedule_action_lists(schedule_class, pp_size: int, n_microbatches: int, stages_per_rank: int) -> list[list]:
+    """Per-rank compute action lists of a schedule class, built without process groups
+    (torch's private ``_schedule_visualizer.get_schedule_ops``)."""
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+    return get_schedule_ops(schedule_class, pp_size, n_microbatches, stages_per_rank, add_spacing=False)

@@ -316,6 +316,17 @@ class AutoPipeline:
             lines.append(f"  stage {s.stage_index}: {self._count_parameters(p):,} params")
         return "\n".join(lines)
 
+    def visualize_current_schedule(self, filename: Optional[str] = None) -> str:
+        """Write a PNG timeline of the built schedule's actions per rank (matplotlib).
+
+        Drawn from the schedule's own action list with its real number of microbatches
+        (``pp_batch_size // pp_microbatch_size``; NeMo passes the microbatch size there),
+        so CSV schedules draw too. Returns the file name (default ``pipeline_schedule.png``).
+        """
+        from .visualize import save_schedule_png, schedule_actions
+
+        return save_schedule_png(schedule_actions(self._info.schedule), filename or "pipeline_schedule.png")
+
     def log_debug_summary(self) -> None:
         logger.info("%s", self.debug_summary())
 
