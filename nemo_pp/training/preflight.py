@@ -111,7 +111,14 @@ def preflight_check(cfg, world_size: int) -> Preflight:
         text_cfg = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
         num_layers = int(text_cfg.num_hidden_layers)
         schedule = canonical_schedule_name(p.pp_schedule) if p.get("pp_schedule") else None
-        if p.get("module_fqns_per_model_part"):
+        if p.get("pp_schedule_csv"):
+            from nemo_pp.distributed.pipelining.schedules import csv_stage_ids, read_schedule_csv
+
+            ids = csv_stage_ids(read_schedule_csv(str(p.pp_schedule_csv)))
+            if len(ids) != sizes.pp:
+                raise ValueError(f"distributed.pipeline.pp_schedule_csv has {len(ids)} rows but pp_size is {sizes.pp}")
+            num_stages = 1 + max(max(i) for i in ids)
+        elif p.get("module_fqns_per_model_part"):
             num_stages = len(p.module_fqns_per_model_part)
         elif schedule is not None:
             num_stages, _ = calculate_virtual_stages(

@@ -121,3 +121,43 @@ def test_pp4_matches_unsplit_model(schedule, layers, batch):
 def test_seq_len_change_with_accumulation_matches_reference(schedule):
     """16 -> 32 -> 8 tokens, grads accumulated across the changes, no extra forward."""
     run_ranks(_run_parity, 2, "llama", True, schedule, 4, 4, (16, 32, 8), None)
+
+
+def _run_csv(rank, world, csv_path):
+    """A CSV schedule through AutoPipeline: stage count and placement come from the file."""
+    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.pipelining import AutoPipeline
+
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
+    ref = tiny_model("llama", True, 4)
+    model = copy.deepcopy(ref)
+    batches = [make_batch(4, 16, ref.config.vocab_size, seed=0)]
+    ref_loss, ref_grads, tokens = reference(ref, batches)
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=None, pp_schedule_csv=csv_path, pp_batch_size=4,
+                      device=torch.device("cpu")).build(model, loss_fn=sum_ce)
+    ids, lb = batches[0]
+    ap.update_seq_len(16)
+    info = ap.info
+    losses = [] if info.has_last_stage else None
+    info.schedule.step(*((ids,) if info.has_first_stage else ()), target=lb if info.has_last_stage else None, losses=losses)
+    ap.scale_grads_by_divisor(tokens)
+    ap.sync_tied_grads()
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[name], atol=ATOL, rtol=1e-4)
+    if losses:
+        assert abs(float(sum(l.detach() for l in losses)) / tokens - ref_loss) < ATOL
+    return sorted(s.stage_index for s in info.stages)
+
+
+def test_csv_schedule_shipped_example():
+    held = run_ranks(_run_csv, 2, "configs/schedules/1f1b_pp2_mb4.csv")
+    assert held == [[0], [1]]
+
+
+def test_csv_schedule_with_two_stages_per_rank(tmp_path):
+    csv = tmp_path / "looped.csv"
+    fwd = lambda s: [f"{s}F{m}" for m in range(4)]  # noqa: E731
+    bwd = lambda s: [f"{s}B{m}" for m in range(4)]  # noqa: E731
+    csv.write_text(",".join(fwd(0) + fwd(2) + bwd(2) + bwd(0)) + "\n" + ",".join(fwd(1) + fwd(3) + bwd(3) + bwd(1)) + "\n")
+    assert run_ranks(_run_csv, 2, str(csv)) == [[0, 2], [1, 3]]

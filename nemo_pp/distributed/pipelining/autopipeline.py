@@ -18,7 +18,6 @@ from .functional import (
 )
 from .grads import clip_grad_norm_across_stages
 from .hf_utils import validate_hf_model_for_pipeline_support
-from .schedules import schedule_style
 from .tied import TiedEmbeddingSync, is_tied
 
 logger = logging.getLogger(__name__)
@@ -179,9 +178,8 @@ class AutoPipeline:
         self._info = PipelineInfo(True, schedule, has_first, has_last, parts, stages)
         if tied:
             num_stages = stages[0].num_stages
-            style = schedule_style(self.pp_schedule or "1f1b") if not self.pp_schedule_csv else "loop"
-            pp_size = self.world_mesh[self.pp_axis_name].size() if self.world_mesh.ndim > 1 else self.world_mesh.size()
-            last_rank = 0 if style == "v" else (num_stages - 1) % pp_size
+            owner = self._stage_owners()
+            last_rank = owner[num_stages - 1]
             pp_dim = list(self.world_mesh.mesh_dim_names).index(self.pp_axis_name)
             self._tied = TiedEmbeddingSync(
                 self.world_mesh.mesh.movedim(pp_dim, -1),
@@ -269,6 +267,11 @@ class AutoPipeline:
             merged.update(d)
         return merged
 
+    def _stage_owners(self) -> dict[int, int]:
+        """{global stage index: pp rank holding it} (collective over pp)."""
+        me = dist.get_rank(self.pp_group)
+        return self._gather_over_pp({s.stage_index: me for s in self._info.stages})
+
     def list_stage_modules(self) -> list[list[str]]:
         """Module FQNs of every stage, by global stage index (collective over pp)."""
         local = {s.stage_index: list(getattr(p, "_pp_module_fqns", [])) for s, p in zip(self._info.stages, self.parts)}
@@ -290,11 +293,12 @@ class AutoPipeline:
         modules = self.list_stage_modules()
         counts = self.get_stage_param_counts(trainable_only)
         total = max(1, sum(counts))
+        owner = self._stage_owners()
         pp_size = dist.get_world_size(self.pp_group)
-        v_style = schedule_style(self.pp_schedule or "1f1b") == "v" and not self.pp_schedule_csv
-        lines = [f"Pipeline: {len(modules)} stages over {pp_size} pp ranks, schedule {self.pp_schedule}"]
+        schedule = self.pp_schedule_csv or self.pp_schedule
+        lines = [f"Pipeline: {len(modules)} stages over {pp_size} pp ranks, schedule {schedule}"]
         for idx, (names, n) in enumerate(zip(modules, counts)):
-            rank = (idx if idx < pp_size else 2 * pp_size - 1 - idx) if v_style else idx % pp_size
+            rank = owner[idx]
             lines.append(f"  stage {idx} (pp_rank {rank}): {n:,} params ({100 * n / total:.1f}%)")
             shown = _compress_layer_names(names)
             for name in shown[:max_modules_per_stage]:

@@ -149,6 +149,7 @@ def pipeline_model(
         patch_inner_model=patch_inner_model,
         patch_causal_lm_model=patch_causal_lm_model,
         round_to_pp_multiple=round_to_pp_multiple,
+        pp_schedule_csv=pipeline_parallel_schedule_csv,
     )
     for part in model_parts:
         if not (patch_inner_model or patch_causal_lm_model):

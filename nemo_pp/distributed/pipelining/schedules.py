@@ -140,6 +140,48 @@ def check_schedule_constraints(
     return ScheduleCheck(name=name, n_microbatches=n_mb)
 
 
+def read_schedule_csv(path: str) -> list[list]:
+    """Parse a compute-only schedule CSV: row r lists pp rank r's actions (``0F0``, ``1B2``, ...).
+
+    Returns:
+        one list of ``_Action`` per rank (empty cells dropped).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unreadable action (row and column named), or no rows.
+    """
+    import csv
+
+    from torch.distributed.pipelining.schedules import _Action
+
+    key = "distributed.pipeline.pp_schedule_csv"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}: file '{path}' does not exist")
+    rows = []
+    with open(path, newline="") as f:
+        for r, row in enumerate(csv.reader(f)):
+            actions = []
+            for c, cell in enumerate(row):
+                if not cell.strip():
+                    continue
+                try:
+                    action = _Action.from_str(cell)
+                except Exception as exc:  # torch raises RuntimeError/ValueError/AttributeError
+                    raise ValueError(f"{key}: '{path}' row {r + 1} column {c + 1}: cannot read action '{cell}' ({exc})") from exc
+                if action is None or action.stage_index is None:
+                    raise ValueError(f"{key}: '{path}' row {r + 1} column {c + 1}: '{cell}' names no stage")
+                actions.append(action)
+            rows.append(actions)
+    if not rows or not any(rows):
+        raise ValueError(f"{key}: '{path}' holds no actions")
+    return rows
+
+
+def csv_stage_ids(rows: list[list]) -> list[tuple[int, ...]]:
+    """Stage indices each pp rank runs in a parsed CSV schedule, sorted."""
+    return [tuple(sorted({a.stage_index for a in row})) for row in rows]
+
+
 def build_pipeline_schedule(
     pipeline_parallel_schedule_csv: str | None,
     pipeline_parallel_schedule: str | None,
@@ -173,15 +215,24 @@ def build_pipeline_schedule(
     pp_size = stages[0].group_size
     num_stages = stages[0].num_stages
     if pipeline_parallel_schedule_csv:
-        if not os.path.isfile(pipeline_parallel_schedule_csv):
-            raise FileNotFoundError(
-                f"distributed.pipeline.pp_schedule_csv: file '{pipeline_parallel_schedule_csv}' does not exist"
+        rows = read_schedule_csv(pipeline_parallel_schedule_csv)
+        if len(rows) != pp_size:
+            raise ValueError(
+                f"distributed.pipeline.pp_schedule_csv: '{pipeline_parallel_schedule_csv}' has {len(rows)} rows "
+                f"(one per pp rank) but pp_size is {pp_size}"
             )
+        used_mb = {a.microbatch_index for row in rows for a in row if a.microbatch_index is not None}
         if local_batch_size % microbatch_size:
             raise ValueError(
                 f"pp_batch_size {local_batch_size} is not divisible by pp_microbatch_size {microbatch_size}"
             )
         n_mb = local_batch_size // microbatch_size
+        if used_mb != set(range(n_mb)):
+            raise ValueError(
+                f"distributed.pipeline.pp_schedule_csv: '{pipeline_parallel_schedule_csv}' schedules microbatches "
+                f"{sorted(used_mb)} but the batch splits into {n_mb} (pp_batch_size {local_batch_size} / "
+                f"pp_microbatch_size {microbatch_size})"
+            )
         cls = torch_schedules._PipelineScheduleRuntime
         if pipeline_parallel_schedule:
             named = get_schedule_class(canonical_schedule_name(pipeline_parallel_schedule))

@@ -264,6 +264,44 @@ def _hf_layout(model: nn.Module) -> tuple[str, int, str]:
     )
 
 
+def stage_module_names(
+    model: nn.Module,
+    pp_size: int,
+    pp_schedule: str,
+    module_names_per_stage: list[list[str]] | None = None,
+    layers_per_stage: int | None = None,
+    round_to_pp_multiple: str | None = None,
+    num_stages: int | None = None,
+) -> list[list[str]]:
+    """The checked module FQNs of every (virtual) stage; no process group needed.
+
+    Generated for HF decoders (absent optional modules dropped; ``num_stages`` fixes
+    the count, e.g. from a CSV schedule) or taken from ``module_names_per_stage``
+    (every name must exist).
+
+    Raises:
+        ValueError: see :func:`calculate_virtual_stages`; unknown, doubly assigned or
+            unassigned modules; a stage count that is not a multiple of ``pp_size``.
+    """
+    if module_names_per_stage is None:
+        prefix, num_layers, lm_head_fqn = _hf_layout(model)
+        if num_stages is None:
+            single = is_single_stage_schedule(pp_schedule)
+            num_stages, _ = calculate_virtual_stages(num_layers, layers_per_stage, pp_size, single, round_to_pp_multiple)
+        generated = generate_hf_model_fqn_per_model_part(
+            num_stages, num_layers, include_lm_head=True, fqn_prefix=prefix, lm_head_fqn=lm_head_fqn
+        )
+        names = _validate_assignment(model, generated, strict=False)
+    else:
+        names = _validate_assignment(model, [list(m) for m in module_names_per_stage], strict=True)
+    if len(names) % pp_size:
+        raise ValueError(
+            f"{len(names)} stages in distributed.pipeline.module_fqns_per_model_part is not a multiple of "
+            f"pp_size {pp_size}"
+        )
+    return names
+
+
 def split_model_into_stages(
     model: nn.Module,
     pp_mesh,
@@ -275,6 +313,7 @@ def split_model_into_stages(
     patch_inner_model: bool = True,
     patch_causal_lm_model: bool = True,
     round_to_pp_multiple: str | None = None,
+    pp_schedule_csv: str | None = None,
 ):
     """Split ``model`` into this rank's pipeline stages.
 
@@ -289,6 +328,8 @@ def split_model_into_stages(
         patch_inner_model / patch_causal_lm_model: install the tensor-returning
             forwards of ``hf_utils``.
         round_to_pp_multiple: ``"up"``/``"down"``/None, see :func:`calculate_virtual_stages`.
+        pp_schedule_csv: a CSV schedule; its rows fix the stage count and which stages
+            each rank holds.
 
     Returns:
         ``(stages, models)``: this rank's ``PipelineStage`` objects and their modules.
@@ -303,23 +344,20 @@ def split_model_into_stages(
     mesh = pp_mesh[pp_axis_name] if pp_mesh.mesh_dim_names and pp_axis_name in pp_mesh.mesh_dim_names and pp_mesh.ndim > 1 else pp_mesh
     pp_rank, pp_size = mesh.get_local_rank(), mesh.size()
     name = canonical_schedule_name(pp_schedule)
-    single = is_single_stage_schedule(name)
+    csv_ids = None
+    if pp_schedule_csv:
+        from .schedules import csv_stage_ids, read_schedule_csv
 
-    if module_names_per_stage is None:
-        prefix, num_layers, lm_head_fqn = _hf_layout(model)
-        num_stages, _ = calculate_virtual_stages(num_layers, layers_per_stage, pp_size, single, round_to_pp_multiple)
-        module_names_per_stage = generate_hf_model_fqn_per_model_part(
-            num_stages, num_layers, include_lm_head=True, fqn_prefix=prefix, lm_head_fqn=lm_head_fqn
-        )
-        module_names_per_stage = _validate_assignment(model, module_names_per_stage, strict=False)
-    else:
-        module_names_per_stage = _validate_assignment(model, [list(m) for m in module_names_per_stage], strict=True)
+        csv_ids = csv_stage_ids(read_schedule_csv(pp_schedule_csv))
+    module_names_per_stage = stage_module_names(
+        model, pp_size, name, module_names_per_stage, layers_per_stage, round_to_pp_multiple,
+        num_stages=1 + max(max(ids) for ids in csv_ids) if csv_ids else None,
+    )
     num_stages = len(module_names_per_stage)
-    if num_stages % pp_size:
-        raise ValueError(f"{num_stages} stages in module_fqns_per_model_part is not a multiple of pp_size {pp_size}")
+    my_ids = csv_ids[pp_rank] if csv_ids else stage_ids_this_rank(pp_rank, pp_size, num_stages, schedule_style(name))
 
     stages, models = [], []
-    for stage_idx in stage_ids_this_rank(pp_rank, pp_size, num_stages, schedule_style(name)):
+    for stage_idx in my_ids:
         stage_model = copy_pruned(model, module_names_per_stage[stage_idx])
         if patch_inner_model or patch_causal_lm_model:
             patch_hf_model_for_pp(stage_model, patch_inner_model, patch_causal_lm_model)
