@@ -43,6 +43,7 @@ class FinetuneRecipe:
         from nemo_pp.datasets.utils import SFTCollator
         from nemo_pp.distributed.init import initialize_distributed, set_seed
         from nemo_pp.distributed.mesh import build_device_mesh
+        from nemo_pp.distributed.pipelining.tied import is_tied
         from nemo_pp.training.data import build_dataloader
         from nemo_pp.training.engine import TrainEngine
         from nemo_pp.training.lr_scheduler import build_lr_scheduler
@@ -110,7 +111,7 @@ class FinetuneRecipe:
             if parallelize is not None:
                 parallelize(model, self.mesh.world, None, pp_enabled=False, dp_axis_names=("dp",))
             self.parts = [model]
-        self.tied = bool(getattr(self.model_config, "tie_word_embeddings", False))
+        self.tied = is_tied(model)  # exported once, as the embedding
         del model
         self.optimizers = [instantiate(cfg.optimizer, params=part.parameters()) for part in self.parts]
         self.total_steps = self.plan.total_steps(len(self.train_loader))
