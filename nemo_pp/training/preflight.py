@@ -55,7 +55,7 @@ def preflight_check(cfg, world_size: int) -> Preflight:
     """
     from nemo_pp.assets import missing_asset_message, missing_local_path
     from nemo_pp.distributed.pipelining.schedules import (
-        V_STYLE_SCHEDULES,
+        SPLIT_BACKWARD_SCHEDULES,
         canonical_schedule_name,
         check_schedule_constraints,
         is_single_stage_schedule,
@@ -132,7 +132,7 @@ def preflight_check(cfg, world_size: int) -> Preflight:
                 f"pp_batch_size (dataloader.batch_size = {local_bs}) is not divisible by "
                 f"distributed.pipeline.pp_microbatch_size = {p.pp_microbatch_size}"
             )
-        split_backward = schedule in ("InterleavedZeroBubble",) + V_STYLE_SCHEDULES
+        split_backward = schedule in SPLIT_BACKWARD_SCHEDULES
     max_steps = ss.get("max_steps")
     return Preflight(
         sizes=sizes, model_path=str(model_path), local_batch_size=local_bs, grad_acc_steps=gbs // per_step,

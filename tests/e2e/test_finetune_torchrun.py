@@ -27,10 +27,13 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 
 @pytest.mark.e2e
-def test_pp2_finetune_exports_a_model_transformers_reloads(real_assets, tmp_path):
+@pytest.mark.parametrize("pp_size", [2, 1])
+def test_finetune_exports_a_model_transformers_reloads(real_assets, tmp_path, pp_size):
+    """pp_size 2 (two stages on two processes) and 1 (the same recipe, no pipeline)."""
     out = tmp_path / "run"
     proc = run_recipe(
-        2,
+        pp_size,
+        f"--distributed.pp_size={pp_size}",
         f"--checkpoint.checkpoint_dir={out}",
         "--step_scheduler.max_steps", "2",
         "--step_scheduler.global_batch_size", "2",

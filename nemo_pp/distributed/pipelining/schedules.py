@@ -31,6 +31,9 @@ SCHEDULE_NAMES = (
 _EXTRA_ALIASES = {"zbv": "ZBVZeroBubble", "zerobubble": "InterleavedZeroBubble", "zbvzerobubble": "ZBVZeroBubble"}
 #: Schedules whose stages are placed in a "V" (rank r holds r and 2*pp-1-r).
 V_STYLE_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+#: Schedules that split backward into input and weight parts: with FSDP2 they need
+#: ``reshard_after_forward=False`` or grads come out None or wrong (DESIGN.md).
+SPLIT_BACKWARD_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 
 
 def _squash(name: str) -> str:
