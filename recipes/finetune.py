@@ -43,7 +43,7 @@ class FinetuneRecipe:
         from nemo_pp.datasets.utils import SFTCollator
         from nemo_pp.distributed.init import initialize_distributed, set_seed
         from nemo_pp.distributed.mesh import build_device_mesh
-        from nemo_pp.distributed.pipelining.tied import is_tied
+        from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
         from nemo_pp.training.data import build_dataloader
         from nemo_pp.training.engine import TrainEngine
         from nemo_pp.training.lr_scheduler import build_lr_scheduler
@@ -112,6 +112,7 @@ class FinetuneRecipe:
                 parallelize(model, self.mesh.world, None, pp_enabled=False, dp_axis_names=("dp",))
             self.parts = [model]
         self.tied = is_tied(model)  # exported once, as the embedding
+        self.tied_head_fqn = tied_param_fqns(model)[1] if self.tied else None
         del model
         self.optimizers = [instantiate(cfg.optimizer, params=part.parameters()) for part in self.parts]
         self.total_steps = self.plan.total_steps(len(self.train_loader))
@@ -192,7 +193,7 @@ class FinetuneRecipe:
         if cfg.checkpoint.save_consolidated:
             export_dir = self.out_dir / "hf_model"
             save_consolidated_hf(
-                export_dir, self.parts, self.model_config, self.tokenizer, tied=self.tied,
+                export_dir, self.parts, self.model_config, self.tokenizer, tied=self.tied, tied_head_fqn=self.tied_head_fqn,
                 pp_rank=self.mesh.pp_rank, pp_size=self.plan.sizes.pp, is_writer=self.mesh.dp_rank == 0,
             )
         summary = {

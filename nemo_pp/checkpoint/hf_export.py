@@ -24,12 +24,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def stage_state_dict(model_parts: Sequence[nn.Module], tied: bool) -> dict[str, torch.Tensor]:
-    """Full (unsharded) CPU tensors of this rank's parts, by original FQN."""
+def stage_state_dict(model_parts: Sequence[nn.Module], tied_head_fqn: str | None = None) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU tensors of this rank's parts, by original FQN, without
+    ``tied_head_fqn`` (the output-projection copy of a tied embedding)."""
     out: dict[str, torch.Tensor] = {}
     for part in model_parts:
         for name, p in part.named_parameters(remove_duplicate=False):
-            if tied and name == "lm_head.weight":
+            if name == tied_head_fqn:
                 continue
             out[name] = _full(p.detach()).cpu().contiguous()
         for name, b in part.named_buffers():
@@ -45,6 +46,7 @@ def save_consolidated_hf(
     config,
     tokenizer=None,
     tied: bool = False,
+    tied_head_fqn: str = "lm_head.weight",
     pp_rank: int = 0,
     pp_size: int = 1,
     is_writer: bool = True,
@@ -56,7 +58,7 @@ def save_consolidated_hf(
         model_parts: this rank's stage modules.
         config: the HF config (saved as ``config.json``).
         tokenizer: saved beside the weights when given.
-        tied: drop ``lm_head.weight`` (stored once as the embedding).
+        tied: the embedding is tied: store it once, without ``tied_head_fqn``.
         pp_rank, pp_size: this rank's pipeline coordinate; shard ``pp_rank`` of ``pp_size``.
         is_writer: False on data-parallel replicas (dp_rank != 0): they join the
             gathers but write nothing.
@@ -67,7 +69,7 @@ def save_consolidated_hf(
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    state = stage_state_dict(model_parts, tied)
+    state = stage_state_dict(model_parts, tied_head_fqn if tied else None)
     shard = "model.safetensors" if pp_size == 1 else f"model-{pp_rank + 1:05d}-of-{pp_size:05d}.safetensors"
     if is_writer:
         out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from .functional import (
 )
 from .grads import clip_grad_norm_across_stages
 from .hf_utils import validate_hf_model_for_pipeline_support
-from .tied import TiedEmbeddingSync, is_tied
+from .tied import TiedEmbeddingSync, is_tied, tied_param_fqns
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class AutoPipeline:
         if self.dtype is not None:
             model = model.to(self.dtype)
         tied = is_tied(model)
+        tied_fqns = tied_param_fqns(model) if tied else None
         self._model_config = getattr(model, "config", None)
         schedule, parts, has_first, has_last, stages = pipeline_model(
             model,
@@ -187,6 +188,7 @@ class AutoPipeline:
                 [s.stage_index for s in stages],
                 num_stages,
                 last_rank,
+                *tied_fqns,
             )
             logger.info("tied word embeddings: gradients of the first- and last-stage copies are summed each step")
         return self

@@ -24,6 +24,13 @@ def is_tied(model: nn.Module) -> bool:
     return emb is not None and head is not None and head.weight is emb.weight
 
 
+def tied_param_fqns(model: nn.Module) -> tuple[str, str]:
+    """FQNs of the (input embedding, output projection) weights, e.g.
+    ``("model.embed_tokens.weight", "lm_head.weight")``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return names[id(model.get_input_embeddings())] + ".weight", names[id(model.get_output_embeddings())] + ".weight"
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -32,11 +39,13 @@ class TiedEmbeddingSync:
     """Sums the gradients of the two copies of a tied embedding.
 
     Args:
-        world_mesh: the 5D mesh (a pair group is created for every pp group in it, on
-            every rank, as ``new_group`` requires).
+        pp_mesh_tensor: global ranks with the pp axis last, ``[..., pp]``: one pair group
+            (first-stage rank, last-stage rank) is created per pp group, on every rank, as
+            ``new_group`` requires.
         model_parts: this rank's stage modules.
         stage_ids: their global stage indices.
         num_stages: total stages.
+        last_stage_pp_rank: pp rank holding the last stage (0: no group, sums are local).
         embed_fqn / head_fqn: parameter FQNs of the two copies.
     """
 
@@ -67,10 +76,6 @@ class TiedEmbeddingSync:
                 group = dist.new_group(pair)
                 if me in pair:
                     self.group = group
-
-    @property
-    def active(self) -> bool:
-        return self.embed is not None or self.head is not None
 
     @property
     def duplicate(self) -> nn.Parameter | None:
