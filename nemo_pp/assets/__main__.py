@@ -1,0 +1,7 @@
+"""``python -m nemo_pp.assets``: see :mod:`nemo_pp.assets.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,28 @@
+"""Command line: ``python -m nemo_pp.assets [--only {model,squad}] [--force]``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from .paths import HOME_ENV, assets_home
+from .smollm2 import prepare_smollm2
+from .squad import prepare_squad
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m nemo_pp.assets [--only {model,squad}] [--force]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m nemo_pp.assets",
+        description=f"Prepare offline assets under ${HOME_ENV} (now {assets_home()}).",
+    )
+    parser.add_argument("--only", choices=["model", "squad"], help="prepare just this one")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even if complete (re-uses files in downloads/)")
+    args = parser.parse_args(argv)
+    if args.only in (None, "model"):
+        prepare_smollm2(force=args.force)
+    if args.only in (None, "squad"):
+        prepare_squad(force=args.force)
+    return 0
+
