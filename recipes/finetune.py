@@ -167,8 +167,7 @@ class FinetuneRecipe:
         for batches in self._step_batches():
             out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
             step += 1
-            # every dp rank processes its own tokens; pp ranks of one group share them
-            global_tokens = out["tokens"] * self.plan.sizes.dp
+            global_tokens = out["tokens"]  # summed over dp ranks; pp ranks of a group share them
             train_tokens += global_tokens
             train_seconds += out["step_time_s"]
             record = {

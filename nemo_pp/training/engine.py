@@ -16,9 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nemo_pp.distributed.pipelining.functional import divide_grads
 from nemo_pp.distributed.pipelining.grads import clip_grad_norm_across_stages
 
 IGNORE_INDEX = -100
+
+
+def _label_tokens(batch: dict) -> int:
+    return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 def _all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
@@ -79,8 +84,7 @@ class TrainEngine:
             return torch.zeros((), device=self.device)
         return torch.stack([l.detach().float() for l in losses]).sum()
 
-    def _tokens(self, batches: Iterable[dict]) -> torch.Tensor:
-        count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    def _dp_total(self, count: int) -> torch.Tensor:
         return _all_reduce_sum(torch.tensor(float(count), device=self.device), self.dp_group)
 
     def _global_loss(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -95,21 +99,17 @@ class TrainEngine:
 
         Returns:
             ``{"loss": token-mean loss, "grad_norm": global norm before clipping,
-            "num_label_tokens": int, "tokens": int input tokens on this dp rank,
+            "num_label_tokens": int, "tokens": int input tokens (padding included) over all dp ranks,
             "step_time_s": seconds}``.
         """
         start = time.perf_counter()
         for part in self.parts:
             part.train()
-        tokens = self._tokens(batches)
+        tokens = self._dp_total(sum(_label_tokens(b) for b in batches))
         loss_sum = torch.zeros((), device=self.device)
         for batch in batches:
             loss_sum += self._forward(batch, train=True)
-        divisor = float(tokens.clamp(min=1))
-        for part in self.parts:
-            for p in part.parameters():
-                if p.grad is not None:
-                    p.grad.div_(divisor)
+        divide_grads(self.parts, float(tokens.clamp(min=1)))
         if self.ap is not None:
             self.ap.sync_tied_grads()
             grad_norm = self.ap.clip_grad_norm(self.max_grad_norm)
@@ -126,7 +126,7 @@ class TrainEngine:
             "loss": loss,
             "grad_norm": float(grad_norm),
             "num_label_tokens": int(tokens),
-            "tokens": int(sum(b["input_ids"].numel() for b in batches)),
+            "tokens": int(self._dp_total(sum(b["input_ids"].numel() for b in batches))),
             "step_time_s": time.perf_counter() - start,
         }
 
@@ -140,6 +140,5 @@ class TrainEngine:
         count = 0
         for batch in batches:
             loss_sum += self._forward(batch, train=False)
-            count += int((batch["labels"] != IGNORE_INDEX).sum())
-        tokens = _all_reduce_sum(torch.tensor(float(count), device=self.device), self.dp_group)
-        return self._global_loss(loss_sum, tokens)
+            count += _label_tokens(batch)
+        return self._global_loss(loss_sum, self._dp_total(count))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_pipeline_parity import make_batch, sum_ce
+from tests.distributed.test_pipeline_parity import make_batch, step_once, sum_ce
 from tests.tiny_models import tiny_model
 
 
@@ -31,8 +31,7 @@ def _clip(rank, world, norm_type):
     ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1, norm_type=norm_type))
     ap.update_seq_len(16)
     info = ap.info
-    info.schedule.step(*((ids,) if info.has_first_stage else ()), target=lb if info.has_last_stage else None,
-                       losses=[] if info.has_last_stage else None)
+    step_once(info, ids, lb)
     ap.sync_tied_grads()
     norm = float(ap.clip_grad_norm(0.1, norm_type=norm_type))
     assert math.isclose(norm, ref_norm, rel_tol=1e-5), (norm, ref_norm)
@@ -66,8 +65,7 @@ def _inspect(rank, world, png):
         part.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     ids, lb = make_batch(4, 16, 128, 0)
     info = ap.info
-    info.schedule.step(*((ids,) if info.has_first_stage else ()), target=lb if info.has_last_stage else None,
-                       losses=[] if info.has_last_stage else None)
+    step_once(info, ids, lb)
     assert forwards[0] == 2 * 4
     if rank == 0:
         ap.visualize_current_schedule(png)

@@ -32,6 +32,14 @@ def make_batch(batch_size: int, seq_len: int, vocab: int, seed: int):
     return input_ids, labels
 
 
+def step_once(info, ids, labels) -> list | None:
+    """One ``schedule.step`` as every rank calls it; the losses on the last stage."""
+    losses = [] if info.has_last_stage else None
+    info.schedule.step(*((ids,) if info.has_first_stage else ()),
+                       target=labels if info.has_last_stage else None, losses=losses)
+    return losses
+
+
 def reference(model, batches):
     """Loss (sum / tokens) and grads of the unsplit model, accumulated over ``batches``."""
     tokens = sum(int((lb != -100).sum()) for _, lb in batches)
@@ -66,9 +74,7 @@ def _run_parity(rank, world, arch, tied, schedule, layers, batch_size, seq_lens,
     total = 0.0
     for ids, lb in batches:
         ap.update_seq_len(ids.shape[1])
-        losses = [] if info.has_last_stage else None
-        args = (ids,) if info.has_first_stage else ()
-        info.schedule.step(*args, target=lb if info.has_last_stage else None, losses=losses)
+        losses = step_once(info, ids, lb)
         if losses is not None:
             total += float(sum(l.detach() for l in losses))
     ap.scale_grads_by_divisor(tokens)
@@ -138,8 +144,7 @@ def _run_csv(rank, world, csv_path):
     ids, lb = batches[0]
     ap.update_seq_len(16)
     info = ap.info
-    losses = [] if info.has_last_stage else None
-    info.schedule.step(*((ids,) if info.has_first_stage else ()), target=lb if info.has_last_stage else None, losses=losses)
+    losses = step_once(info, ids, lb)
     ap.scale_grads_by_divisor(tokens)
     ap.sync_tied_grads()
     for part in ap.parts:

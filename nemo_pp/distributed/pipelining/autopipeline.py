@@ -112,7 +112,7 @@ class AutoPipeline:
         self.defer_fsdp_grad_sync = defer_fsdp_grad_sync
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        self.device = torch.device(device)  # an int is a CUDA index, as torch.device reads it
         self.dtype = dtype
         self.scale_grads_in_schedule = scale_grads_in_schedule
         self.pp_seq_len = pp_seq_len

@@ -89,14 +89,19 @@ def _wrap_stage_forward_to_emit_tensor(stage_model: nn.Module) -> None:
     stage_model.forward = forward
 
 
-def scale_grads_by_divisor(stages: list, divisor: float) -> None:
-    """Divide every gradient of the local stages by ``divisor`` (e.g. label tokens)."""
+def divide_grads(modules, divisor: float) -> None:
+    """Divide every ``.grad`` of ``modules`` by ``divisor`` (e.g. the step's label tokens)."""
     if divisor == 1:
         return
-    for stage in stages:
-        for p in stage.submod.parameters():
+    for module in modules:
+        for p in module.parameters():
             if p.grad is not None:
                 p.grad.div_(divisor)
+
+
+def scale_grads_by_divisor(stages: list, divisor: float) -> None:
+    """Divide every gradient of the local stages by ``divisor`` (e.g. label tokens)."""
+    divide_grads([stage.submod for stage in stages], divisor)
 
 
 def pipeline_model(

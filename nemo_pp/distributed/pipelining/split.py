@@ -192,21 +192,15 @@ def _validate_assignment(model: nn.Module, module_names_per_stage: list[list[str
     owner: dict[str, int] = {}
     for stage, names in enumerate(cleaned):
         for n in names:
-            if any(True for _ in model.get_submodule(n).parameters()):
+            if next(model.get_submodule(n).parameters(), None) is not None:
                 if n in owner and owner[n] != stage:
                     raise ValueError(
                         f"module '{n}' is assigned to stages {owner[n]} and {stage}; a module with parameters "
                         "must live on exactly one stage"
                     )
                 owner.setdefault(n, stage)
-    covered = set()
-    for names in cleaned:
-        for n in names:
-            covered.update(f"{n}.{p}" if p else n for p, _ in model.get_submodule(n).named_parameters())
-    orphans = []
-    for pname, _ in model.named_parameters(remove_duplicate=True):
-        if pname not in covered and not any(pname.startswith(f"{n}.") for names in cleaned for n in names):
-            orphans.append(pname)
+    covered = {f"{n}.{p}" for names in cleaned for n in names for p, _ in model.get_submodule(n).named_parameters()}
+    orphans = [name for name, _ in model.named_parameters() if name not in covered]
     if orphans:
         raise ValueError(
             f"parameters are in no pipeline stage: {orphans[:5]}{' ...' if len(orphans) > 5 else ''}; "
