@@ -1,17 +1,17 @@
-"""Supervised fine-tuning of a Hugging Face causal LM, with pipeline parallelism when pp_size > 1.
+"""Supervised fine-tuning of a Hugging Face causal LM through a pipeline (one stage when pp_size is 1).
 
     torchrun --nproc_per_node=2 recipes/finetune.py --config configs/smollm2_135m_squad_pp2.yaml \
         [--distributed.pipeline.pp_schedule gpipe] [--step_scheduler.max_steps 5] ...
 
-Read top to bottom: ``setup()`` checks the whole config (arithmetic only, on every
+Read top to bottom: ``setup()`` checks the whole config and plans the run (on every
 rank, before any weight is loaded), then builds mesh, model, pipeline, data and
 optimizer; ``run()`` trains with gradient accumulation, validates before and after,
-logs each step and exports a consolidated Hugging Face folder.
+logs each step and exports a consolidated Hugging Face folder. ``max_steps: 0`` builds,
+validates and exports without training.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from nemo_pp.config import ConfigError, config_to_yaml, instantiate, load_config, parse_cli, save_config, validate_targets
 from nemo_pp.training.defaults import RECIPE_DEFAULTS
-from nemo_pp.training.preflight import Preflight, preflight_check
+from nemo_pp.training.preflight import RunPlan, preflight_check
 
 logger = logging.getLogger("nemo_pp.finetune")
 
@@ -44,25 +44,26 @@ class FinetuneRecipe:
         from nemo_pp.distributed.init import initialize_distributed, set_seed
         from nemo_pp.distributed.mesh import build_device_mesh
         from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
-        from nemo_pp.training.data import build_dataloader
+        from nemo_pp.training.data import build_dataloader, build_dataset_main_first
         from nemo_pp.training.engine import TrainEngine
         from nemo_pp.training.lr_scheduler import build_lr_scheduler
         from nemo_pp.training.metrics import JSONLLogger
 
         cfg = self.cfg
-        # 1. everything that can be checked without weights or communication
-        self.plan: Preflight = preflight_check(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        # 1. everything that can be checked without weights or communication, and the plan
+        self.plan: RunPlan = preflight_check(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
         # 2. processes, mesh, seed
-        self.dist = initialize_distributed(cfg.dist_env.device, timeout_s=60 * float(cfg.dist_env.timeout_minutes))
+        self.dist = initialize_distributed(cfg.dist_env.device, timeout_s=60 * cfg.dist_env.timeout_minutes)
         self.mesh = build_device_mesh(self.dist.device.type, self.plan.sizes)
-        set_seed(int(cfg.seed))
+        set_seed(cfg.seed)
         self.is_main = self.dist.is_main
         self.out_dir = Path(cfg.checkpoint.checkpoint_dir)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
             print(f"Resolved config (saved to {self.out_dir / 'config.yaml'}):\n{config_to_yaml(cfg)}", flush=True)
+            print(self.plan.describe(), flush=True)
 
         # 3. tokenizer, data (each dp rank its own shard; pp ranks of a group read the same)
         if not self.is_main:
@@ -71,46 +72,31 @@ class FinetuneRecipe:
         self.tokenizer = AutoTokenizer.from_pretrained(self.plan.model_path)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=cfg.dataloader.get("pad_seq_len_divisible"))
-        with _main_rank_first(self.is_main):  # rank 0 tokenizes, the others read datasets' cache
-            train_ds = instantiate(cfg.dataset, tokenizer=self.tokenizer)
+        train_ds = build_dataset_main_first(cfg.dataset, "dataset", self.tokenizer, self.is_main)
         self.train_loader = build_dataloader(
             train_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
-            shuffle=bool(cfg.dataloader.shuffle), seed=int(cfg.seed), collate_fn=collate,
-            num_workers=int(cfg.dataloader.num_workers),
+            shuffle=cfg.dataloader.shuffle, seed=cfg.seed, collate_fn=collate,
+            num_workers=cfg.dataloader.num_workers,
         )
         self.val_loader = None
         if cfg.get("validation_dataset") is not None:
-            with _main_rank_first(self.is_main):
-                val_ds = instantiate(cfg.validation_dataset, tokenizer=self.tokenizer)
+            val_ds = build_dataset_main_first(cfg.validation_dataset, "validation_dataset", self.tokenizer, self.is_main)
             self.val_loader = build_dataloader(
                 val_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
-                shuffle=False, seed=int(cfg.seed), collate_fn=collate, num_workers=0,
+                shuffle=False, seed=cfg.seed, collate_fn=collate, num_workers=0,
             )
 
-        # 4. model -> pipeline stages (or the whole model) -> optimizer per part
+        # 4. model -> this rank's pipeline stages (the whole model when pp_size is 1) -> optimizer per part
         model = instantiate(cfg.model)
         self.model_config = model.config
         loss_fn = instantiate(cfg.loss_fn)
-        self.ap = None
-        if self.plan.sizes.pp > 1:
-            self.ap = instantiate(
-                cfg.distributed.pipeline,
-                world_mesh=self.mesh.world,
-                pp_batch_size=self.plan.local_batch_size,
-                device=self.dist.device,
-            ).build(model, loss_fn=loss_fn, parallelize_fn=self.plan.parallelize_fn(self.mesh))
-            self.parts = self.ap.parts
-            if self.is_main:
-                print(self.ap.debug_summary(), flush=True)
-            stage_table = self.ap.pretty_print_stages()
-            if self.is_main:
-                print(stage_table, flush=True)
-        else:
-            model.to(self.dist.device)
-            parallelize = self.plan.parallelize_fn(self.mesh)
-            if parallelize is not None:
-                parallelize(model, self.mesh.world, None, pp_enabled=False, dp_axis_names=("dp",))
-            self.parts = [model]
+        self.ap = instantiate(
+            cfg.distributed.pipeline, world_mesh=self.mesh.world, pp_batch_size=self.plan.local_batch_size,
+            device=self.dist.device,
+        ).build(model, loss_fn=loss_fn, parallelize_fn=self.plan.parallelize_fn(self.mesh), plan=self.plan.pipeline)
+        self.parts = self.ap.parts
+        if self.is_main:
+            print(self.ap.debug_summary(), flush=True)
         self.tied = is_tied(model)  # exported once, as the embedding
         self.tied_head_fqn = tied_param_fqns(model)[1] if self.tied else None
         del model
@@ -120,8 +106,8 @@ class FinetuneRecipe:
             build_lr_scheduler(opt, self.total_steps, **dict(cfg.lr_scheduler)) for opt in self.optimizers
         ]
         self.engine = TrainEngine(
-            self.parts, loss_fn, self.dist.device, dp_group=self.mesh.dp.get_group() if self.mesh.sizes.dp > 1 else None,
-            autopipeline=self.ap, max_grad_norm=cfg.clip_grad_norm.max_norm,
+            self.ap, self.dist.device, dp_group=self.mesh.dp.get_group() if self.mesh.sizes.dp > 1 else None,
+            max_grad_norm=cfg.clip_grad_norm.max_norm,
         )
         self.metrics = JSONLLogger(self.out_dir / "metrics.jsonl", enabled=self.is_main)
         return self
@@ -142,6 +128,8 @@ class FinetuneRecipe:
         """Yield lists of ``grad_acc_steps`` batches, one list per optimizer step."""
         acc = self.plan.grad_acc_steps
         step = 0
+        if self.total_steps == 0:
+            return
         for epoch in range(self.plan.num_epochs):
             self.train_loader.sampler.set_epoch(epoch)
             group = []
@@ -181,12 +169,12 @@ class FinetuneRecipe:
             if self.is_main:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if step % int(cfg.logging.log_every_steps) == 0 or step == self.total_steps:
+                if step % cfg.logging.log_every_steps == 0 or step == self.total_steps:
                     tqdm.write(format_step(record))
-            if val_every and step % int(val_every) == 0 and step < self.total_steps:
+            if val_every and step % val_every == 0 and step < self.total_steps:
                 self._validate(step, "periodic")
         bar.close()
-        val_after = self._validate(step, "after training")
+        val_after = self._validate(step, "after training") if step > 0 else val_before
 
         export_dir = None
         if cfg.checkpoint.save_consolidated:
@@ -209,15 +197,6 @@ class FinetuneRecipe:
                 flush=True,
             )
         return summary
-
-
-@contextlib.contextmanager
-def _main_rank_first(is_main: bool):
-    if not is_main:
-        dist.barrier()
-    yield
-    if is_main:
-        dist.barrier()
 
 
 def _fmt(x: float | None) -> str:

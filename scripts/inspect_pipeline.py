@@ -21,14 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from nemo_pp.config import ConfigError, load_config, parse_cli
-    from nemo_pp.distributed.pipelining.functional import (
-        canonical_schedule_name,
-        check_schedule_constraints,
-        schedule_style,
-        stage_ids_this_rank,
-    )
-    from nemo_pp.distributed.pipelining.split import stage_module_names
-    from nemo_pp.distributed.pipelining.autopipeline import _compress_layer_names
+    from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
     from nemo_pp.distributed.pipelining.visualize import bubble_fraction, save_schedule_png, schedule_actions
     from nemo_pp.training.defaults import RECIPE_DEFAULTS
 
@@ -39,32 +32,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path, overrides = parse_cli(rest)
         cfg = load_config(path, overrides, defaults=RECIPE_DEFAULTS)
-        pp = int(cfg.distributed.pp_size)
         p = cfg.distributed.pipeline
-        name = canonical_schedule_name(p.pp_schedule)
         hf_cfg = AutoConfig.from_pretrained(str(cfg.model.pretrained_model_name_or_path))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_cfg)
-        stages = stage_module_names(model, pp, name, p.get("module_fqns_per_model_part"), p.get("layers_per_stage"),
-                                    p.get("round_virtual_stages_to_pp_multiple"))
-        batch, mb = int(cfg.dataloader.batch_size), int(p.pp_microbatch_size)
-        check = check_schedule_constraints(name, pp, len(stages), batch, mb)
+        plan = make_pipeline_plan(
+            model, cfg.distributed.pp_size, p.get("pp_schedule"), p.get("pp_schedule_csv"), p.pp_microbatch_size,
+            cfg.dataloader.batch_size, p.get("layers_per_stage"), p.get("round_virtual_stages_to_pp_multiple"),
+            p.get("module_fqns_per_model_part"),
+        )
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    owner = {s: r for r in range(pp) for s in stage_ids_this_rank(r, pp, len(stages), schedule_style(name))}
-    counts = [sum(p.numel() for n in names for p in model.get_submodule(n).parameters()) for names in stages]
-    total = sum(p.numel() for p in model.parameters())
+    counts = [sum(t.numel() for n in names for t in model.get_submodule(n).parameters()) for names in plan.module_fqns]
+    total = sum(t.numel() for t in model.parameters())
     print(f"{type(model).__name__}: {hf_cfg.num_hidden_layers} layers, {total:,} parameters"
           f"{' (tied embeddings: a copy on the first and the last stage)' if hf_cfg.tie_word_embeddings else ''}")
-    print(f"schedule {name}: {len(stages)} stages over pp_size {pp}, {check.n_microbatches} microbatches of {mb}")
-    for idx, names in enumerate(stages):
-        print(f"  stage {idx} (pp_rank {owner[idx]}): {counts[idx]:,} params ({100 * counts[idx] / total:.1f}%): "
-              + ", ".join(_compress_layer_names(names)))
-    actions = schedule_actions(name, pp, check.n_microbatches, len(stages) // pp)
+    print(plan.describe(counts))
+    actions = schedule_actions(plan)
     print(f"bubble fraction: {100 * bubble_fraction(actions):.1f}% of {len(actions[0])} time slots per rank")
-    save_schedule_png(actions, known.png, title=f"{name}, pp {pp}, {check.n_microbatches} microbatches,")
+    title = f"{plan.schedule or 'CSV'}, pp {plan.pp_size}, {plan.n_microbatches} microbatches,"
+    save_schedule_png(actions, known.png, title=title)
     print(f"schedule picture: {known.png}")
     return 0
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ._torch_compat import flatten_mesh
+
 MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
@@ -113,7 +115,7 @@ def build_device_mesh(device_type: str, sizes: ParallelSizes) -> MeshBundle:
     """Create the 5D mesh for ``device_type`` ("cpu" -> gloo groups, "cuda" -> nccl)."""
     shape = (sizes.pp, sizes.dp_replicate, sizes.dp_shard, sizes.cp, sizes.tp)
     world = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIM_NAMES)
-    dp = world["dp_replicate", "dp_shard"]._flatten("dp")
-    dp_shard_cp = world["dp_shard", "cp"]._flatten("dp_shard_cp")
-    dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    dp = flatten_mesh(world["dp_replicate", "dp_shard"], "dp")
+    dp_shard_cp = flatten_mesh(world["dp_shard", "cp"], "dp_shard_cp")
+    dp_cp = flatten_mesh(world["dp_replicate", "dp_shard", "cp"], "dp_cp")
     return MeshBundle(world=world, sizes=sizes, dp=dp, dp_shard_cp=dp_shard_cp, dp_cp=dp_cp)

@@ -1,6 +1,6 @@
-"""One optimizer step and the validation loss, with or without a pipeline.
+"""One optimizer step and the validation loss, through the pipeline at every pp size.
 
-Loss normalisation (DESIGN.md): the loss function reduces by SUM, and after all
+Loss normalisation (docs/architecture.md, "One optimizer step"): the loss function reduces by SUM, and after all
 microbatches and gradient-accumulation batches every gradient is divided by the
 number of label tokens of the whole step, summed over the data-parallel ranks.
 That makes the step's gradient exactly the gradient of the token-mean loss of the
@@ -10,14 +10,12 @@ global batch, independent of how it was split into microbatches and batches.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from nemo_pp.distributed.pipelining.functional import divide_grads
-from nemo_pp.distributed.pipelining.grads import clip_grad_norm_across_stages
+from nemo_pp.distributed.grads import divide_grads
 
 IGNORE_INDEX = -100
 
@@ -33,46 +31,30 @@ def _all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
 
 
 class TrainEngine:
-    """Runs forward/backward, normalisation, clipping and the optimizer for model parts.
+    """Runs forward/backward, normalisation, clipping and the optimizer for one rank's stages.
+
+    ``pp_size`` 1 is a one-stage pipeline, so every layout takes the same path.
 
     Args:
-        model_parts: this rank's modules (the whole model when pp_size is 1).
-        loss_fn: ``loss_fn(logits [B, S, V], labels [B, S]) -> scalar`` summed over tokens.
+        autopipeline: the built ``AutoPipeline`` (its parts, schedule, tied embedding).
         device: where batches go.
         dp_group: data-parallel process group (None: no data parallelism).
-        autopipeline: the built ``AutoPipeline`` when pipelining, else None.
         max_grad_norm: clip threshold (None: no clipping, the norm is still reported).
     """
 
-    def __init__(
-        self,
-        model_parts: Sequence[nn.Module],
-        loss_fn: Callable,
-        device: torch.device,
-        dp_group=None,
-        autopipeline=None,
-        max_grad_norm: float | None = 1.0,
-    ):
-        self.parts = list(model_parts)
-        self.loss_fn = loss_fn
+    def __init__(self, autopipeline, device: torch.device, dp_group=None, max_grad_norm: float | None = 1.0):
+        self.ap = autopipeline
+        self.parts = list(autopipeline.parts)
         self.device = device
         self.dp_group = dp_group
-        self.ap = autopipeline
         self.max_grad_norm = max_grad_norm
-        self.pp_group = autopipeline.pp_group if autopipeline is not None else None
+        self.pp_group = autopipeline.pp_group
 
     # ----------------------------------------------------------------- passes
     def _forward(self, batch: dict, train: bool) -> torch.Tensor:
         """Summed loss of one batch on this rank (0 on pp ranks without the last stage)."""
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
-        if self.ap is None:
-            logits = self.parts[0](input_ids=ids)
-            logits = logits.logits if hasattr(logits, "logits") else logits
-            loss = self.loss_fn(logits, labels)
-            if train:
-                loss.backward()
-            return loss.detach().float()
         info = self.ap.info
         self.ap.update_seq_len(ids.shape[1])
         losses: list | None = [] if info.has_last_stage else None
@@ -110,12 +92,8 @@ class TrainEngine:
         for batch in batches:
             loss_sum += self._forward(batch, train=True)
         divide_grads(self.parts, float(tokens.clamp(min=1)))
-        if self.ap is not None:
-            self.ap.sync_tied_grads()
-            grad_norm = self.ap.clip_grad_norm(self.max_grad_norm)
-        else:
-            params = [p for part in self.parts for p in part.parameters()]
-            grad_norm = clip_grad_norm_across_stages(params, self.max_grad_norm)
+        self.ap.sync_tied_grads()
+        grad_norm = self.ap.clip_grad_norm(self.max_grad_norm)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -1,7 +1,11 @@
-"""Checks of a whole recipe config that need no weights and no communication.
+"""Checks of a whole recipe config that need no weights and no communication, and the
+run plan they produce.
 
-Every rank runs them on the same config and the same world size, so a bad config
-fails identically everywhere, before a process group exists or a weight is read.
+Every rank runs :func:`preflight_check` on the same config and the same world size, so
+a bad config fails identically everywhere, before a process group exists or a weight
+is read. Its :class:`RunPlan` (parallel sizes, batch arithmetic, and the
+:class:`~nemo_pp.distributed.pipelining.plan.PipelinePlan` made from a meta-device
+model) is what the recipe builds from; nothing later derives any of it again.
 """
 
 from __future__ import annotations
@@ -11,27 +15,43 @@ from dataclasses import dataclass
 import torch
 
 from nemo_pp.distributed.mesh import ParallelSizes, resolve_parallel_sizes
+from nemo_pp.distributed.pipelining.plan import PipelinePlan
 
 
-@dataclass
-class Preflight:
-    """What the recipe derived from the config before doing any work."""
+@dataclass(frozen=True)
+class RunPlan:
+    """What the recipe derived from the config before doing any work.
+
+    Attributes:
+        sizes: the five mesh axis sizes.
+        pipeline: stages, placement, module FQNs and microbatches of the pipeline
+            (one stage of the whole model when ``pp_size`` is 1).
+        model_path: ``model.pretrained_model_name_or_path``.
+        local_batch_size: samples per ``schedule.step`` on one data-parallel rank.
+        grad_acc_steps: batches accumulated per optimizer step.
+        num_epochs / max_steps: the step budget (``max_steps`` 0: evaluate only).
+    """
 
     sizes: ParallelSizes
+    pipeline: PipelinePlan
     model_path: str
     local_batch_size: int
     grad_acc_steps: int
     num_epochs: int
     max_steps: int | None
-    num_stages: int
-    schedule: str | None
-    split_backward: bool
 
     def total_steps(self, batches_per_epoch: int) -> int:
-        """Optimizer steps of the run: ``max_steps`` or what the epochs hold."""
+        """Optimizer steps of the run: ``max_steps`` or what the epochs hold.
+
+        Raises:
+            ValueError: training is asked for but the data set holds less than one step.
+        """
         per_epoch = batches_per_epoch // self.grad_acc_steps
-        if per_epoch < 1 and self.max_steps is None:
-            raise ValueError("the data set holds fewer batches than one optimizer step needs (step_scheduler.global_batch_size)")
+        if per_epoch < 1 and self.max_steps != 0:
+            raise ValueError(
+                f"the data set holds {batches_per_epoch} batches per data-parallel rank, fewer than one optimizer "
+                f"step needs ({self.grad_acc_steps}); lower step_scheduler.global_batch_size or use more data"
+            )
         steps = per_epoch * self.num_epochs
         return min(steps, self.max_steps) if self.max_steps is not None else steps
 
@@ -41,34 +61,73 @@ class Preflight:
             return None
         from nemo_pp.distributed.parallelize import FSDP2Parallelizer
 
-        return FSDP2Parallelizer(mesh, reshard_after_forward=not self.split_backward)
+        return FSDP2Parallelizer(mesh, reshard_after_forward=not self.pipeline.split_backward)
+
+    def describe(self) -> str:
+        s = self.sizes
+        return (
+            f"Parallel layout: pp {s.pp} x dp_replicate {s.dp_replicate} x dp_shard {s.dp_shard} x cp {s.cp} x tp {s.tp}"
+            f" = {s.world_size} ranks; batch {self.local_batch_size} per dp rank, {self.grad_acc_steps} accumulated "
+            f"per optimizer step (global batch {self.local_batch_size * s.dp * self.grad_acc_steps})\n"
+            + self.pipeline.describe()
+        )
 
 
-def preflight_check(cfg, world_size: int) -> Preflight:
-    """Validate ``cfg`` against ``world_size``; raise with the config key and the fix.
+def _on_cpu(device) -> bool:
+    return device == "cpu" or (device in (None, "auto") and not torch.cuda.is_available())
+
+
+def _check_sequence_lengths(cfg, text_cfg) -> None:
+    limit = getattr(text_cfg, "max_position_embeddings", None)
+    if limit is None:
+        return
+    for key in ("dataset.seq_length", "validation_dataset.seq_length", "distributed.pipeline.pp_seq_len"):
+        section, _, leaf = key.rpartition(".")
+        node = _select(cfg, section)
+        value = node.get(leaf) if node is not None else None
+        if value is not None and int(value) > int(limit):
+            raise ValueError(
+                f"{key}={value} exceeds the model's max_position_embeddings={limit}; "
+                f"set {key} to at most {limit}"
+            )
+
+
+def _select(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if node is not None else None
+    return node
+
+
+def _meta_model(hf_cfg):
+    """The model's module tree on the meta device: no memory, no weights read."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def preflight_check(cfg, world_size: int) -> RunPlan:
+    """Validate ``cfg`` against ``world_size`` and plan the run; raise with the config key and the fix.
 
     Raises:
         ValueError: parallel sizes vs world size, batch arithmetic, schedule constraints,
-            more stages than layers, unsupported strategy or axis.
+            more stages than layers, a sequence length beyond the model's positions,
+            refused pipeline options.
         FileNotFoundError: missing local model or data set (names the asset command).
         NotImplementedError: tp/cp sizes this version does not implement.
     """
+    from transformers import AutoConfig
+
     from nemo_pp.assets import missing_asset_message, missing_local_path
-    from nemo_pp.distributed.pipelining.schedules import (
-        SPLIT_BACKWARD_SCHEDULES,
-        canonical_schedule_name,
-        check_schedule_constraints,
-        is_single_stage_schedule,
-    )
-    from nemo_pp.distributed.pipelining.split import calculate_virtual_stages
+    from nemo_pp.distributed.pipelining.autopipeline import resolve_dtype
+    from nemo_pp.distributed.pipelining.functional import check_grad_sync_options
+    from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
 
     d = cfg.distributed
-    if str(d.strategy).lower() != "fsdp2":
-        raise ValueError(f"distributed.strategy '{d.strategy}' is not supported; use fsdp2")
     sizes = resolve_parallel_sizes(world_size, d.pp_size, d.dp_size, d.dp_replicate_size, d.tp_size, d.cp_size)
-    on_cpu = cfg.dist_env.device == "cpu" or (cfg.dist_env.device in (None, "auto") and not torch.cuda.is_available())
     if sizes.cp > 1:
-        if on_cpu:
+        if _on_cpu(cfg.dist_env.device):
             raise ValueError(
                 "distributed.cp_size > 1: context parallelism has no CPU implementation (torch has no CPU "
                 "sharding strategy for SDPA); set distributed.cp_size: 1 or run on GPUs"
@@ -87,55 +146,39 @@ def preflight_check(cfg, world_size: int) -> Preflight:
         if node is not None and node.get("path_or_dataset") is not None and missing_local_path(node.path_or_dataset):
             raise FileNotFoundError(f"{section}.path_or_dataset: {missing_asset_message(node.path_or_dataset, 'data set')}")
 
-    local_bs = int(cfg.dataloader.batch_size)
+    local_bs = cfg.dataloader.batch_size
     ss = cfg.step_scheduler
-    if ss.get("local_batch_size") is not None and int(ss.local_batch_size) != local_bs:
+    if ss.get("local_batch_size") is not None and ss.local_batch_size != local_bs:
         raise ValueError(
             f"step_scheduler.local_batch_size={ss.local_batch_size} differs from dataloader.batch_size={local_bs}; "
             "set one of them (the other follows)"
         )
     per_step = local_bs * sizes.dp
-    gbs = int(ss.global_batch_size) if ss.get("global_batch_size") is not None else per_step
+    gbs = ss.global_batch_size if ss.get("global_batch_size") is not None else per_step
     if gbs % per_step:
         raise ValueError(
             f"step_scheduler.global_batch_size={gbs} is not a multiple of dataloader.batch_size*dp = {local_bs}*{sizes.dp} "
             f"= {per_step}; pick a multiple of {per_step}"
         )
 
-    num_stages, schedule, split_backward = 1, None, False
-    if sizes.pp > 1:
-        p = d.pipeline
-        from transformers import AutoConfig
+    p = d.pipeline
+    if p.get("scale_grads_in_schedule"):
+        raise ValueError(
+            "distributed.pipeline.scale_grads_in_schedule: true is refused by this recipe: it normalises gradients "
+            "by the label tokens of the whole step, and torch's in-schedule scaling divides ALL gradients by the "
+            "microbatch count after every batch (earlier accumulated batches again); set it to false"
+        )
+    check_grad_sync_options(p.get("patch_stage_backward_maybe_with_nosync", False), p.get("defer_fsdp_grad_sync", True))
+    resolve_dtype(p.get("dtype"))
 
-        hf_cfg = AutoConfig.from_pretrained(str(model_path))
-        text_cfg = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
-        num_layers = int(text_cfg.num_hidden_layers)
-        schedule = canonical_schedule_name(p.pp_schedule) if p.get("pp_schedule") else None
-        if p.get("pp_schedule_csv"):
-            from nemo_pp.distributed.pipelining.schedules import csv_stage_ids, read_schedule_csv
-
-            ids = csv_stage_ids(read_schedule_csv(str(p.pp_schedule_csv)))
-            if len(ids) != sizes.pp:
-                raise ValueError(f"distributed.pipeline.pp_schedule_csv has {len(ids)} rows but pp_size is {sizes.pp}")
-            num_stages = 1 + max(max(i) for i in ids)
-        elif p.get("module_fqns_per_model_part"):
-            num_stages = len(p.module_fqns_per_model_part)
-        elif schedule is not None:
-            num_stages, _ = calculate_virtual_stages(
-                num_layers, p.get("layers_per_stage"), sizes.pp, is_single_stage_schedule(schedule),
-                p.get("round_virtual_stages_to_pp_multiple"),
-            )
-        if schedule is not None and not p.get("pp_schedule_csv"):
-            check_schedule_constraints(schedule, sizes.pp, num_stages, local_bs, int(p.pp_microbatch_size))
-        elif local_bs % int(p.pp_microbatch_size):
-            raise ValueError(
-                f"pp_batch_size (dataloader.batch_size = {local_bs}) is not divisible by "
-                f"distributed.pipeline.pp_microbatch_size = {p.pp_microbatch_size}"
-            )
-        split_backward = schedule in SPLIT_BACKWARD_SCHEDULES
-    max_steps = ss.get("max_steps")
-    return Preflight(
-        sizes=sizes, model_path=str(model_path), local_batch_size=local_bs, grad_acc_steps=gbs // per_step,
-        num_epochs=int(ss.num_epochs), max_steps=int(max_steps) if max_steps is not None else None,
-        num_stages=num_stages, schedule=schedule, split_backward=split_backward,
+    hf_cfg = AutoConfig.from_pretrained(str(model_path))
+    text_cfg = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
+    _check_sequence_lengths(cfg, text_cfg)
+    pipeline = make_pipeline_plan(
+        _meta_model(hf_cfg), sizes.pp, p.get("pp_schedule"), p.get("pp_schedule_csv"), p.pp_microbatch_size, local_bs,
+        p.get("layers_per_stage"), p.get("round_virtual_stages_to_pp_multiple"), p.get("module_fqns_per_model_part"),
+    )
+    return RunPlan(
+        sizes=sizes, pipeline=pipeline, model_path=str(model_path), local_batch_size=local_bs,
+        grad_acc_steps=gbs // per_step, num_epochs=ss.num_epochs, max_steps=ss.get("max_steps"),
     )

@@ -70,8 +70,7 @@ def _run_training(rank, world, pp, arch, tied, schedule, export_dir):
         model, loss_fn=sum_ce, parallelize_fn=FSDP2Parallelizer(mesh, reshard_after_forward=reshard) if dp > 1 else None
     )
     opts = [torch.optim.AdamW(p.parameters(), lr=LR, weight_decay=0.1) for p in ap.parts]
-    engine = TrainEngine(ap.parts, sum_ce, torch.device("cpu"), dp_group=mesh.dp.get_group() if dp > 1 else None,
-                         autopipeline=ap, max_grad_norm=MAX_NORM)
+    engine = TrainEngine(ap, torch.device("cpu"), dp_group=mesh.dp.get_group() if dp > 1 else None, max_grad_norm=MAX_NORM)
     for step, per_dp in enumerate(steps):
         out = engine.train_step(per_dp[dp_rank], opts, [])
         assert abs(out["grad_norm"] - ref_norms[step]) < 1e-5 * max(1.0, ref_norms[step]), (out["grad_norm"], ref_norms[step])

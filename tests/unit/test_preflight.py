@@ -44,8 +44,10 @@ def check(path, *overrides, world=2):
 
 def test_good_config_derives_the_plan(cfg_file):
     plan = check(cfg_file, "step_scheduler.global_batch_size=8")
-    assert (plan.sizes.pp, plan.sizes.dp, plan.local_batch_size, plan.grad_acc_steps, plan.num_stages) == (2, 1, 4, 2, 2)
-    assert plan.schedule == "1F1B"
+    assert (plan.sizes.pp, plan.sizes.dp, plan.local_batch_size, plan.grad_acc_steps) == (2, 1, 4, 2)
+    pipe = plan.pipeline
+    assert (pipe.schedule, pipe.num_stages, pipe.stage_ids, pipe.n_microbatches) == ("1F1B", 2, ((0,), (1,)), 4)
+    assert pipe.module_fqns[1][-3:] == ("model.norm", "lm_head", "model.rotary_emb")
 
 
 @pytest.mark.parametrize(

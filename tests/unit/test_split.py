@@ -7,7 +7,8 @@ from transformers import LlamaConfig
 
 from nemo_pp.distributed.pipelining.functional import _get_hidden_and_vocab_size, _wrap_stage_forward_to_emit_tensor
 from nemo_pp.distributed.pipelining.hf_utils import patch_hf_model_for_pp
-from nemo_pp.distributed.pipelining.split import copy_pruned, stage_module_names
+from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
+from nemo_pp.distributed.pipelining.split import copy_pruned, generate_hf_model_fqn_per_model_part
 from tests.tiny_models import tiny_model
 
 
@@ -24,25 +25,58 @@ def test_copy_pruned_keeps_original_fqns_and_copies_only_kept_modules():
     assert len(model.model.layers) == 4
 
 
+def stage_names(model, pp, schedule="1F1B", manual=None, **kw):
+    return [list(m) for m in make_pipeline_plan(model, pp, schedule, module_fqns_per_model_part=manual, **kw).module_fqns]
+
+
 def test_uneven_layers_go_to_the_earliest_stages():
     model = tiny_model("llama", layers=5)
-    names = stage_module_names(model, 2, "1F1B")
+    names = stage_names(model, 2)
     assert [sum(".layers." in n for n in s) for s in names] == [3, 2]
+
+
+def test_auto_split_of_an_hf_model_equals_the_fqn_generator():
+    model = tiny_model("llama", layers=8)
+    for stages, schedule in ((2, "1f1b"), (4, "interleaved_1f1b")):
+        expected = generate_hf_model_fqn_per_model_part(stages, 8, include_multimodal_encoders=False)
+        assert [sorted(s) for s in stage_names(model, 2, schedule)] == [sorted(s) for s in expected]
+
+
+def test_auto_split_of_a_custom_model_covers_its_own_head_and_tail_modules():
+    """No FQN list: modules registered before the layer stack go to stage 0, after it to
+    the last stage, whatever they are called (examples/custom_model_pipeline.py)."""
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(16, 8)
+            self.scale = torch.nn.Identity()  # no parameters: every stage
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(4)])
+            self.final_norm = torch.nn.LayerNorm(8)
+            self.output_proj = torch.nn.Linear(8, 16)
+
+    names = stage_names(Custom(), 2, "interleaved_1f1b", layers_per_stage=1)
+    assert names[0] == ["embedding", "layers.0", "scale"]
+    assert names[3] == ["layers.3", "final_norm", "output_proj", "scale"]
+    with pytest.raises(ValueError, match="module_fqns_per_model_part"):
+        stage_names(torch.nn.Sequential(torch.nn.Linear(2, 2)), 2)
 
 
 def test_manual_split_is_honoured_and_checked():
     model = tiny_model("llama", layers=4)
     manual = [["model.embed_tokens", "model.layers.0", "model.rotary_emb"],
               ["model.layers.1", "model.layers.2", "model.layers.3", "model.norm", "lm_head", "model.rotary_emb"]]
-    assert stage_module_names(model, 2, "1F1B", manual) == manual
+    assert stage_names(model, 2, manual=manual) == manual
+    # the generator's optional modules (vision towers) may be absent; a typo may not
+    assert stage_names(model, 2, manual=[manual[0] + ["model.vision_tower"], manual[1]]) == manual
     with pytest.raises(ValueError, match="does not have"):
-        stage_module_names(model, 2, "1F1B", [manual[0] + ["model.vision_tower"], manual[1]])
+        stage_names(model, 2, manual=[manual[0] + ["model.embed_tokenz"], manual[1]])
     with pytest.raises(ValueError, match="assigned to stages 0 and 1"):
-        stage_module_names(model, 2, "1F1B", [manual[0] + ["model.layers.1"], manual[1]])
+        stage_names(model, 2, manual=[manual[0] + ["model.layers.1"], manual[1]])
     with pytest.raises(ValueError, match="in no pipeline stage"):
-        stage_module_names(model, 2, "1F1B", [manual[0], manual[1][1:]])
-    with pytest.raises(ValueError, match="not a multiple of pp_size"):
-        stage_module_names(model, 2, "1F1B", [manual[0] + manual[1]])
+        stage_names(model, 2, manual=[manual[0], manual[1][1:]])
+    with pytest.raises(ValueError, match="cannot be spread evenly over pp_size=2"):
+        stage_names(model, 2, manual=[manual[0] + manual[1]])
 
 
 def test_patched_stages_chain_to_the_full_model_logits():

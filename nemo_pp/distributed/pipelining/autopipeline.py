@@ -7,17 +7,12 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .functional import (
-    ParallelizeFnProtocol,
-    pipeline_model,
-    reset_pp_stage_shapes,
-    scale_grads_by_divisor,
-)
-from .grads import clip_grad_norm_across_stages
+from ..grads import clip_grad_norm_across_stages, divide_grads
+from .functional import ParallelizeFnProtocol, check_grad_sync_options, pipeline_from_plan, reset_pp_stage_shapes
 from .hf_utils import validate_hf_model_for_pipeline_support
+from .plan import PipelinePlan, make_pipeline_plan
 from .tied import TiedEmbeddingSync, is_tied, tied_param_fqns
 
 logger = logging.getLogger(__name__)
@@ -39,7 +34,14 @@ class AutoPipeline:
     """Orchestrates pipeline-parallel training on top of ``torch.distributed.pipelining``.
 
     Build it with the mesh and schedule settings, then ``.build(model, loss_fn=...)``;
-    afterwards ``.info`` holds the schedule, this rank's stages and model parts.
+    afterwards ``.plan`` holds the whole pipeline's layout and ``.info`` the schedule,
+    this rank's stages and model parts. ``pp_size`` 1 is a one-stage pipeline of the
+    whole model through the same schedule machinery (microbatches included).
+
+    Collectives: ``build`` (stage groups, tied-embedding pair groups), ``clip_grad_norm``
+    and ``sync_tied_grads`` must be called on every pp rank. The inspection methods
+    (``list_stage_modules``, ``get_stage_param_counts``, ``get_total_param_count``,
+    ``pretty_print_stages``, ``debug_summary``) read the plan and need no communication.
 
     Args:
         world_mesh: DeviceMesh with a ``pp_axis_name`` axis (and dp/cp/tp axes).
@@ -52,13 +54,21 @@ class AutoPipeline:
         module_fqns_per_model_part: manual split, one FQN list per stage.
         patch_inner_model / patch_causal_lm_model: use nemo_pp's tensor-returning forwards.
         device: device of the stage modules (default: CUDA if available else CPU).
-        dtype: cast the model to this dtype before splitting (None: keep).
-        scale_grads_in_schedule: let torch divide grads by the microbatch count; keep
-            False (default) and normalise by label tokens instead.
+        dtype: cast the model to this dtype before splitting (None: keep); a
+            ``torch.dtype`` or its name (``"bfloat16"``, ``"torch.bfloat16"``).
+        scale_grads_in_schedule: let torch divide ALL grads by the microbatch count after
+            every ``step``. Under gradient accumulation this divides earlier batches again
+            (by n_microbatches squared after two steps); keep False (default) and
+            normalise by label tokens. The recipe refuses True.
         pp_seq_len: if set, stage shapes are precomputed at build time.
 
-    ``moe_mesh``, ``ep_*``, ``patch_stage_backward_maybe_with_nosync`` and
-    ``defer_fsdp_grad_sync`` are accepted for API compatibility.
+    ``moe_mesh`` and ``ep_*`` are passed to ``parallelize_fn``.
+    ``patch_stage_backward_maybe_with_nosync`` must stay False and
+    ``defer_fsdp_grad_sync`` True: torch already defers FSDP gradient sync to the last
+    microbatch (:func:`~.functional.check_grad_sync_options`).
+
+    Raises:
+        ValueError: a mesh without the pp axis, an unknown dtype, a refused sync option.
     """
 
     def __init__(
@@ -87,6 +97,7 @@ class AutoPipeline:
         scale_grads_in_schedule: bool = False,
         pp_seq_len: Optional[int] = None,
     ):
+        check_grad_sync_options(patch_stage_backward_maybe_with_nosync, defer_fsdp_grad_sync)
         if world_mesh is None:
             raise ValueError("AutoPipeline needs world_mesh (a DeviceMesh with a 'pp' axis)")
         if pp_axis_name not in (world_mesh.mesh_dim_names or ()):
@@ -113,82 +124,93 @@ class AutoPipeline:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.device = torch.device(device)  # an int is a CUDA index, as torch.device reads it
-        self.dtype = dtype
+        self.dtype = resolve_dtype(dtype)
         self.scale_grads_in_schedule = scale_grads_in_schedule
         self.pp_seq_len = pp_seq_len
 
         self._info = PipelineInfo(False, None, False, False, None, None)
+        self._plan: Optional[PipelinePlan] = None
+        self._param_counts: dict[bool, list[int]] = {}
         self._model_config = None
         self._seq_len: Optional[int] = None
         self._tied: Optional[TiedEmbeddingSync] = None
 
     # ------------------------------------------------------------------ build
+    @property
+    def pp_size(self) -> int:
+        return self._pp_mesh.size()
+
+    @property
+    def _pp_mesh(self):
+        mesh = self.world_mesh
+        return mesh[self.pp_axis_name] if mesh.ndim > 1 else mesh
+
+    def make_plan(self, model: nn.Module) -> PipelinePlan:
+        """The :class:`PipelinePlan` of these settings for ``model`` (meta-device is fine);
+        no communication.
+
+        Raises:
+            ValueError / FileNotFoundError: see :func:`make_pipeline_plan`.
+        """
+        return make_pipeline_plan(
+            model, self.pp_size, self.pp_schedule, self.pp_schedule_csv, self.pp_microbatch_size,
+            self.pp_batch_size, self.layers_per_stage, self.round_virtual_stages_to_pp_multiple,
+            self.module_fqns_per_model_part,
+        )
+
     def build(
         self,
         model: nn.Module,
         loss_fn: Optional[Callable] = None,
         parallelize_fn: Optional[ParallelizeFnProtocol] = None,
+        plan: Optional[PipelinePlan] = None,
     ) -> "AutoPipeline":
         """Validate, split into this rank's stages, parallelize each part, build the schedule.
 
         Args:
             model: the full model (HF ``...ForCausalLM`` or a custom module).
             loss_fn: ``loss_fn(output, target) -> scalar`` for the last stage.
-            parallelize_fn: applied once per model part (TP / FSDP2 / checkpointing).
+            parallelize_fn: applied once per model part (TP / FSDP2 / checkpointing); it
+                receives only the keyword arguments its signature accepts.
+            plan: a plan made beforehand (the recipe's preflight makes it from a
+                meta-device model); None: :meth:`make_plan` of ``model``.
 
         Returns:
             ``self``.
 
         Raises:
-            ValueError: unsupported model or impossible split/schedule (before any comms).
+            ValueError: unsupported model, impossible split/schedule, or a plan whose
+                modules the model does not have (before any communication).
         """
         if self.patch_inner_model or self.patch_causal_lm_model:
             validate_hf_model_for_pipeline_support(model)
         if self.dtype is not None:
             model = model.to(self.dtype)
-        tied = is_tied(model)
+        plan = plan if plan is not None else self.make_plan(model)
+        _check_plan_fits(plan, model)
+        tied = plan.num_stages > 1 and is_tied(model)
         tied_fqns = tied_param_fqns(model) if tied else None
         self._model_config = getattr(model, "config", None)
-        schedule, parts, has_first, has_last, stages = pipeline_model(
-            model,
-            world_mesh=self.world_mesh,
-            moe_mesh=self.moe_mesh,
-            pp_axis_name=self.pp_axis_name,
-            dp_axis_names=self.dp_axis_names,
-            cp_axis_name=self.cp_axis_name,
-            tp_axis_name=self.tp_axis_name,
-            ep_axis_name=self.ep_axis_name,
-            ep_shard_axis_names=self.ep_shard_axis_names,
-            layers_per_stage=self.layers_per_stage,
-            pipeline_parallel_schedule_csv=self.pp_schedule_csv,
-            pipeline_parallel_schedule=self.pp_schedule,
-            microbatch_size=self.pp_microbatch_size,
-            local_batch_size=self.pp_batch_size,
-            device=self.device,
-            loss_fn=loss_fn,
-            parallelize_fn=parallelize_fn,
-            module_fqns_per_model_part=self.module_fqns_per_model_part,
-            patch_inner_model=self.patch_inner_model,
-            patch_causal_lm_model=self.patch_causal_lm_model,
-            scale_grads=self.scale_grads_in_schedule,
-            round_to_pp_multiple=self.round_virtual_stages_to_pp_multiple,
-            seq_len=self.pp_seq_len,
-            tensor_dtype=self.dtype,
+        self._param_counts = {
+            only: [sum(p.numel() for n in names for p in model.get_submodule(n).parameters() if p.requires_grad or not only)
+                   for names in plan.module_fqns]
+            for only in (False, True)
+        }
+        schedule, parts, has_first, has_last, stages = pipeline_from_plan(
+            model, plan, self.world_mesh, self.moe_mesh, self.pp_axis_name, self.device, loss_fn, parallelize_fn,
+            dict(dp_axis_names=self.dp_axis_names, cp_axis_name=self.cp_axis_name, tp_axis_name=self.tp_axis_name,
+                 ep_axis_name=self.ep_axis_name, ep_shard_axis_names=self.ep_shard_axis_names),
+            self.patch_inner_model, self.patch_causal_lm_model, self.scale_grads_in_schedule,
+            self.pp_seq_len, self.dtype,
         )
+        self._plan = plan
         self._seq_len = self.pp_seq_len if self._model_config is not None else None
         self._info = PipelineInfo(True, schedule, has_first, has_last, parts, stages)
         if tied:
-            num_stages = stages[0].num_stages
-            owner = self._stage_owners()
-            last_rank = owner[num_stages - 1]
-            pp_dim = list(self.world_mesh.mesh_dim_names).index(self.pp_axis_name)
+            pp_dim = list(self.world_mesh.mesh_dim_names).index(self.pp_axis_name) if self.world_mesh.ndim > 1 else 0
             self._tied = TiedEmbeddingSync(
-                self.world_mesh.mesh.movedim(pp_dim, -1),
-                parts,
-                [s.stage_index for s in stages],
-                num_stages,
-                last_rank,
-                *tied_fqns,
+                self.world_mesh.mesh.movedim(pp_dim, -1), parts, [s.stage_index for s in stages], plan.num_stages,
+                plan.owner(0), plan.owner(plan.num_stages - 1), *tied_fqns,
             )
             logger.info("tied word embeddings: gradients of the first- and last-stage copies are summed each step")
         return self
@@ -199,14 +221,24 @@ class AutoPipeline:
         return self._info
 
     @property
+    def plan(self) -> PipelinePlan:
+        """The plan this pipeline was built from.
+
+        Raises:
+            RuntimeError: before :meth:`build`.
+        """
+        if self._plan is None:
+            raise RuntimeError("AutoPipeline.plan is set by build(); call build(model, ...) first")
+        return self._plan
+
+    @property
     def parts(self) -> list[nn.Module]:
         """This rank's stage modules (model parts)."""
         return self._info.model_parts or []
 
     @property
     def pp_group(self):
-        mesh = self.world_mesh[self.pp_axis_name] if self.world_mesh.ndim > 1 else self.world_mesh
-        return mesh.get_group()
+        return self._pp_mesh.get_group()
 
     @property
     def tied_embeddings(self) -> Optional[TiedEmbeddingSync]:
@@ -242,7 +274,7 @@ class AutoPipeline:
 
     def scale_grads_by_divisor(self, divisor: float) -> None:
         """Divide every local stage gradient by ``divisor``."""
-        scale_grads_by_divisor(self._info.stages or [], divisor)
+        divide_grads(self.parts, divisor)
 
     def clip_grad_norm(self, max_norm: Optional[float], norm_type: float = 2.0) -> torch.Tensor:
         """Clip by the global gradient norm over all stages; returns that norm.
@@ -254,60 +286,25 @@ class AutoPipeline:
         exclude = [self._tied.duplicate] if self._tied is not None and self._tied.duplicate is not None else []
         return clip_grad_norm_across_stages(params, max_norm, norm_type, self.pp_group, exclude)
 
-    # ------------------------------------------------------------ inspection
-    @staticmethod
-    def _count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-    def _gather_over_pp(self, local: dict[int, object]) -> dict[int, object]:
-        """Merge {stage_index: value} dicts of all pp ranks (collective)."""
-        group = self.pp_group
-        out: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(out, local, group=group)
-        merged: dict[int, object] = {}
-        for d in out:
-            merged.update(d)
-        return merged
-
-    def _stage_owners(self) -> dict[int, int]:
-        """{global stage index: pp rank holding it} (collective over pp)."""
-        me = dist.get_rank(self.pp_group)
-        return self._gather_over_pp({s.stage_index: me for s in self._info.stages})
-
+    # ------------------------------------------------------------ inspection (local: read the plan)
     def list_stage_modules(self) -> list[list[str]]:
-        """Module FQNs of every stage, by global stage index (collective over pp)."""
-        local = {s.stage_index: list(getattr(p, "_pp_module_fqns", [])) for s, p in zip(self._info.stages, self.parts)}
-        merged = self._gather_over_pp(local)
-        return [merged[i] for i in sorted(merged)]
+        """Module FQNs of every stage, by global stage index."""
+        return [list(names) for names in self.plan.module_fqns]
 
     def get_stage_param_counts(self, trainable_only: bool = False) -> list[int]:
-        """Parameter count of every stage, by global stage index (collective over pp)."""
-        local = {s.stage_index: self._count_parameters(p, trainable_only) for s, p in zip(self._info.stages, self.parts)}
-        merged = self._gather_over_pp(local)
-        return [merged[i] for i in sorted(merged)]
+        """Parameter count of every stage, by global stage index, counted on the unsplit
+        model at build time (so FSDP sharding does not change it; a tied embedding
+        counts once per copy)."""
+        self.plan  # noqa: B018  (raises before build)
+        return list(self._param_counts[bool(trainable_only)])
 
     def get_total_param_count(self, trainable_only: bool = False) -> int:
-        """Sum of :meth:`get_stage_param_counts` (a tied embedding counts once per copy)."""
+        """Sum of :meth:`get_stage_param_counts`."""
         return sum(self.get_stage_param_counts(trainable_only))
 
     def pretty_print_stages(self, max_modules_per_stage: int = 16, trainable_only: bool = False) -> str:
         """A table of stages (GLOBAL stage index, its pp rank, params, modules)."""
-        modules = self.list_stage_modules()
-        counts = self.get_stage_param_counts(trainable_only)
-        total = max(1, sum(counts))
-        owner = self._stage_owners()
-        pp_size = dist.get_world_size(self.pp_group)
-        schedule = self.pp_schedule_csv or self.pp_schedule
-        lines = [f"Pipeline: {len(modules)} stages over {pp_size} pp ranks, schedule {schedule}"]
-        for idx, (names, n) in enumerate(zip(modules, counts)):
-            rank = owner[idx]
-            lines.append(f"  stage {idx} (pp_rank {rank}): {n:,} params ({100 * n / total:.1f}%)")
-            shown = _compress_layer_names(names)
-            for name in shown[:max_modules_per_stage]:
-                lines.append(f"    - {name}")
-            if len(shown) > max_modules_per_stage:
-                lines.append(f"    ... {len(shown) - max_modules_per_stage} more")
-        return "\n".join(lines)
+        return self.plan.describe(self.get_stage_param_counts(trainable_only), max_modules_per_stage)
 
     def debug_summary(self) -> str:
         info = self._info
@@ -319,7 +316,7 @@ class AutoPipeline:
             f"has_last={info.has_last_stage} tied_embeddings={self._tied is not None}",
         ]
         for s, p in zip(info.stages or [], self.parts):
-            lines.append(f"  stage {s.stage_index}: {self._count_parameters(p):,} params")
+            lines.append(f"  stage {s.stage_index}: {sum(t.numel() for t in p.parameters()):,} local params")
         return "\n".join(lines)
 
     def visualize_current_schedule(self, filename: Optional[str] = None) -> str:
@@ -337,26 +334,30 @@ class AutoPipeline:
         logger.info("%s", self.debug_summary())
 
 
-def _compress_layer_names(names: list[str]) -> list[str]:
-    """``model.layers.0 .. model.layers.14`` -> ``model.layers.0-14`` for display."""
-    out, run = [], []
+def resolve_dtype(dtype) -> Optional[torch.dtype]:
+    """A ``torch.dtype`` from a dtype, its name (``"bfloat16"``, ``"torch.bfloat16"``,
+    ``"bf16"``) or None.
 
-    def flush():
-        if run:
-            prefix = run[0][0]
-            out.append(f"{prefix}{run[0][1]}" if len(run) == 1 else f"{prefix}{run[0][1]}-{run[-1][1]}")
-            run.clear()
+    Raises:
+        ValueError: an unknown name, naming ``distributed.pipeline.dtype``.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    name = str(dtype).removeprefix("torch.")
+    value = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(
+            f"distributed.pipeline.dtype: unknown floating-point dtype '{dtype}'; use float32, bfloat16 or float16"
+        )
+    return value
 
-    for name in names:
-        head, _, tail = name.rpartition(".")
-        if tail.isdigit():
-            if run and run[-1][0] == head + "." and int(tail) == run[-1][1] + 1:
-                run.append((head + ".", int(tail)))
-                continue
-            flush()
-            run.append((head + ".", int(tail)))
-        else:
-            flush()
-            out.append(name)
-    flush()
-    return out
+
+def _check_plan_fits(plan: PipelinePlan, model: nn.Module) -> None:
+    if plan.module_fqns is None:
+        raise ValueError("AutoPipeline.build needs a plan made with the model (module_fqns is None)")
+    have = {name for name, _ in model.named_modules()}
+    missing = sorted({n for names in plan.module_fqns for n in names if n not in have})
+    if missing:
+        raise ValueError(f"the pipeline plan names modules this model does not have: {missing[:5]}; "
+                         "the plan was made for another model")

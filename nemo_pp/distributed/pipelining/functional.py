@@ -6,17 +6,19 @@ is their public namespace plus :func:`pipeline_model`, which composes them.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
+from ..grads import divide_grads
+from .build import build_schedule, build_stages, call_parallelize_fn
+from .hf_utils import make_stage_emit_tensor as _wrap_stage_forward_to_emit_tensor  # noqa: F401  (NeMo's name)
+from .plan import PipelinePlan, make_pipeline_plan
 from .schedules import (  # noqa: F401  (re-exported)
     SCHEDULE_NAMES,
     V_STYLE_SCHEDULES,
-    build_pipeline_schedule,
     canonical_schedule_name,
     check_schedule_constraints,
     is_single_stage_schedule,
@@ -27,7 +29,6 @@ from .split import (  # noqa: F401
     calculate_virtual_stages,
     copy_pruned,
     generate_hf_model_fqn_per_model_part,
-    split_model_into_stages,
     stage_ids_this_rank,
 )
 
@@ -61,47 +62,128 @@ def _get_optional_hook(module: object, name: str) -> Callable | None:
     return hook if callable(hook) else None
 
 
-def _wrap_stage_forward_to_emit_tensor(stage_model: nn.Module) -> None:
-    """Make a stage's ``forward`` return a tensor where it returns a ``ModelOutput``.
-
-    torch's pipelining sends tensors between stages and reads ``.shape`` on each output;
-    a ``CausalLMOutputWithPast`` is unwrapped to ``.logits`` (logits on the last stage,
-    pass-through hidden states elsewhere), a ``BaseModelOutput`` to
-    ``.last_hidden_state``. Tensors and tuples pass unchanged.
-    """
-    original = stage_model.forward
-    if getattr(original, "_nemo_pp_emits_tensor", False):
-        return
-    from transformers.utils import ModelOutput
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        out = original(*args, **kwargs)
-        if isinstance(out, ModelOutput):
-            for key in ("logits", "last_hidden_state"):
-                value = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
-                if value is not None:
-                    return value
-            raise TypeError(f"stage output {type(out).__name__} has neither logits nor last_hidden_state")
-        return out
-
-    forward._nemo_pp_emits_tensor = True
-    stage_model.forward = forward
-
-
-def divide_grads(modules, divisor: float) -> None:
-    """Divide every ``.grad`` of ``modules`` by ``divisor`` (e.g. the step's label tokens)."""
-    if divisor == 1:
-        return
-    for module in modules:
-        for p in module.parameters():
-            if p.grad is not None:
-                p.grad.div_(divisor)
-
-
 def scale_grads_by_divisor(stages: list, divisor: float) -> None:
     """Divide every gradient of the local stages by ``divisor`` (e.g. label tokens)."""
     divide_grads([stage.submod for stage in stages], divisor)
+
+
+def _pp_mesh(world_mesh, pp_axis_name: str):
+    if world_mesh.mesh_dim_names and pp_axis_name in world_mesh.mesh_dim_names and world_mesh.ndim > 1:
+        return world_mesh[pp_axis_name]
+    return world_mesh
+
+
+def split_model_into_stages(
+    model: nn.Module,
+    pp_mesh,
+    pp_axis_name: str,
+    pp_schedule: str,
+    device: torch.device,
+    module_names_per_stage: list[list[str]] | None = None,
+    layers_per_stage: int | None = None,
+    patch_inner_model: bool = True,
+    patch_causal_lm_model: bool = True,
+    round_to_pp_multiple: str | None = None,
+    pp_schedule_csv: str | None = None,
+):
+    """Split ``model`` into this rank's pipeline stages (plans with :func:`make_pipeline_plan`).
+
+    Args:
+        model: the full model (real weights or meta tensors).
+        pp_mesh: the pipeline DeviceMesh (1-D, or a mesh with ``pp_axis_name``).
+        pp_axis_name: name of the pipeline axis.
+        pp_schedule: schedule name; decides stages per rank and loop/V placement.
+        device: device for the stage models.
+        module_names_per_stage: manual FQN lists, one per (virtual) stage; else read from
+            the model's module tree.
+        layers_per_stage: decoder layers per virtual stage (None: automatic).
+        patch_inner_model / patch_causal_lm_model: see ``hf_utils.patch_hf_model_for_pp``.
+        round_to_pp_multiple: ``"up"``/``"down"``/None, see :func:`calculate_virtual_stages`.
+        pp_schedule_csv: a CSV schedule; its rows fix the stage count and placement.
+
+    Returns:
+        ``(stages, models)``: this rank's ``PipelineStage`` objects and their modules.
+
+    Raises:
+        ValueError: see :func:`make_pipeline_plan`.
+    """
+    mesh = _pp_mesh(pp_mesh, pp_axis_name)
+    plan = make_pipeline_plan(
+        model, mesh.size(), pp_schedule, pp_schedule_csv, layers_per_stage=layers_per_stage,
+        round_virtual_stages_to_pp_multiple=round_to_pp_multiple, module_fqns_per_model_part=module_names_per_stage,
+    )
+    return build_stages(model, plan, mesh.get_local_rank(), mesh.get_group(), device, patch_inner_model, patch_causal_lm_model)
+
+
+def build_pipeline_schedule(
+    pipeline_parallel_schedule_csv: str | None,
+    pipeline_parallel_schedule: str | None,
+    microbatch_size: int,
+    local_batch_size: int,
+    stages: list,
+    loss_fn: Callable,
+    scale_grads: bool = False,
+):
+    """Build a torch pipeline schedule for this rank's ``stages``.
+
+    Args:
+        pipeline_parallel_schedule_csv: a compute-only CSV schedule, or None.
+        pipeline_parallel_schedule: schedule name (see :data:`SCHEDULE_NAMES`).
+        microbatch_size: samples per microbatch.
+        local_batch_size: samples per ``step()``.
+        stages: this rank's ``PipelineStage`` objects.
+        loss_fn: ``loss_fn(output, target) -> scalar`` run on the last stage.
+        scale_grads: let torch divide ALL grads by the microbatch count after each step
+            (wrong under gradient accumulation across steps; keep False and normalise
+            by label tokens).
+
+    Raises:
+        ValueError / FileNotFoundError: see :func:`make_pipeline_plan`.
+    """
+    plan = make_pipeline_plan(
+        None, stages[0].group_size, pipeline_parallel_schedule, pipeline_parallel_schedule_csv,
+        microbatch_size, local_batch_size, num_stages=stages[0].num_stages,
+    )
+    return build_schedule(plan, stages, loss_fn, scale_grads)
+
+
+def pipeline_from_plan(
+    model: nn.Module,
+    plan: PipelinePlan,
+    world_mesh,
+    moe_mesh=None,
+    pp_axis_name: str = "pp",
+    device: torch.device | None = None,
+    loss_fn: Callable | None = None,
+    parallelize_fn: Callable | None = None,
+    parallelize_kwargs: dict | None = None,
+    patch_inner_model: bool = True,
+    patch_causal_lm_model: bool = True,
+    scale_grads: bool = False,
+    seq_len: int | None = None,
+    tensor_dtype: torch.dtype | None = None,
+):
+    """Build this rank's part of ``plan``: stages, ``parallelize_fn`` per part, schedule,
+    static shapes (when ``seq_len`` is given).
+
+    Returns:
+        ``(schedule, model_parts, has_first_stage, has_last_stage, stages)``.
+    """
+    mesh = _pp_mesh(world_mesh, pp_axis_name)
+    if mesh.size() != plan.pp_size:
+        raise ValueError(f"the plan is for pp_size {plan.pp_size} but the mesh's '{pp_axis_name}' axis has {mesh.size()}")
+    device = device if device is not None else torch.device("cpu")
+    stages, parts = build_stages(model, plan, mesh.get_local_rank(), mesh.get_group(), device,
+                                 patch_inner_model, patch_causal_lm_model)
+    if parallelize_fn is not None:
+        for part in parts:
+            call_parallelize_fn(parallelize_fn, part, world_mesh, moe_mesh, pp_enabled=plan.pp_size > 1,
+                                **(parallelize_kwargs or {}))
+    schedule = build_schedule(plan, stages, loss_fn, scale_grads)
+    config = getattr(model, "config", None)
+    if seq_len is not None and config is not None:
+        _precompute_stage_shapes(stages, config, plan.microbatch_size, seq_len, tensor_dtype)
+    return schedule, parts, any(s.is_first for s in stages), any(s.is_last for s in stages), stages
 
 
 def pipeline_model(
@@ -132,57 +214,58 @@ def pipeline_model(
     seq_len: int | None = None,
     tensor_dtype: torch.dtype | None = None,
 ):
-    """Split, parallelize and schedule a model in one call.
+    """Plan, split, parallelize and schedule a model in one call.
+
+    ``patch_stage_backward_maybe_with_nosync`` and ``reduce_grad_per_microbatch`` must
+    stay False: see :func:`check_grad_sync_options`.
 
     Returns:
         ``(schedule, model_parts, has_first_stage, has_last_stage, stages)``.
 
     Raises:
-        ValueError: see :func:`split_model_into_stages` and :func:`build_pipeline_schedule`.
+        ValueError: see :func:`make_pipeline_plan` and :func:`check_grad_sync_options`.
     """
-    if device is None:
-        device = torch.device("cpu")
-    pp_mesh = world_mesh[pp_axis_name] if world_mesh.ndim > 1 else world_mesh
-    stages, model_parts = split_model_into_stages(
-        model,
-        pp_mesh,
-        pp_axis_name,
-        pipeline_parallel_schedule or "1f1b",
-        device,
-        module_names_per_stage=module_fqns_per_model_part,
-        layers_per_stage=layers_per_stage,
-        patch_inner_model=patch_inner_model,
-        patch_causal_lm_model=patch_causal_lm_model,
-        round_to_pp_multiple=round_to_pp_multiple,
-        pp_schedule_csv=pipeline_parallel_schedule_csv,
+    check_grad_sync_options(patch_stage_backward_maybe_with_nosync, reduce_grad_per_microbatch=reduce_grad_per_microbatch)
+    plan = make_pipeline_plan(
+        model, _pp_mesh(world_mesh, pp_axis_name).size(), pipeline_parallel_schedule, pipeline_parallel_schedule_csv,
+        microbatch_size, local_batch_size, layers_per_stage, round_to_pp_multiple, module_fqns_per_model_part,
     )
-    for part in model_parts:
-        if not (patch_inner_model or patch_causal_lm_model):
-            _wrap_stage_forward_to_emit_tensor(part)
-        if parallelize_fn is not None:
-            parallelize_fn(
-                part,
-                world_mesh,
-                moe_mesh,
-                pp_enabled=True,
-                dp_axis_names=dp_axis_names,
-                cp_axis_name=cp_axis_name,
-                tp_axis_name=tp_axis_name,
-                ep_axis_name=ep_axis_name,
-                ep_shard_axis_names=ep_shard_axis_names,
-            )
-    schedule = build_pipeline_schedule(
-        pipeline_parallel_schedule_csv,
-        pipeline_parallel_schedule,
-        microbatch_size,
-        local_batch_size,
-        stages,
-        loss_fn,
-        scale_grads=scale_grads,
+    return pipeline_from_plan(
+        model, plan, world_mesh, moe_mesh, pp_axis_name, device, loss_fn, parallelize_fn,
+        dict(dp_axis_names=dp_axis_names, cp_axis_name=cp_axis_name, tp_axis_name=tp_axis_name,
+             ep_axis_name=ep_axis_name, ep_shard_axis_names=ep_shard_axis_names),
+        patch_inner_model, patch_causal_lm_model, scale_grads, seq_len, tensor_dtype,
     )
-    config = getattr(model, "config", None)
-    if seq_len is not None and config is not None:
-        _precompute_stage_shapes(stages, config, microbatch_size, seq_len, tensor_dtype)
-    has_first = any(s.is_first for s in stages)
-    has_last = any(s.is_last for s in stages)
-    return schedule, model_parts, has_first, has_last, stages
+
+
+def check_grad_sync_options(
+    patch_stage_backward_maybe_with_nosync: bool = False,
+    defer_fsdp_grad_sync: bool = True,
+    reduce_grad_per_microbatch: bool = False,
+) -> None:
+    """Refuse the reference's gradient-sync switches that torch >= 2.12 makes moot.
+
+    torch's ``PipelineStage`` already runs every microbatch's backward without FSDP
+    gradient sync and reduces once per step in its ``REDUCE_GRAD`` action
+    (``PipelineStage.backward_maybe_with_nosync`` / ``perform_reduce_grad``), which is
+    what the reference's patch adds and what ``defer_fsdp_grad_sync`` asks for.
+
+    Raises:
+        ValueError: a non-default value, naming the key and the reason.
+    """
+    key = "distributed.pipeline"
+    if patch_stage_backward_maybe_with_nosync:
+        raise ValueError(
+            f"{key}.patch_stage_backward_maybe_with_nosync: true is not needed: torch's PipelineStage already skips "
+            "FSDP gradient sync on all but the step's last backward and reduces once (REDUCE_GRAD); remove it or set false"
+        )
+    if not defer_fsdp_grad_sync:
+        raise ValueError(
+            f"{key}.defer_fsdp_grad_sync: false is not supported: torch's schedules always reduce FSDP gradients once "
+            "per step, after the last microbatch; remove it or set true"
+        )
+    if reduce_grad_per_microbatch:
+        raise ValueError(
+            "reduce_grad_per_microbatch=True is not supported: gradients are reduced once per step after the last "
+            "microbatch (torch's REDUCE_GRAD); per-microbatch reduction would only add communication"
+        )

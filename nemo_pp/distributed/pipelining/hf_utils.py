@@ -12,6 +12,7 @@ use the forwards below, which return plain tensors:
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from typing import Callable
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "create_pipeline_forward_inner",
     "create_pipeline_forward_causal_lm",
+    "make_stage_emit_tensor",
     "patch_hf_model_for_pp",
     "validate_hf_model_for_pipeline_support",
     "iter_decoder_layers",
@@ -136,13 +138,13 @@ def create_pipeline_forward_causal_lm() -> Callable:
     ) -> torch.Tensor:
         inner = getattr(self, "model", None)
         if inner is not None:
-            hidden = inner(
+            hidden = _as_tensor(inner(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
                 **kwargs,
-            )
+            ))
         else:
             hidden = inputs_embeds if inputs_embeds is not None else input_ids
         if getattr(self, "lm_head", None) is None:
@@ -157,14 +159,76 @@ def create_pipeline_forward_causal_lm() -> Callable:
     return forward
 
 
+def _as_tensor(out):
+    """The tensor a stage passes on: ``logits`` or ``last_hidden_state`` of a ``ModelOutput``;
+    tensors and tuples unchanged."""
+    from transformers.utils import ModelOutput
+
+    if not isinstance(out, ModelOutput):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = out.get(key)
+        if value is not None:
+            return value
+    raise TypeError(f"stage output {type(out).__name__} has neither logits nor last_hidden_state")
+
+
+def make_stage_emit_tensor(stage_model: nn.Module) -> None:
+    """Make a stage's ``forward`` return a tensor where it returns a ``ModelOutput``.
+
+    torch's pipelining sends tensors between stages and reads ``.shape`` on each output:
+    a ``CausalLMOutputWithPast`` becomes its ``.logits``, a ``BaseModelOutput`` its
+    ``.last_hidden_state``. Tensors and tuples pass unchanged. Idempotent.
+    """
+    original = stage_model.forward
+    if getattr(original, "_nemo_pp_emits_tensor", False):
+        return
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        return _as_tensor(original(*args, **kwargs))
+
+    forward._nemo_pp_emits_tensor = True
+    stage_model.forward = forward
+
+
+def _return_model_output(decoder: nn.Module) -> None:
+    """Wrap a patched decoder forward so it returns ``BaseModelOutputWithPast``, which an
+    unpatched HF ``...ForCausalLM.forward`` reads as ``outputs.last_hidden_state``."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    tensor_forward = decoder.forward
+
+    def forward(*args, **kwargs):
+        return BaseModelOutputWithPast(last_hidden_state=tensor_forward(*args, **kwargs))
+
+    decoder.forward = forward
+
+
 def patch_hf_model_for_pp(model: nn.Module, patch_inner_model: bool = True, patch_causal_lm_model: bool = True) -> None:
-    """Replace ``forward`` of the decoder and/or the CausalLM wrapper in place (instance-level)."""
+    """Make a (pruned) stage of an HF causal LM runnable; instance-level, in place.
+
+    * ``patch_inner_model``: the decoder (``model.model``, else the module itself) gets
+      :func:`create_pipeline_forward_inner`.
+    * ``patch_causal_lm_model``: the ``...ForCausalLM`` wrapper gets
+      :func:`create_pipeline_forward_causal_lm`, which also accepts an unpatched
+      decoder's ``ModelOutput``.
+    * inner patched, wrapper NOT patched: the stage that holds ``lm_head`` keeps the
+      model's own causal-LM forward (so family-specific steps there, such as logit
+      soft-capping, run), fed a ``ModelOutput`` by the patched decoder; stages without
+      ``lm_head`` have nothing of the wrapper to run and pass hidden states on.
+    """
     inner = getattr(model, "model", None)
+    is_wrapper = isinstance(inner, nn.Module)
     if patch_inner_model:
-        target = inner if isinstance(inner, nn.Module) else model
+        target = inner if is_wrapper else model
         target.forward = types.MethodType(create_pipeline_forward_inner(type(target).__name__), target)
-    if patch_causal_lm_model and isinstance(inner, nn.Module):
+    if not is_wrapper:
+        return
+    if patch_causal_lm_model or getattr(model, "lm_head", None) is None:
         model.forward = types.MethodType(create_pipeline_forward_causal_lm(), model)
+    elif patch_inner_model:
+        _return_model_output(inner)
 
 
 def validate_hf_model_for_pipeline_support(model: nn.Module) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._torch_compat import mark_schedule_uninitialized, set_static_stage_meta
+from .._torch_compat import mark_schedule_uninitialized, set_static_stage_meta
 
 
 def _get_hidden_and_vocab_size(model_config) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Splitting a model into pipeline stages: stage ids, virtual stages, FQN tables, copy-and-prune.
+"""Stage arithmetic and module tables: stage ids, virtual stages, FQN lists, copy-and-prune.
 
 A stage model is a copy of the whole model in which every module that belongs to
 another stage is ``None`` and ``layers`` is an ``nn.ModuleDict`` keyed by the ORIGINAL
@@ -9,16 +9,10 @@ at one pp size load at another.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from typing import Sequence
 
-import torch
 from torch import nn
-
-from .schedules import canonical_schedule_name, is_single_stage_schedule, schedule_style
-
-logger = logging.getLogger(__name__)
 
 #: Stage-0 modules of multimodal models (vision / audio towers and projectors).
 MULTIMODAL_ENCODER_NAMES = (
@@ -121,6 +115,21 @@ def calculate_virtual_stages(
     return num_virtual, stages_per_rank
 
 
+def layer_counts(num_layers: int, num_stages: int) -> list[int]:
+    """Decoder layers per stage, spread evenly, the remainder to the earliest stages
+    (30 layers over 4 stages: ``[8, 8, 7, 7]``).
+
+    Raises:
+        ValueError: fewer layers than stages, or a non-positive count.
+    """
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if num_layers < num_stages:
+        raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages (each needs one)")
+    base, extra = divmod(num_layers, num_stages)
+    return [base + (1 if stage < extra else 0) for stage in range(num_stages)]
+
+
 def generate_hf_model_fqn_per_model_part(
     num_stages: int,
     num_layers: int,
@@ -143,15 +152,9 @@ def generate_hf_model_fqn_per_model_part(
     Raises:
         ValueError: fewer layers than stages, or a non-positive count.
     """
-    if num_stages < 1:
-        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-    if num_layers < num_stages:
-        raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages (each needs one)")
-    base, extra = divmod(num_layers, num_stages)
     out: list[list[str]] = []
     start = 0
-    for stage in range(num_stages):
-        n = base + (1 if stage < extra else 0)
+    for stage, n in enumerate(layer_counts(num_layers, num_stages)):
         names: list[str] = []
         if stage == 0:
             if include_embeddings:
@@ -171,18 +174,89 @@ def generate_hf_model_fqn_per_model_part(
     return out
 
 
-def _module_tree_fqns(model: nn.Module) -> set[str]:
-    return {name for name, _ in model.named_modules() if name}
+#: Names the FQN generator lists that a given model may lack (dropped, not an error).
+_OPTIONAL_MODULE_NAMES = frozenset(MULTIMODAL_ENCODER_NAMES) | {"rotary_emb"}
 
 
-def _validate_assignment(model: nn.Module, module_names_per_stage: list[list[str]], strict: bool) -> list[list[str]]:
-    """Drop absent optional FQNs (non-strict) or reject unknown ones (strict); reject
-    modules that own parameters named in two stages or in none."""
-    existing = _module_tree_fqns(model)
+def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(fqn, module)`` of the decoder layer stack: the shallowest ``nn.ModuleList``
+    called ``layers`` (``model.layers`` in Hugging Face causal LMs, ``layers`` in a
+    custom model).
+
+    Raises:
+        ValueError: the model has none; the message names the key to set instead.
+    """
+    found = [(name, m) for name, m in model.named_modules() if name.rpartition(".")[2] == "layers"
+             and isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+    if not found:
+        raise ValueError(
+            f"cannot find the decoder layer stack of {type(model).__name__} (an nn.ModuleList named 'layers'); "
+            "set distributed.pipeline.module_fqns_per_model_part to give the split by hand"
+        )
+    return min(found, key=lambda item: item[0].count("."))
+
+
+def auto_stage_module_names(model: nn.Module, num_stages: int) -> list[list[str]]:
+    """Module FQNs of every stage, read from the model's module tree.
+
+    Layers are spread by :func:`layer_counts`. Every other module that owns parameters
+    goes to the first stage when it is registered before the layer stack on the path
+    to it (embeddings, vision towers) and to the last stage when registered after it
+    (final norm, ``lm_head``, a custom ``output_proj``); parameterless modules (rotary
+    embeddings) go to every stage. For a Llama model over 2 stages:
+    ``[[model.embed_tokens, model.layers.0.., model.rotary_emb], [model.layers.., model.norm, lm_head,
+    model.rotary_emb]]``, as :func:`generate_hf_model_fqn_per_model_part` gives.
+
+    Raises:
+        ValueError: no layer stack (see :func:`find_layer_stack`), fewer layers than stages.
+    """
+    stack_fqn, stack = find_layer_stack(model)
+    parts = stack_fqn.split(".")
+    first, last, everywhere = [], [], []
+    node, prefix = model, ""
+    for depth, step in enumerate(parts):
+        before = True
+        tail_here = []
+        for name, child in node.named_children():
+            if name == step:
+                before = False
+                continue
+            fqn = prefix + name
+            if next(child.parameters(), None) is None:
+                everywhere.append(fqn)
+            elif before:
+                first.append(fqn)
+            else:
+                tail_here.append(fqn)
+        last[:0] = tail_here  # deeper levels (the final norm) before outer ones (lm_head)
+        node, prefix = getattr(node, step), prefix + step + "."
+    keys = list(stack._modules.keys())
+    out, start = [], 0
+    for stage, n in enumerate(layer_counts(len(keys), num_stages)):
+        names = list(first) if stage == 0 else []
+        names += [f"{stack_fqn}.{k}" for k in keys[start:start + n]]
+        start += n
+        if stage == num_stages - 1:
+            names += last
+        out.append(names + everywhere)
+    return out
+
+
+def validate_stage_modules(model: nn.Module, module_names_per_stage: list[list[str]]) -> list[list[str]]:
+    """Check a per-stage module table against the model; return it without absent optional names.
+
+    Names the FQN generator adds for models that may lack them (multimodal encoders,
+    ``rotary_emb``) are dropped when absent; any other unknown name is an error, and so
+    is a module with parameters on two stages or a parameter on none.
+
+    Raises:
+        ValueError: naming the module and ``distributed.pipeline.module_fqns_per_model_part``.
+    """
+    existing = {name for name, _ in model.named_modules() if name}
     cleaned = []
     for stage, names in enumerate(module_names_per_stage):
-        missing = [n for n in names if n not in existing]
-        if missing and strict:
+        missing = [n for n in names if n not in existing and n.rpartition(".")[2] not in _OPTIONAL_MODULE_NAMES]
+        if missing:
             raise ValueError(
                 f"distributed.pipeline.module_fqns_per_model_part[{stage}] names modules the model does not have: "
                 f"{missing}"
@@ -196,7 +270,7 @@ def _validate_assignment(model: nn.Module, module_names_per_stage: list[list[str
                 if n in owner and owner[n] != stage:
                     raise ValueError(
                         f"module '{n}' is assigned to stages {owner[n]} and {stage}; a module with parameters "
-                        "must live on exactly one stage"
+                        "must live on exactly one stage (distributed.pipeline.module_fqns_per_model_part)"
                     )
                 owner.setdefault(n, stage)
     covered = {f"{n}.{p}" for names in cleaned for n in names for p, _ in model.get_submodule(n).named_parameters()}
@@ -243,123 +317,3 @@ def copy_pruned(model: nn.Module, keep: Sequence[str]) -> nn.Module:
         old = getattr(parent, attr)
         setattr(parent, attr, nn.ModuleDict({k: v for k, v in old._modules.items() if v is not None}))
     return stage_model
-
-
-def _hf_layout(model: nn.Module) -> tuple[str, int, str]:
-    """(fqn prefix of the decoder, number of layers, lm_head fqn) of an HF causal LM."""
-    inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module) and getattr(inner, "layers", None) is not None:
-        return "model.", len(inner.layers), "lm_head"
-    if getattr(model, "layers", None) is not None:
-        return "", len(model.layers), "lm_head"
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}; pass "
-        "distributed.pipeline.module_fqns_per_model_part explicitly"
-    )
-
-
-def stage_module_names(
-    model: nn.Module,
-    pp_size: int,
-    pp_schedule: str,
-    module_names_per_stage: list[list[str]] | None = None,
-    layers_per_stage: int | None = None,
-    round_to_pp_multiple: str | None = None,
-    num_stages: int | None = None,
-) -> list[list[str]]:
-    """The checked module FQNs of every (virtual) stage; no process group needed.
-
-    Generated for HF decoders (absent optional modules dropped; ``num_stages`` fixes
-    the count, e.g. from a CSV schedule) or taken from ``module_names_per_stage``
-    (every name must exist).
-
-    Raises:
-        ValueError: see :func:`calculate_virtual_stages`; unknown, doubly assigned or
-            unassigned modules; a stage count that is not a multiple of ``pp_size``.
-    """
-    if module_names_per_stage is None:
-        prefix, num_layers, lm_head_fqn = _hf_layout(model)
-        if num_stages is None:
-            single = is_single_stage_schedule(pp_schedule)
-            num_stages, _ = calculate_virtual_stages(num_layers, layers_per_stage, pp_size, single, round_to_pp_multiple)
-        generated = generate_hf_model_fqn_per_model_part(
-            num_stages, num_layers, include_lm_head=True, fqn_prefix=prefix, lm_head_fqn=lm_head_fqn
-        )
-        names = _validate_assignment(model, generated, strict=False)
-    else:
-        names = _validate_assignment(model, [list(m) for m in module_names_per_stage], strict=True)
-    if len(names) % pp_size:
-        raise ValueError(
-            f"{len(names)} stages in distributed.pipeline.module_fqns_per_model_part is not a multiple of "
-            f"pp_size {pp_size}"
-        )
-    return names
-
-
-def split_model_into_stages(
-    model: nn.Module,
-    pp_mesh,
-    pp_axis_name: str,
-    pp_schedule: str,
-    device: torch.device,
-    module_names_per_stage: list[list[str]] | None = None,
-    layers_per_stage: int | None = None,
-    patch_inner_model: bool = True,
-    patch_causal_lm_model: bool = True,
-    round_to_pp_multiple: str | None = None,
-    pp_schedule_csv: str | None = None,
-):
-    """Split ``model`` into this rank's pipeline stages.
-
-    Args:
-        model: the full model (real weights or meta tensors).
-        pp_mesh: the pipeline DeviceMesh (1-D, or a mesh with ``pp_axis_name``).
-        pp_axis_name: name of the pipeline axis.
-        pp_schedule: schedule name; decides stages per rank and loop/V placement.
-        device: device for the stage models.
-        module_names_per_stage: manual FQN lists, one per (virtual) stage; else generated.
-        layers_per_stage: decoder layers per virtual stage (None: automatic).
-        patch_inner_model / patch_causal_lm_model: install the tensor-returning
-            forwards of ``hf_utils``.
-        round_to_pp_multiple: ``"up"``/``"down"``/None, see :func:`calculate_virtual_stages`.
-        pp_schedule_csv: a CSV schedule; its rows fix the stage count and which stages
-            each rank holds.
-
-    Returns:
-        ``(stages, models)``: this rank's ``PipelineStage`` objects and their modules.
-
-    Raises:
-        ValueError: impossible split (see :func:`calculate_virtual_stages`), modules named
-            twice or never.
-    """
-    from ._torch_compat import NemoPipelineStage
-    from .hf_utils import patch_hf_model_for_pp
-
-    mesh = pp_mesh[pp_axis_name] if pp_mesh.mesh_dim_names and pp_axis_name in pp_mesh.mesh_dim_names and pp_mesh.ndim > 1 else pp_mesh
-    pp_rank, pp_size = mesh.get_local_rank(), mesh.size()
-    name = canonical_schedule_name(pp_schedule)
-    csv_ids = None
-    if pp_schedule_csv:
-        from .schedules import csv_stage_ids, read_schedule_csv
-
-        csv_ids = csv_stage_ids(read_schedule_csv(pp_schedule_csv))
-    module_names_per_stage = stage_module_names(
-        model, pp_size, name, module_names_per_stage, layers_per_stage, round_to_pp_multiple,
-        num_stages=1 + max(max(ids) for ids in csv_ids) if csv_ids else None,
-    )
-    num_stages = len(module_names_per_stage)
-    my_ids = csv_ids[pp_rank] if csv_ids else stage_ids_this_rank(pp_rank, pp_size, num_stages, schedule_style(name))
-
-    stages, models = [], []
-    for stage_idx in my_ids:
-        stage_model = copy_pruned(model, module_names_per_stage[stage_idx])
-        if patch_inner_model or patch_causal_lm_model:
-            patch_hf_model_for_pp(stage_model, patch_inner_model, patch_causal_lm_model)
-        stage_model._pp_stage_index = stage_idx
-        stage_model._pp_module_fqns = list(module_names_per_stage[stage_idx])
-        if not any(p.is_meta for p in stage_model.parameters()):
-            stage_model.to(device)
-        stages.append(NemoPipelineStage(stage_model, stage_idx, num_stages, device, group=mesh.get_group()))
-        models.append(stage_model)
-    logger.info("pp_rank %d holds stages %s of %d", pp_rank, [s.stage_index for s in stages], num_stages)
-    return stages, models

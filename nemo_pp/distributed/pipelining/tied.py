@@ -45,7 +45,9 @@ class TiedEmbeddingSync:
         model_parts: this rank's stage modules.
         stage_ids: their global stage indices.
         num_stages: total stages.
-        last_stage_pp_rank: pp rank holding the last stage (0: no group, sums are local).
+        first_stage_pp_rank / last_stage_pp_rank: pp ranks holding the first and the last
+            stage (from the plan: a CSV may put stage 0 anywhere); equal ranks mean no
+            group, the sum is local.
         embed_fqn / head_fqn: parameter FQNs of the two copies.
     """
 
@@ -55,6 +57,7 @@ class TiedEmbeddingSync:
         model_parts: list[nn.Module],
         stage_ids: list[int],
         num_stages: int,
+        first_stage_pp_rank: int,
         last_stage_pp_rank: int,
         embed_fqn: str = "model.embed_tokens.weight",
         head_fqn: str = "lm_head.weight",
@@ -70,9 +73,9 @@ class TiedEmbeddingSync:
         rows = pp_mesh_tensor.reshape(-1, pp_mesh_tensor.shape[-1])
         self.group = None
         me = dist.get_rank()
-        if last_stage_pp_rank != 0:
+        if last_stage_pp_rank != first_stage_pp_rank:
             for row in rows.tolist():
-                pair = [row[0], row[last_stage_pp_rank]]
+                pair = sorted((row[first_stage_pp_rank], row[last_stage_pp_rank]))
                 group = dist.new_group(pair)
                 if me in pair:
                     self.group = group

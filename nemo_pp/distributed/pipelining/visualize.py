@@ -7,9 +7,10 @@ forward of the previous stage, the backward of the next). Idle slots are the bub
 
 from __future__ import annotations
 
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle, ScheduleGPipe, _Action, _ComputationType
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, ScheduleGPipe
 
-from ._torch_compat import schedule_action_lists
+from .._torch_compat import Action, ComputationType, schedule_action_lists, single_stage_schedule_shape
+from .plan import PipelinePlan
 from .schedules import canonical_schedule_name
 
 _FORWARD, _BACKWARDS = "FORWARD", ("FULL_BACKWARD", "BACKWARD_INPUT")
@@ -68,11 +69,11 @@ def simulate(ranks: list[list]) -> list[list]:
 def _single_stage_lists(name: str, pp_size: int, n_microbatches: int) -> list[list]:
     """What GPipe / 1F1B execute on each rank: all forwards then all backwards, or
     ``min(m, p - r)`` warm-up forwards then alternating backward/forward (PipeDream-Flush)."""
-    F, B = _ComputationType.FORWARD, _ComputationType.FULL_BACKWARD
+    F, B = ComputationType.FORWARD, ComputationType.FULL_BACKWARD
     lists = []
     for r in range(pp_size):
-        fwd = [_Action(r, F, m) for m in range(n_microbatches)]
-        bwd = [_Action(r, B, m) for m in range(n_microbatches)]
+        fwd = [Action(r, F, m) for m in range(n_microbatches)]
+        bwd = [Action(r, B, m) for m in range(n_microbatches)]
         if name == "GPipe":
             lists.append(fwd + bwd)
             continue
@@ -86,12 +87,18 @@ def _single_stage_lists(name: str, pp_size: int, n_microbatches: int) -> list[li
 
 def schedule_actions(schedule, pp_size: int | None = None, n_microbatches: int | None = None,
                      stages_per_rank: int | None = None) -> list[list]:
-    """``actions[rank][slot]`` (an ``_Action`` or None) of a schedule.
+    """``actions[rank][slot]`` (an ``Action`` or None) of a schedule.
 
     Args:
-        schedule: a built schedule (its ``pipeline_order``, so a CSV schedule works), or a
-            schedule name, then with ``pp_size``, ``n_microbatches`` and ``stages_per_rank``.
+        schedule: a built schedule (its ``pipeline_order``, so a CSV schedule works), a
+            ``PipelinePlan`` (no process group needed), or a schedule name, then with
+            ``pp_size``, ``n_microbatches`` and ``stages_per_rank``.
     """
+    if isinstance(schedule, PipelinePlan):
+        plan = schedule
+        if plan.csv_actions is not None:
+            return simulate([list(row) for row in plan.csv_actions])
+        return schedule_actions(plan.schedule, plan.pp_size, plan.n_microbatches, plan.stages_per_rank)
     if isinstance(schedule, str):
         from torch.distributed.pipelining.schedules import get_schedule_class
 
@@ -102,7 +109,7 @@ def schedule_actions(schedule, pp_size: int | None = None, n_microbatches: int |
     if isinstance(schedule, PipelineScheduleSingle):
         # single-stage schedules run their own loop; their pipeline_order is not what executes
         name = "GPipe" if isinstance(schedule, ScheduleGPipe) else "1F1B"
-        return simulate(_single_stage_lists(name, schedule._stage.group_size, schedule._n_microbatches))
+        return simulate(_single_stage_lists(name, *single_stage_schedule_shape(schedule)))
     order = getattr(schedule, "pipeline_order", None)
     if not order:
         raise ValueError(f"{type(schedule).__name__} exposes no pipeline_order to draw")

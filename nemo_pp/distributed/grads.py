@@ -1,4 +1,5 @@
-"""Gradient clipping across pipeline stages.
+"""Gradient arithmetic of one optimizer step on any parallel layout: division by a
+common divisor (the step's label tokens) and clipping by the global norm.
 
 Each pp rank only sees its stages' gradients, so a per-rank ``clip_grad_norm_``
 would clip with the wrong norm. The global norm is ``(sum_r ||g_r||_p^p)^(1/p)``
@@ -14,6 +15,16 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+def divide_grads(modules: Iterable[nn.Module], divisor: float) -> None:
+    """Divide every ``.grad`` of ``modules`` by ``divisor`` (e.g. the step's label tokens)."""
+    if divisor == 1:
+        return
+    for module in modules:
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.div_(divisor)
 
 
 def clip_grad_norm_across_stages(

@@ -1,4 +1,12 @@
-"""The one place that touches private ``torch.distributed.pipelining`` attributes.
+"""The one place in nemo_pp that touches private torch names.
+
+Private names used (each behind a function below, so a torch upgrade is mended here):
+
+* ``DeviceMesh._flatten`` (the flattened dp / dp_shard_cp / dp_cp views);
+* ``torch.distributed.pipelining.schedules``: ``_Action``, ``_ComputationType``,
+  ``_PipelineScheduleRuntime`` and its ``pipeline_order`` loading, the single-stage
+  schedules' ``_stage`` / ``_n_microbatches``, and ``_schedule_visualizer.get_schedule_ops``;
+* the stage-metadata attributes described next.
 
 Static stage metadata (shapes known up front, no shape-inference forward) and the
 reset that a new sequence length needs both depend on private names that changed
@@ -21,9 +29,23 @@ from typing import Sequence
 
 import torch
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining import schedules as _schedules
+
+#: One scheduled action (``stage``, ``computation_type``, ``microbatch``), e.g. ``1F0``.
+Action = _schedules._Action
+#: FORWARD, FULL_BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, ... of an :data:`Action`.
+ComputationType = _schedules._ComputationType
 
 __all__ = [
     "STAGE_META_API",
+    "Action",
+    "ComputationType",
+    "action_from_str",
+    "flatten_mesh",
+    "load_schedule_actions",
+    "runtime_schedule_class",
+    "single_stage_schedule_shape",
+    "schedule_action_lists",
     "NemoPipelineStage",
     "set_static_stage_meta",
     "mark_schedule_uninitialized",
@@ -57,10 +79,6 @@ class NemoPipelineStage(PipelineStage):
         if mode is not None and getattr(mode, "value", None) == "static":
             return
         super()._post_metadata_inference_cleanup()
-
-
-def _as_meta(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(requires_grad)
 
 
 def set_static_stage_meta(
@@ -121,7 +139,7 @@ def mark_schedule_uninitialized(schedule) -> None:
         raise RuntimeError(
             f"{type(schedule).__name__} has none of the initialisation flags nemo_pp knows "
             f"({', '.join(names)}); torch {torch.__version__} changed its private API: "
-            "update nemo_pp/distributed/pipelining/_torch_compat.py"
+            "update nemo_pp/distributed/_torch_compat.py"
         )
 
 
@@ -131,3 +149,44 @@ def schedule_action_lists(schedule_class, pp_size: int, n_microbatches: int, sta
     from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 
     return get_schedule_ops(schedule_class, pp_size, n_microbatches, stages_per_rank, add_spacing=False)
+
+
+def action_from_str(text: str):
+    """Parse one schedule cell (``0F1``, ``1B0``, ``2W3``); None for an empty cell.
+
+    Raises:
+        RuntimeError / ValueError / AttributeError: torch's errors for an unreadable cell.
+    """
+    return Action.from_str(text)
+
+
+def runtime_schedule_class(named_class=None) -> type:
+    """The schedule class that runs an action list: ``named_class`` when it is a
+    ``_PipelineScheduleRuntime`` subclass (e.g. ``ScheduleDualPipeV``), else the runtime itself."""
+    runtime = _schedules._PipelineScheduleRuntime
+    if named_class is not None and issubclass(named_class, runtime):
+        return named_class
+    return runtime
+
+
+def load_schedule_actions(schedule, actions_by_rank: Sequence[Sequence]) -> None:
+    """Install a compute-only action list (row r = pp rank r) into a runtime schedule,
+    as torch's ``_load_csv`` does after reading the file, and lower it with comms.
+
+    Raises:
+        Exception: torch's errors for an inconsistent action list.
+    """
+    schedule.pipeline_order = {rank: list(row) for rank, row in enumerate(actions_by_rank)}
+    schedule._validate_and_set_stage_mapping(schedule.pipeline_order)
+    schedule._prepare_schedule_with_comms(schedule.pipeline_order)
+
+
+def single_stage_schedule_shape(schedule) -> tuple[int, int]:
+    """``(pp_size, n_microbatches)`` of a built GPipe / 1F1B schedule."""
+    return schedule._stage.group_size, schedule._n_microbatches
+
+
+def flatten_mesh(mesh, name: str):
+    """Flatten a multi-axis DeviceMesh slice into one axis called ``name``; keep the
+    returned object (slicing it again from the root mesh is deprecated in torch 2.13)."""
+    return mesh._flatten(name)
