@@ -61,9 +61,13 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
 
 
-def run(batch_size: int = 4, seq_len: int = 8) -> dict:
+def run(batch_size: int = 4, seq_len: int = 8, split: list[list[str]] | None = SPLIT) -> dict:
     """Pipeline ``CustomModel`` over the default process group (2 ranks); compare with
-    the unsplit model. Returns this rank's max grad difference and the losses."""
+    the unsplit model. Returns this rank's max grad difference and the losses.
+
+    With ``split=None`` the split is read from the module tree: modules registered
+    before ``layers`` (the embedding) join the first stage, those after it (the output
+    projection) the last."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from nemo_pp.distributed.pipelining.functional import pipeline_model
@@ -82,7 +86,7 @@ def run(batch_size: int = 4, seq_len: int = 8) -> dict:
     schedule, parts, has_first, has_last, stages = pipeline_model(
         model, world_mesh=mesh, moe_mesh=None, pp_axis_name="pp", dp_axis_names=("dp",),
         pipeline_parallel_schedule="1f1b", microbatch_size=1, local_batch_size=batch_size,
-        device=torch.device("cpu"), loss_fn=loss_fn, module_fqns_per_model_part=SPLIT,
+        device=torch.device("cpu"), loss_fn=loss_fn, module_fqns_per_model_part=split,
         patch_inner_model=False, patch_causal_lm_model=False,
         parallelize_fn=lambda part, *a, **k: calls.append(sorted(n for n, _ in part.named_parameters())[:1]),
     )

@@ -52,7 +52,7 @@ def reference(model, batches):
     return total / tokens, grads, tokens
 
 
-def _run_parity(rank, world, arch, tied, schedule, layers, batch_size, seq_lens, layers_per_stage, pp=None):
+def _run_parity(rank, world, arch, tied, schedule, layers, batch_size, seq_lens, layers_per_stage, pp=None, ap_kwargs=None):
     from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
 
@@ -65,7 +65,7 @@ def _run_parity(rank, world, arch, tied, schedule, layers, batch_size, seq_lens,
 
     ap = AutoPipeline(
         world_mesh=mesh.world, pp_schedule=schedule, pp_microbatch_size=1, pp_batch_size=batch_size,
-        layers_per_stage=layers_per_stage, device=torch.device("cpu"),
+        layers_per_stage=layers_per_stage, device=torch.device("cpu"), **(ap_kwargs or {}),
     ).build(model, loss_fn=sum_ce)
     info = ap.info
     forwards = [0]
@@ -158,6 +158,12 @@ def _run_csv(rank, world, csv_path):
 def test_csv_schedule_shipped_example():
     held = run_ranks(_run_csv, 2, "configs/schedules/1f1b_pp2_mb4.csv")
     assert held == [[0], [1]]
+
+
+def test_csv_schedule_with_stage_0_on_pp_rank_1():
+    """The tied-embedding pair is taken from the plan's owners, not assumed to start at pp rank 0."""
+    held = run_ranks(_run_csv, 2, "configs/schedules/1f1b_pp2_mb4_swapped.csv")
+    assert held == [[1], [0]]
 
 
 def test_csv_schedule_with_two_stages_per_rank(tmp_path):

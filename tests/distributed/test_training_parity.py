@@ -112,3 +112,8 @@ def test_pp2_weights_norm_tie_and_export_match_reference(tmp_path, arch, tied, s
 def test_pp2_x_fsdp2_matches_reference(tmp_path, schedule):
     """Includes a sequence-length change inside gradient accumulation: FSDP grads survive it."""
     run_ranks(_run_training, 4, 2, "llama", True, schedule, str(tmp_path / "export"), timeout=240)
+
+
+def test_pp1_x_fsdp2_is_the_same_engine_path(tmp_path):
+    """pp_size 1 with FSDP2 over 2 data-parallel ranks: a one-stage pipeline per replica."""
+    run_ranks(_run_training, 2, 1, "llama", True, "1f1b", str(tmp_path / "export"), timeout=240)

@@ -79,8 +79,12 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callab
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         causal_mask_mapping: dict | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        cache_position: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        # a training stage keeps no KV cache: what an unpatched HF wrapper passes for one is dropped
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError(f"{model_class_name} stage got neither input_ids nor inputs_embeds")

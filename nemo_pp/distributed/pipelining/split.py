@@ -286,8 +286,8 @@ def validate_stage_modules(model: nn.Module, module_names_per_stage: list[list[s
 def copy_pruned(model: nn.Module, keep: Sequence[str]) -> nn.Module:
     """Deep-copy only the modules named in ``keep`` (and their ancestors).
 
-    Unkept modules become ``None``; a ``ModuleList`` with some kept children becomes an
-    ``nn.ModuleDict`` keyed by the original indices. Unkept modules are never copied
+    Unkept modules become ``None``; a ``ModuleList`` with some (not all) kept children
+    becomes an ``nn.ModuleDict`` keyed by the original indices. Unkept modules are never copied
     (``deepcopy``'s memo maps them to ``None``), so a stage costs only its own memory.
     """
     keep = set(keep)
@@ -303,7 +303,7 @@ def copy_pruned(model: nn.Module, keep: Sequence[str]) -> nn.Module:
             if fqn in keep:
                 continue
             if fqn in ancestors:
-                if isinstance(child, nn.ModuleList):
+                if isinstance(child, nn.ModuleList) and any(f"{fqn}.{k}" not in keep for k in child._modules):
                     lists_to_convert.append(fqn)
                 visit(child, fqn + ".")
             else:

@@ -1,0 +1,140 @@
+"""AutoPipeline options a user sets, each against the unsplit model on real gloo ranks:
+forward patching combinations, a dtype given by name, pp_size 1 as a one-stage
+pipeline, parallelize_fn signatures, local inspection, the custom-model auto split, and
+a data set error reaching every rank."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.launcher import run_ranks
+from tests.distributed.test_pipeline_parity import _run_parity, make_batch, sum_ce
+from tests.tiny_models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "world,pp,inner,outer",
+    [
+        (2, 2, True, False),  # the last stage runs HF's own causal-LM forward on the patched decoder
+        (1, 1, False, True),  # the patched wrapper runs HF's own decoder (whole model, one stage)
+        (1, 1, False, False),  # nothing patched: one stage is the HF model itself
+        (1, 1, True, True),
+    ],
+)
+def test_patch_combinations_match_unsplit_model(world, pp, inner, outer):
+    kwargs = {"patch_inner_model": inner, "patch_causal_lm_model": outer}
+    run_ranks(_run_parity, world, "llama", True, "1f1b", 4, 4, (16, 8), None, pp, kwargs)
+
+
+def test_pp1_is_a_one_stage_pipeline_with_virtual_stages_too():
+    """pp_size 1 runs through the same schedule machinery, GPipe and interleaved alike."""
+    run_ranks(_run_parity, 1, "qwen2", False, "gpipe", 4, 4, (16, 24), None, 1)
+    run_ranks(_run_parity, 1, "llama", True, "interleaved_1f1b", 4, 4, (16,), None, 1)
+
+
+def _run_bf16(rank, world):
+    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.pipelining import AutoPipeline
+    from tests.distributed.test_pipeline_parity import step_once
+
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
+    ref = tiny_model("llama", True, 4).to(torch.bfloat16)
+    ids, lb = make_batch(4, 16, ref.config.vocab_size, seed=0)
+    ref_loss = float(sum_ce(ref(input_ids=ids).logits, lb))
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b", pp_batch_size=4, dtype="bfloat16", pp_seq_len=16,
+                      device=torch.device("cpu")).build(copy.deepcopy(ref).float(), loss_fn=sum_ce)
+    assert all(p.dtype == torch.bfloat16 for part in ap.parts for p in part.parameters())
+    losses = step_once(ap.info, ids, lb)
+    if losses:
+        loss = float(sum(l.detach().float() for l in losses))
+        assert abs(loss - ref_loss) < 2e-2 * abs(ref_loss), (loss, ref_loss)
+    return True
+
+
+def test_dtype_by_name_is_applied():
+    run_ranks(_run_bf16, 2)
+
+
+def _run_tools(rank, world):
+    import torch.distributed as dist
+
+    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.pipelining import AutoPipeline
+
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
+    model = tiny_model("llama", True, 4)
+    calls = []
+
+    def reference_style_parallelize(model, world_mesh, moe_mesh, *, dp_axis_names):
+        """Written like the reference's examples: no **kwargs, no pp_enabled."""
+        calls.append(dp_axis_names)
+
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="interleaved_1f1b", pp_batch_size=4,
+                      device=torch.device("cpu")).build(model, loss_fn=sum_ce, parallelize_fn=reference_style_parallelize)
+    assert calls == [("dp",), ("dp",)]  # once per local stage
+    if rank == 0:  # only one rank asks: no collective, so no hang
+        counts = ap.get_stage_param_counts()
+        modules = ap.list_stage_modules()
+        table = ap.pretty_print_stages()
+        full = {n: m for n, m in model.named_modules()}
+        assert counts == [sum(p.numel() for n in names for p in full[n].parameters()) for names in modules]
+        assert ap.get_total_param_count() == sum(counts) == model.num_parameters() + model.lm_head.weight.numel()
+        assert "stage 3 (pp_rank 1)" in table and "model.layers.0" in table
+    dist.barrier()
+    return True
+
+
+def test_parallelize_fn_without_kwargs_and_local_inspection():
+    run_ranks(_run_tools, 2, pg_timeout_s=20)
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("custom_model_pipeline", ROOT / "examples/custom_model_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_custom_auto(rank, world):
+    return _load_example().run(split=None)
+
+
+def test_custom_model_splits_without_an_fqn_list():
+    """Embedding and output projection are found from the module tree, not assumed names."""
+    results = run_ranks(_run_custom_auto, 2)
+    assert all(r["max_grad_diff"] < 1e-5 for r in results)
+
+
+def _run_empty_split(rank, world, data_dir, tokenizer_dir):
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from nemo_pp.training.data import build_dataset_main_first
+
+    node = OmegaConf.create({"validation_dataset": {
+        "_target_": "nemo_pp.datasets.llm.squad.SQuAD", "path_or_dataset": data_dir, "split": "validation",
+        "seq_length": 32,
+    }}).validation_dataset
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    try:
+        build_dataset_main_first(node, "validation_dataset", tok, is_main=rank == 0)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_empty_split_fails_with_the_same_error_on_every_rank(real_assets, tmp_path):
+    data = tmp_path / "squad"
+    data.mkdir()
+    (data / "train.jsonl").write_text((real_assets[1] / "validation.jsonl").read_text().splitlines()[0] + "\n")
+    (data / "validation.jsonl").write_text("")
+    errors = run_ranks(_run_empty_split, 2, str(data), str(real_assets[0]), pg_timeout_s=30)
+    assert errors[0] is not None and errors[0] == errors[1], errors
+    assert errors[0].startswith("validation_dataset"), errors[0]
