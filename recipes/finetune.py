@@ -23,9 +23,9 @@ import torch.distributed as dist
 import transformers
 from tqdm import tqdm
 
-from nemo_pp.config import ConfigError, config_to_yaml, instantiate, load_config, parse_cli, save_config, validate_targets
-from nemo_pp.training.defaults import RECIPE_DEFAULTS
+from nemo_pp.config import ConfigError, config_to_yaml, instantiate, parse_cli, save_config
 from nemo_pp.training.preflight import RunPlan, preflight_check
+from nemo_pp.training.schema import load_recipe_config
 
 logger = logging.getLogger("nemo_pp.finetune")
 
@@ -208,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     try:
         path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-        cfg = load_config(path, overrides, defaults=RECIPE_DEFAULTS)
-        validate_targets(cfg)
+        cfg = load_recipe_config(path, overrides)
         recipe = FinetuneRecipe(cfg).setup()
     except (ConfigError, ValueError, FileNotFoundError, NotImplementedError) as exc:
         # identical on every rank (nothing above depends on the rank): exit, never hang.

@@ -20,10 +20,10 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from nemo_pp.config import ConfigError, load_config, parse_cli
+    from nemo_pp.config import ConfigError, parse_cli
     from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
     from nemo_pp.distributed.pipelining.visualize import bubble_fraction, save_schedule_png, schedule_actions
-    from nemo_pp.training.defaults import RECIPE_DEFAULTS
+    from nemo_pp.training.schema import load_recipe_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argparse.ArgumentParser(add_help=False)
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     known, rest = extra.parse_known_args(argv)
     try:
         path, overrides = parse_cli(rest)
-        cfg = load_config(path, overrides, defaults=RECIPE_DEFAULTS)
+        cfg = load_recipe_config(path, overrides)
         p = cfg.distributed.pipeline
         hf_cfg = AutoConfig.from_pretrained(str(cfg.model.pretrained_model_name_or_path))
         with torch.device("meta"):

@@ -1,13 +1,14 @@
 """Config loading for nemo_pp recipes: YAML + env interpolation + overrides + `_target_`.
 
-OmegaConf does the loading and interpolation, Hydra the instantiation; this package
-adds the NeMo AutoModel command-line forms, a "did you mean" for typos, recipe
-defaults, and an enforced `_target_` allowlist checked before anything runs.
+OmegaConf does the loading and interpolation, Hydra the override grammar and the
+instantiation; this package adds NeMo AutoModel's `--a.b value` spelling, a "did you
+mean" for typos, defaults merged under the YAML, and an enforced `_target_` allowlist
+checked before anything runs. The recipe's typed schema: :mod:`nemo_pp.training.schema`.
 
 Typical recipe use::
 
     path, overrides = parse_cli(sys.argv[1:])
-    cfg = load_config(path, overrides, defaults=RECIPE_DEFAULTS)
+    cfg = load_recipe_config(path, overrides)  # nemo_pp.training.schema: load_config + schema
     validate_targets(cfg)
     model = instantiate(cfg.model)
     optimizer = instantiate(cfg.optimizer, params=model.parameters())

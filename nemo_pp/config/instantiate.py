@@ -13,7 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
-from .targets import check_target, iter_targets, node_key, rewrite_target, target_name
+from .targets import check_target, iter_targets, node_key, rewrite_target, target_key, target_name
 
 __all__ = ["instantiate"]
 
@@ -51,10 +51,6 @@ def _rewritten_plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return _prepared_copy(value)
     return value
-
-
-def _key_of(path: str) -> str:
-    return f"{path}._target_" if path else "_target_"
 
 
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
@@ -96,12 +92,12 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     # list items oddly (`model._args_0`); map those back to our `model._args_[0]`.
     hydra_keys: dict[str, str] = {}
     for path, mapping in iter_targets(prepared, base):
-        check_target(mapping["_target_"], _key_of(path))
+        check_target(mapping["_target_"], target_key(path))
         targets[path] = target_name(mapping["_target_"])
         hydra_keys[node_key(mapping)] = path
     for name, value in kwargs.items():
         for path, mapping in iter_targets(value, f"{base}.{name}" if base else name):
-            check_target(mapping["_target_"], _key_of(path))
+            check_target(mapping["_target_"], target_key(path))
 
     if isinstance(prepared, DictConfig) and "_convert_" not in prepared:
         kwargs.setdefault("_convert_", "all")

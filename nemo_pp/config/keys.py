@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["close_matches", "closest_key", "get_dotted_keys", "to_plain"]
+__all__ = ["close_matches", "get_dotted_keys", "to_plain"]
 
 
 def to_plain(cfg: Any) -> Any:
@@ -67,9 +67,3 @@ def close_matches(word: str, candidates: list[str], n: int = 3) -> list[str]:
                 prefix = len(os.path.commonprefix([cand, word]))
                 scored.append((-ratio, -prefix, cand))
     return [cand for _, _, cand in sorted(scored)[:n]]
-
-
-def closest_key(key: str, candidates: list[str]) -> str | None:
-    """The candidate most similar to `key` (see :func:`close_matches`), or None."""
-    matches = close_matches(key, candidates, n=1)
-    return matches[0] if matches else None

@@ -1,20 +1,22 @@
-"""Load a YAML config: file, recipe defaults, command-line overrides, checked."""
+"""Load a YAML config: file, defaults under it, command-line overrides on top, checked."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .defaults import merge_defaults
 from .errors import ConfigError
+from .keys import to_plain
 from .overrides import apply_overrides
+from .targets import targets_differ
 
-__all__ = ["load_config", "load_yaml"]
+__all__ = ["load_config", "load_yaml", "merge_defaults"]
 
 
 def load_yaml(config_path: str | os.PathLike) -> DictConfig:
@@ -40,6 +42,34 @@ def load_yaml(config_path: str | os.PathLike) -> DictConfig:
     return cfg
 
 
+def _prune(defaults: dict, user: dict) -> None:
+    """Drop from `defaults` (in place) every node the user's node replaces whole.
+
+    Only same-class (or untargeted) mappings survive to be deep-merged: AdamW's `betas`
+    must not reach an SGD the user chose instead.
+    """
+    for key, user_value in user.items():
+        if key in defaults:
+            if isinstance(defaults[key], dict) and isinstance(user_value, dict) and not targets_differ(defaults[key], user_value):
+                _prune(defaults[key], user_value)
+            else:
+                del defaults[key]
+
+
+def merge_defaults(defaults: Mapping | DictConfig, cfg: DictConfig) -> DictConfig:
+    """Return `defaults` merged under `cfg` (the YAML wins); neither input is modified.
+
+    A defaults node with a `_target_` is replaced whole when `cfg` gives that node with
+    a different `_target_` (NeMo AutoModel prefixes count as equal to their nemo_pp
+    port); with the same `_target_`, or none on the YAML side, the two deep-merge.
+    Keys keep the YAML's order, the defaults' own keys follow.
+    """
+    plain: Any = to_plain(OmegaConf.create(defaults))  # a fresh copy: the caller's stays as it was
+    _prune(plain, to_plain(cfg))
+    # After pruning no leaf is in both, so merging the defaults last only sets the order.
+    return OmegaConf.merge(cfg, plain)  # type: ignore[return-value]
+
+
 def check_resolvable(cfg: DictConfig) -> None:
     """Resolve every interpolation once so a bad `${...}` fails now, naming its key.
 
@@ -58,32 +88,31 @@ def load_config(
     overrides: Sequence[str] = (),
     defaults: Mapping | DictConfig | None = None,
 ) -> DictConfig:
-    """Load a recipe config: YAML file, with defaults under it and overrides on top.
+    """Load a config: the YAML file, `defaults` under it, overrides on top (untyped).
 
     Interpolations such as `${oc.env:NEMO_PP_HOME,${oc.env:HOME}/.cache/nemo_pp}` or
     `${dataloader.batch_size}` stay lazy in the returned config (so later changes
     propagate) but are all resolved once here, so a broken one fails at load time.
+    A recipe's typed, validated config: :func:`nemo_pp.training.schema.load_recipe_config`.
 
     Args:
         config_path: the YAML file.
-        overrides: argv after `--config X`, any mix of `--a.b value`, `--a.b=value`,
-            `a.b=value`, `+a.b=value`, `++a.b=value` and `~a.b` (see
-            :func:`nemo_pp.config.overrides.apply_overrides`); or the list
-            :func:`parse_cli` returns. Values are typed as YAML (`false`, `null`, `1e-4`,
-            `[1, 2]`, `{a: 1}`); quote to keep a string.
-        defaults: the recipe's defaults for sections the YAML may leave out, merged
-            UNDER the YAML (see :func:`nemo_pp.config.defaults.merge_defaults`).
-
-    Returns:
-        The merged DictConfig.
+        overrides: argv after `--config X` (`--a.b value`, `--a.b=value`) or Hydra
+            overrides (`a.b=value`, `+a.b=value`, `++a.b=value`, `~a.b`), e.g. the list
+            :func:`parse_cli` returns; see :func:`nemo_pp.config.overrides.apply_overrides`.
+            Values are typed by Hydra's grammar (`1e-4` float, `null`, `[1,2]`, `{a: 1}`);
+            quote to keep a string.
+        defaults: merged UNDER the YAML (see :func:`merge_defaults`), before the overrides.
 
     Raises:
         ConfigError: missing file; invalid YAML (with file and line); an override of a
-            key that exists in neither the YAML nor the defaults (naming the key and
-            the closest existing one), unless it is a new kwarg directly under a node
-            with `_target_`; a malformed override; an unresolvable interpolation.
+            key that exists nowhere (naming the key and the closest existing one),
+            unless it is a new kwarg directly under a node with `_target_`; a
+            malformed override; an unresolvable interpolation.
     """
-    cfg = merge_defaults(defaults, load_yaml(config_path))
+    cfg = load_yaml(config_path)
+    if defaults:
+        cfg = merge_defaults(defaults, cfg)
     apply_overrides(cfg, overrides)
     check_resolvable(cfg)
     return cfg

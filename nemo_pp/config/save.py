@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,20 +30,29 @@ def config_to_yaml(cfg: DictConfig | Mapping) -> str:
 
 
 def save_config(cfg: DictConfig | Mapping, path: str | os.PathLike) -> Path:
-    """Write :func:`config_to_yaml` of `cfg` to `path`, creating parent folders.
+    """Write :func:`config_to_yaml` of `cfg` to `path` atomically, creating parent folders.
 
     Loading the file back with :func:`load_config` (no overrides) reproduces the run's
-    config, because the overrides were applied to `cfg` and env lookups are frozen.
+    config, because the overrides were applied to `cfg` and env lookups are frozen. The
+    text goes to a temporary file in the same folder first, then replaces `path`, so a
+    reader never sees half a file.
 
     Returns:
         The path written.
 
     Raises:
-        ConfigError: an interpolation cannot be resolved.
+        ConfigError: an interpolation cannot be resolved (nothing is written).
         OSError: the file cannot be written.
     """
-    text = config_to_yaml(cfg)  # before touching the file: a failed resolve leaves nothing behind
+    text = config_to_yaml(cfg)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return out

@@ -27,6 +27,7 @@ __all__ = [
     "iter_targets",
     "node_key",
     "rewrite_target",
+    "target_key",
     "targets_differ",
     "validate_targets",
 ]
@@ -202,7 +203,8 @@ def iter_targets(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from iter_targets(v, f"{prefix}[{i}]")
 
 
-def _target_key(path: str) -> str:
+def target_key(path: str) -> str:
+    """The key of the `_target_` of the node at `path` (`model._target_`)."""
     return f"{path}._target_" if path else "_target_"
 
 
@@ -230,4 +232,4 @@ def validate_targets(cfg: DictConfig | ListConfig | Mapping) -> None:
     for path, mapping in iter_targets(plain, prefix):
         raw = mapping["_target_"]
         target = rewrite_target(raw) if isinstance(raw, str) else raw
-        check_target(target, _target_key(path), original=raw if isinstance(raw, str) else None)
+        check_target(target, target_key(path), original=raw if isinstance(raw, str) else None)

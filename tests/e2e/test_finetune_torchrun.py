@@ -89,6 +89,8 @@ def test_finetune_exports_a_model_transformers_reloads(real_assets, tmp_path, pp
         (["--distributed.pipeline.pp_schedule", "2f2b"], "Valid schedules: GPipe, 1F1B"),
         (["--dataloader.batch_size", "1", "--step_scheduler.global_batch_size", "1"],
          "1F1B needs at least as many microbatches as stages"),
+        (["+peft={dim:8}"], "peft"),
+        (["--dataset.seq_length", "100000"], "exceeds the model's max_position_embeddings"),
     ],
 )
 def test_bad_input_fails_fast_on_every_rank(real_assets, tmp_path, overrides, message):
@@ -96,3 +98,30 @@ def test_bad_input_fails_fast_on_every_rank(real_assets, tmp_path, overrides, me
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Loading weights" not in proc.stderr + proc.stdout  # failed before any weight was read
+
+
+@pytest.mark.e2e
+def test_empty_validation_split_fails_alike_on_every_rank(real_assets, tmp_path):
+    """The data set is built after the process group exists: the error must still reach both ranks."""
+    proc = run_recipe(2, f"--checkpoint.checkpoint_dir={tmp_path}", "--validation_dataset.split", "test", timeout=180)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "] error: validation_dataset" in line]
+    assert len(errors) >= 1, proc.stderr[-3000:]
+    assert "Loading weights" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.e2e
+def test_max_steps_0_validates_and_exports_without_training(real_assets, tmp_path):
+    out = tmp_path / "run"
+    proc = run_recipe(
+        2, f"--checkpoint.checkpoint_dir={out}", "--step_scheduler.max_steps", "0",
+        "--validation_dataset.seq_length", "96", "--validation_dataset.limit_dataset_samples", "4",
+        "--dataset.limit_dataset_samples", "16",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = read_metrics(out)
+    assert not [r for r in records if r["event"] == "train"]
+    summary = records[-1]
+    assert summary["steps"] == 0 and summary["val_loss_before"] == summary["val_loss_after"] is not None
+    assert (out / "hf_model" / "config.json").is_file()
+    assert "stage 1 (pp_rank 1)" in proc.stdout  # the plan is printed before the run

@@ -1,7 +1,9 @@
-"""nemo_pp.config: YAML loading, env interpolation, defaults, overrides, parse_cli."""
+"""nemo_pp.config: YAML loading, env interpolation, defaults, Hydra-grammar overrides, parse_cli."""
 
 from __future__ import annotations
 
+import math
+import re
 import textwrap
 
 import pytest
@@ -208,11 +210,58 @@ def test_guide_pipelining_command_line(base):
         ("/data/squad.json", "/data/squad.json"),
     ],
 )
-def test_override_yaml_typing(base, text, expected):
+def test_override_hydra_typing(base, text, expected):
     value = load_config(base, ["--dataloader.shuffle", text]).dataloader.shuffle
     value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     assert value == expected
     assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("yes", "yes"),  # YAML 1.1: True
+        ("off", "off"),  # YAML 1.1: False
+        ("0x10", "0x10"),  # YAML 1.1: 16
+        ("nan", math.nan),  # YAML: the string 'nan'
+        ("-inf", -math.inf),
+        ("2024-01-01T00:00:00", "2024-01-01T00:00:00"),  # YAML: a datetime
+        ("'~/data'", "~/data"),  # unquoted `~/data` is not Hydra syntax, see below
+        ("a b", "a b"),
+        ("1_000", 1000),
+    ],
+)
+def test_override_values_typed_by_hydra_not_yaml(base, text, expected):
+    """Where Hydra's grammar and YAML disagree, an override follows Hydra."""
+    value = load_config(base, ["--dataloader.shuffle", text]).dataloader.shuffle
+    assert type(value) is type(expected)
+    assert value == expected or (isinstance(expected, float) and math.isnan(expected) and math.isnan(value))
+
+
+@pytest.mark.parametrize("text", ["~", "~/data"])
+def test_override_value_tilde_needs_quotes(base, text):
+    with pytest.raises(ConfigError, match=rf"(?s)cannot parse override '--dataloader\.shuffle {re.escape(text)}'.*quote"):
+        load_config(base, ["--dataloader.shuffle", text])
+
+
+def test_sweep_override_is_refused(base):
+    with pytest.raises(ConfigError, match=r"'--optimizer\.betas 0\.9,0\.95'.*sweep.*\[a,b\]"):
+        load_config(base, ["--optimizer.betas", "0.9,0.95"])
+    assert list(load_config(base, ["--optimizer.betas", "[0.9,0.95]"]).optimizer.betas) == [0.9, 0.95]
+    assert load_config(base, ["--model.name", "'a,b'"]).model.name == "a,b"
+
+
+def test_parse_error_quotes_user_text_and_hydra_reason(base):
+    with pytest.raises(ConfigError) as info:
+        load_config(base, ["--dataloader.batch_size", "[1, 2"])
+    msg = str(info.value)
+    assert msg.startswith("cannot parse override '--dataloader.batch_size [1, 2': ")
+    assert "no viable alternative" in msg and "'+a.b=value' (add)" in msg
+
+
+def test_package_override_is_refused(base):
+    with pytest.raises(ConfigError, match=r"cannot parse override 'model@x=1': expected a dotted key"):
+        load_config(base, ["model@x=1"])
 
 
 def test_float_override_has_float_type_in_every_form(base):
@@ -313,10 +362,19 @@ def test_overrides_apply_in_order(base):
     assert cfg.extra.a == 3
 
 
-@pytest.mark.parametrize("bad", [["junk"], ["--"], ["=3"], ["a..b=1"], ["--dataloader.batch_size", "[1, 2"]])
+@pytest.mark.parametrize(
+    "bad", [["junk"], ["--"], ["=3"], ["--=3"], ["a..b=1"], ["a.b=c=d"], ["--dataloader.batch_size", "[1, 2"], ["a=1,2"]]
+)
 def test_malformed_overrides(base, bad):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="cannot parse override"):
         load_config(base, bad)
+
+
+def test_parse_cli_passes_other_tokens_to_hydra(base):
+    path, overrides = parse_cli(["--config", str(base), "junk"])
+    assert overrides == ["junk"]
+    with pytest.raises(ConfigError, match="cannot parse override 'junk': missing EQUAL at '<EOF>'\nExpected"):
+        load_config(path, overrides)
 
 
 def test_get_dotted_keys(base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -254,6 +255,23 @@ def test_save_config_unresolvable_writes_nothing(tmp_path):
     with pytest.raises(ConfigError, match="b"):
         save_config(_cfg("b: '${nowhere}'"), tmp_path / "x.yaml")
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_save_config_is_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "config.yaml"
+    out.write_text("old: 1\n")
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_config(_cfg("new: 2"), out)
+    assert out.read_text() == "old: 1\n"  # never half-written
+    assert list(tmp_path.iterdir()) == [out]  # the temporary file is gone
+    monkeypatch.undo()
+    save_config(_cfg("new: 2"), out)
+    assert yaml.safe_load(out.read_text()) == {"new": 2} and list(tmp_path.iterdir()) == [out]
 
 
 def test_public_api_exported():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nemo_pp.config import ConfigError, load_config, validate_targets
-from nemo_pp.training.defaults import RECIPE_DEFAULTS
+from nemo_pp.config import ConfigError
+from nemo_pp.training.schema import load_recipe_config
 from nemo_pp.training.preflight import preflight_check
 from tests.tiny_models import tiny_config
 
@@ -37,8 +37,7 @@ def cfg_file(tmp_path):
 
 
 def check(path, *overrides, world=2):
-    cfg = load_config(path, list(overrides), defaults=RECIPE_DEFAULTS)
-    validate_targets(cfg)
+    cfg = load_recipe_config(path, list(overrides))
     return preflight_check(cfg, world_size=world)
 
 
@@ -74,3 +73,26 @@ def test_unimportable_target_and_unknown_override(cfg_file):
         check(cfg_file, "loss_fn._target_=nemo_pp.loss.masked_ce.MaskedCrossEntropyy")
     with pytest.raises(ConfigError, match="did you mean 'distributed.pp_size'"):
         check(cfg_file, "distributed.pp_sise=2")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["dataset.seq_length=4096"], r"dataset.seq_length=4096 exceeds the model's max_position_embeddings=128"),
+        (["distributed.pipeline.scale_grads_in_schedule=true"], "scale_grads_in_schedule: true is refused"),
+        (["distributed.pipeline.patch_stage_backward_maybe_with_nosync=true"], "REDUCE_GRAD"),
+        (["distributed.pipeline.defer_fsdp_grad_sync=false"], "defer_fsdp_grad_sync: false is not supported"),
+        (["distributed.pipeline.pp_schedule=gpipe", "distributed.pipeline.layers_per_stage=1"],
+         "gives 2 stages per rank, but the schedule runs one stage per rank"),
+    ],
+)
+def test_refused_options_name_key_and_reason(cfg_file, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check(cfg_file, *overrides)
+
+
+def test_pp1_plan_is_one_stage_and_max_steps_0_is_an_evaluate_only_run(cfg_file):
+    plan = check(cfg_file, "distributed.pp_size=1", "step_scheduler.max_steps=0", world=1)
+    assert plan.pipeline.num_stages == 1 and plan.pipeline.stage_ids == ((0,),)
+    assert plan.total_steps(batches_per_epoch=0) == 0  # even an empty epoch: nothing to train
+    assert "stage 0 (pp_rank 0)" in plan.describe()

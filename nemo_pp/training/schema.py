@@ -1,0 +1,313 @@
+"""The fine-tuning recipe's config schema: every section it reads, typed, with defaults and checks.
+
+The schema is a dataclass (an OmegaConf structured config) whose fields are the sections
+and keys, each with its default. A nested dataclass is a typed section (unknown keys are
+errors); a field typed `Any` is a free-form `_target_` section (`model`, `loss_fn`,
+`dataset`, `validation_dataset`, `optimizer`) whose kwargs belong to the callable. Rules
+beyond the type (bounds, choices, required `_target_`) ride in each field's metadata via
+:func:`setting`; :func:`validate_config` checks them all, in one place. Checks that need
+the world size (divisibility, schedule constraints) are
+:func:`nemo_pp.training.preflight.preflight_check`'s.
+
+    cfg = load_recipe_config(path, overrides)   # typed: cfg.step_scheduler.max_steps is an int
+"""
+
+import dataclasses
+import os
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nemo_pp.config import ConfigError, load_config, validate_targets
+from nemo_pp.config.keys import close_matches
+
+__all__ = [
+    "CheckpointConfig",
+    "ClipGradNormConfig",
+    "DataloaderConfig",
+    "DistEnvConfig",
+    "DistributedConfig",
+    "FinetuneConfig",
+    "LRSchedulerConfig",
+    "LoggingConfig",
+    "PipelineConfig",
+    "Rule",
+    "StepSchedulerConfig",
+    "load_recipe_config",
+    "schema_defaults",
+    "setting",
+    "validate_config",
+]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Checks on a value beyond its type; null passes them where the type is Optional.
+
+    Attributes:
+        ge, gt: lower bounds for a number.
+        choices: the accepted values, or a mapping from accepted spelling to the value
+            stored (`{"torch.bfloat16": "bfloat16", ...}`).
+        target: a free-form section that must be a mapping with a `_target_`.
+        kwargs: rules for some kwargs of a free-form section (`{"lr": Rule(ge=0)}`).
+        hint: said after the rule in the error message.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    choices: tuple | Mapping | None = None
+    target: bool = False
+    kwargs: "Mapping[str, Rule]" = field(default_factory=dict)
+    hint: str = ""
+
+    def describe(self, optional: bool = False) -> str:
+        parts = [f">= {self.ge:g}" if self.ge is not None else "", f"> {self.gt:g}" if self.gt is not None else ""]
+        if self.choices is not None:
+            parts.append("one of " + ", ".join(repr(c) for c in self.choices if c is not None))
+        text = " and ".join(p for p in parts if p) + (", or null" if optional else "")
+        return text + (f" ({self.hint})" if self.hint else "")
+
+
+def setting(default: Any = None, *, factory: Any = None, **rule: Any) -> Any:
+    """A dataclass field with a default (or `factory`) and a :class:`Rule` from `rule`."""
+    meta = {"rule": Rule(**rule)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def schema_defaults(schema: type) -> dict:
+    """The schema's defaults as plain containers."""
+    return OmegaConf.to_container(OmegaConf.structured(schema))  # type: ignore[return-value]
+
+
+_DTYPES = {name: name for name in ("float32", "bfloat16", "float16")}
+_DTYPES.update({f"torch.{name}": name for name in _DTYPES})  # torch spelling, stored without "torch."
+
+
+@dataclass
+class DistEnvConfig:
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
+    timeout_minutes: float = setting(10.0, gt=0)
+
+
+@dataclass
+class PipelineConfig:
+    """AutoPipeline's kwargs (`nemo_pp.distributed.pipelining.AutoPipeline`)."""
+
+    _target_: str = "nemo_pp.distributed.pipelining.AutoPipeline"
+    pp_schedule: Optional[str] = "1f1b"
+    pp_schedule_csv: Optional[str] = None
+    pp_microbatch_size: int = setting(1, ge=1)
+    layers_per_stage: Optional[int] = setting(None, ge=1)
+    round_virtual_stages_to_pp_multiple: Optional[str] = setting(None, choices=("up", "down"))
+    module_fqns_per_model_part: Optional[List[List[str]]] = None
+    patch_inner_model: bool = True
+    patch_causal_lm_model: bool = True
+    patch_stage_backward_maybe_with_nosync: bool = False
+    defer_fsdp_grad_sync: bool = True
+    scale_grads_in_schedule: bool = False
+    pp_seq_len: Optional[int] = setting(None, ge=1)
+    dtype: Optional[str] = setting(None, choices=_DTYPES)
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = setting("fsdp2", choices=("fsdp2",))
+    dp_size: Optional[int] = setting(None, ge=1, hint="null: world_size / (pp_size * cp_size * tp_size)")
+    dp_replicate_size: int = setting(1, ge=1)
+    tp_size: int = setting(1, ge=1)
+    cp_size: int = setting(1, ge=1)
+    pp_size: int = setting(1, ge=1)
+    sequence_parallel: bool = False
+    pipeline: PipelineConfig = setting(factory=PipelineConfig)
+
+
+@dataclass
+class DataloaderConfig:
+    batch_size: int = setting(1, ge=1)
+    shuffle: bool = True
+    num_workers: int = setting(0, ge=0)
+    pad_seq_len_divisible: Optional[int] = setting(None, ge=1)
+
+
+@dataclass
+class StepSchedulerConfig:
+    global_batch_size: Optional[int] = setting(None, ge=1)
+    local_batch_size: Optional[int] = setting(None, ge=1)
+    num_epochs: int = setting(1, ge=1)
+    max_steps: Optional[int] = setting(None, ge=0, hint="0 evaluates only; null: as many as the epochs hold")
+    val_every_steps: Optional[int] = setting(None, ge=1)
+
+
+@dataclass
+class LRSchedulerConfig:
+    lr_warmup_steps: int = setting(0, ge=0)
+    lr_decay_style: str = setting("cosine", choices=("cosine", "linear", "constant"))
+    min_lr: float = setting(0.0, ge=0)
+
+
+@dataclass
+class ClipGradNormConfig:
+    max_norm: Optional[float] = setting(1.0, gt=0, hint="null: no clipping")
+
+
+@dataclass
+class LoggingConfig:
+    log_every_steps: int = setting(1, ge=1)
+
+
+@dataclass
+class CheckpointConfig:
+    checkpoint_dir: str = "outputs/finetune"
+    save_consolidated: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `recipes/finetune.py` reads; `load_recipe_config` loads a YAML into it."""
+
+    seed: int = 42
+    dist_env: DistEnvConfig = setting(factory=DistEnvConfig)
+    distributed: DistributedConfig = setting(factory=DistributedConfig)
+    model: Any = setting(None, target=True)
+    loss_fn: Any = setting(factory=lambda: {"_target_": "nemo_pp.loss.masked_ce.MaskedCrossEntropy"}, target=True)
+    dataset: Any = setting(None, target=True)
+    validation_dataset: Optional[Any] = setting(None, target=True)
+    dataloader: DataloaderConfig = setting(factory=DataloaderConfig)
+    step_scheduler: StepSchedulerConfig = setting(factory=StepSchedulerConfig)
+    optimizer: Any = setting(
+        factory=lambda: {"_target_": "torch.optim.AdamW", "lr": 1.0e-5, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.0},
+        target=True,
+        kwargs={"lr": Rule(ge=0)},
+    )
+    lr_scheduler: LRSchedulerConfig = setting(factory=LRSchedulerConfig)
+    clip_grad_norm: ClipGradNormConfig = setting(factory=ClipGradNormConfig)
+    logging: LoggingConfig = setting(factory=LoggingConfig)
+    checkpoint: CheckpointConfig = setting(factory=CheckpointConfig)
+
+
+def _unwrap_optional(tp: Any) -> tuple[bool, Any]:
+    if get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
+        return True, next(a for a in get_args(tp) if a is not type(None))
+    return False, tp
+
+
+def _type_name(tp: Any) -> str:
+    optional, tp = _unwrap_optional(tp)
+    name = tp.__name__ if get_origin(tp) is None else str(tp).replace("typing.", "")
+    return f"{name} or null" if optional else name
+
+
+def _invalid(key: str, value: Any, expected: str, example: Any = "VALUE") -> ConfigError:
+    return ConfigError(
+        f"invalid config value {key}={value!r}: must be {expected}. Fix it in the YAML or on the "
+        f"command line, e.g. --{key}={'null' if example is None else example}"
+    )
+
+
+def _example(rule: Rule, default: Any) -> Any:
+    if default is not None:
+        return default
+    if rule.ge is not None or rule.choices is not None:
+        return rule.ge if rule.ge is not None else next(c for c in rule.choices if c is not None)
+    return "VALUE"
+
+
+def _check_rule(key: str, value: Any, rule: Rule, default: Any, optional: bool = False) -> Any:
+    """`value` if it passes `rule`, in the spelling to store."""
+    if value is None:
+        return None
+    if rule.ge is not None or rule.gt is not None:
+        bad = not isinstance(value, (int, float)) or isinstance(value, bool)
+        # Written as "not in range" so that NaN fails too.
+        if bad or (rule.ge is not None and not value >= rule.ge) or (rule.gt is not None and not value > rule.gt):
+            raise _invalid(key, value, ("a number " if bad else "") + rule.describe(optional), _example(rule, default))
+    if rule.choices is not None:
+        if value not in rule.choices:
+            raise _invalid(key, value, rule.describe(optional), _example(rule, default))
+        if isinstance(rule.choices, Mapping):
+            return rule.choices[value]
+    return value
+
+
+def _fill(typed: DictConfig, node: Any, schema: type, prefix: str) -> None:
+    """Check the plain, resolved `node` against `schema` and store it into `typed`."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for name in node:
+        if name not in fields:
+            close = close_matches(str(name), list(fields), n=1)
+            raise ConfigError(
+                (f"unknown key '{prefix}{name}'" if prefix else f"unknown top-level section '{name}'")
+                + ": nemo_pp does not read it"
+                + (f"; did you mean '{prefix}{close[0]}'?" if close else "")
+                + f" (known {f'keys of {prefix[:-1]}' if prefix else 'sections'}: {', '.join(fields)})"
+            )
+    hints = get_type_hints(schema)
+    for name, f in fields.items():
+        key, value, tp = f"{prefix}{name}", node.get(name), hints[name]
+        rule: Rule = f.metadata.get("rule", Rule())
+        default = None if f.default is dataclasses.MISSING else f.default
+        optional, inner = _unwrap_optional(tp)
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise _invalid(key, value, "a mapping with keys " + ", ".join(x.name for x in dataclasses.fields(tp)))
+            _fill(typed[name], value, tp, f"{key}.")
+        elif inner is Any:  # free-form: replaced whole, never merged with the schema's default
+            if value is None and not optional:
+                raise ConfigError(f"missing config section '{key}': nemo_pp needs it; add '{key}:' with a _target_ to the YAML")
+            if rule.target and value is not None and not (isinstance(value, dict) and "_target_" in value):
+                raise _invalid(key, value, "a mapping with a _target_, e.g. {_target_: package.module.Class, ...}")
+            for kwarg, sub in rule.kwargs.items():
+                if isinstance(value, dict) and kwarg in value:
+                    _check_rule(f"{key}.{kwarg}", value[kwarg], sub, None)
+            typed[name] = value
+        else:
+            try:
+                typed[name] = value  # OmegaConf converts ("5" -> 5 for an int, 1 -> 1.0 for a float) or refuses
+            except OmegaConfBaseException:
+                hint = f" ({rule.hint})" if rule.hint else ""
+                raise _invalid(key, value, _type_name(tp) + hint, _example(rule, default)) from None
+            typed[name] = _check_rule(key, typed[name], rule, default, optional)
+
+
+def validate_config(cfg: DictConfig, schema: type = FinetuneConfig) -> DictConfig:
+    """Check `cfg` against `schema`; return it resolved and typed (a structured config).
+
+    `cfg` must resolve and already hold the schema's defaults (`load_config(...,
+    defaults=schema_defaults(schema))`, which replaces a default `_target_` node whole
+    when the YAML names another `_target_`).
+
+    Raises:
+        ConfigError: an unknown section or key (with "did you mean"), a value of the
+            wrong type or out of its range, a missing or target-less `_target_` section;
+            the message names the full key, the value and a fix.
+    """
+    typed = OmegaConf.structured(schema)
+    _fill(typed, OmegaConf.to_container(cfg, resolve=True), schema, "")
+    return typed
+
+
+def load_recipe_config(config_path: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a fine-tuning YAML: the schema's defaults under it, overrides on top, validated
+    (types, ranges, sections) and every ``_target_`` allowlisted and importable.
+
+    Args:
+        config_path: the YAML file.
+        overrides: e.g. the list :func:`nemo_pp.config.parse_cli` returns.
+
+    Returns:
+        The config resolved and typed: `cfg.step_scheduler.max_steps` is an int or None,
+        `cfg.optimizer.lr` whatever the YAML gave, `cfg.dist_env.timeout_minutes` a float.
+
+    Raises:
+        ConfigError: anything :func:`nemo_pp.config.load_config` or
+            :func:`validate_config` refuses.
+    """
+    cfg = validate_config(load_config(config_path, overrides, defaults=schema_defaults(FinetuneConfig)))
+    validate_targets(cfg)
+    return cfg
