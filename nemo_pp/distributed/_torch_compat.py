@@ -71,7 +71,7 @@ class NemoPipelineStage(PipelineStage):
     torch 2.13 wipes every FSDP parameter's ``.grad`` after stage initialisation,
     because a *dynamic* initialisation runs a real forward/backward whose gradients
     are garbage. With static metadata no such pass runs, so the wipe would only
-    destroy gradients accumulated before a sequence-length change (DESIGN.md).
+    destroy gradients accumulated before a sequence-length change (docs/architecture.md, "Measured torch facts").
     """
 
     def _post_metadata_inference_cleanup(self) -> None:  # torch >= 2.12 hook

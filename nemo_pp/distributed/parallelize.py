@@ -15,7 +15,7 @@ class FSDP2Parallelizer:
     Gradients are SUMMED over data-parallel ranks (divide factor 1): the recipe divides
     by the global label-token count itself. Split-backward schedules
     (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) need
-    ``reshard_after_forward=False`` or grads come out None or wrong (DESIGN.md).
+    ``reshard_after_forward=False`` or grads come out None or wrong (docs/architecture.md, "Measured torch facts").
     """
 
     def __init__(self, mesh_bundle, reshard_after_forward: bool = True):
