@@ -100,3 +100,28 @@ def test_mesh_sizes_arithmetic():
         resolve_parallel_sizes(2, pp_size=2, dp_size=2)
     with pytest.raises(ValueError, match="dp_replicate_size"):
         resolve_parallel_sizes(6, pp_size=2, dp_replicate_size=2)
+
+
+def test_grad_sync_switches_torch_already_covers_are_refused_with_the_reason():
+    from nemo_pp.distributed.pipelining.functional import check_grad_sync_options
+
+    check_grad_sync_options()  # the defaults are what torch does
+    with pytest.raises(ValueError, match="REDUCE_GRAD"):
+        check_grad_sync_options(patch_stage_backward_maybe_with_nosync=True)
+    with pytest.raises(ValueError, match="defer_fsdp_grad_sync: false"):
+        check_grad_sync_options(defer_fsdp_grad_sync=False)
+    with pytest.raises(ValueError, match="reduce_grad_per_microbatch"):
+        check_grad_sync_options(reduce_grad_per_microbatch=True)
+
+
+def test_plan_of_a_csv_schedule_reads_placement_from_the_file(tmp_path):
+    from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
+
+    plan = make_pipeline_plan(None, 2, None, "configs/schedules/1f1b_pp2_mb4_swapped.csv", 1, 4)
+    assert (plan.placement, plan.stage_ids, plan.owner(0), plan.n_microbatches) == ("csv", ((1,), (0,)), 1, 4)
+    with pytest.raises(ValueError, match="schedules microbatches \\[0, 1, 2, 3\\] but the batch splits into 2"):
+        make_pipeline_plan(None, 2, None, "configs/schedules/1f1b_pp2_mb4_swapped.csv", 1, 2)
+    gap = tmp_path / "gap.csv"
+    gap.write_text("0F0,0B0\n2F0,2B0\n")
+    with pytest.raises(ValueError, match="must run every stage 0..2 on exactly one pp rank"):
+        make_pipeline_plan(None, 2, None, str(gap), 1, 1)

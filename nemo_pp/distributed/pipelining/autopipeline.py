@@ -311,7 +311,7 @@ class AutoPipeline:
         lines = [
             f"AutoPipeline: enabled={info.enabled} schedule={type(info.schedule).__name__ if info.schedule else None}",
             f"  pp_microbatch_size={self.pp_microbatch_size} pp_batch_size={self.pp_batch_size} "
-            f"microbatches={self.pp_batch_size // max(1, self.pp_microbatch_size)} seq_len={self._seq_len}",
+            f"microbatches={self._plan.n_microbatches if self._plan else None} seq_len={self._seq_len}",
             f"  local stages={[s.stage_index for s in info.stages or []]} has_first={info.has_first_stage} "
             f"has_last={info.has_last_stage} tied_embeddings={self._tied is not None}",
         ]
