@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import datasets
-import torch.distributed as dist
 import transformers
 from tqdm import tqdm
 
