@@ -11,11 +11,11 @@ _DTYPES = {
 }
 
 
-def resolve_dtype(dtype) -> torch.dtype | None:
+def resolve_dtype(dtype, key: str = "model.torch_dtype") -> torch.dtype | None:
     """``"bfloat16"``/``"torch.bfloat16"``/``torch.bfloat16`` -> ``torch.bfloat16``; None/"auto" -> None.
 
     Raises:
-        ValueError: an unknown dtype name (the valid ones are listed).
+        ValueError: an unknown dtype name, naming ``key`` and the valid names.
     """
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -23,7 +23,7 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     if name == "auto":
         return None
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}'; use one of {sorted(_DTYPES)}")
+        raise ValueError(f"{key}: unknown dtype '{dtype}'; use one of {sorted(_DTYPES)}")
     return _DTYPES[name]
 
 

@@ -120,7 +120,7 @@ def preflight_check(cfg, world_size: int) -> RunPlan:
     from transformers import AutoConfig
 
     from nemo_pp.assets import missing_asset_message, missing_local_path
-    from nemo_pp.distributed.pipelining.autopipeline import resolve_dtype
+    from nemo_pp.models.auto_model import resolve_dtype
     from nemo_pp.distributed.pipelining.functional import check_grad_sync_options
     from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
 
@@ -169,7 +169,7 @@ def preflight_check(cfg, world_size: int) -> RunPlan:
             "microbatch count after every batch (earlier accumulated batches again); set it to false"
         )
     check_grad_sync_options(p.get("patch_stage_backward_maybe_with_nosync", False), p.get("defer_fsdp_grad_sync", True))
-    resolve_dtype(p.get("dtype"))
+    resolve_dtype(p.get("dtype"), "distributed.pipeline.dtype")
 
     hf_cfg = AutoConfig.from_pretrained(str(model_path))
     text_cfg = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg

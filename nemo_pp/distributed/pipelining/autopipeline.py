@@ -9,6 +9,8 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import nn
 
+from nemo_pp.models.auto_model import resolve_dtype
+
 from ..grads import clip_grad_norm_across_stages, divide_grads
 from .functional import ParallelizeFnProtocol, check_grad_sync_options, pipeline_from_plan, reset_pp_stage_shapes
 from .hf_utils import validate_hf_model_for_pipeline_support
@@ -124,7 +126,7 @@ class AutoPipeline:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.device = torch.device(device)  # an int is a CUDA index, as torch.device reads it
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype, "distributed.pipeline.dtype")
         self.scale_grads_in_schedule = scale_grads_in_schedule
         self.pp_seq_len = pp_seq_len
 
@@ -332,25 +334,6 @@ class AutoPipeline:
 
     def log_debug_summary(self) -> None:
         logger.info("%s", self.debug_summary())
-
-
-def resolve_dtype(dtype) -> Optional[torch.dtype]:
-    """A ``torch.dtype`` from a dtype, its name (``"bfloat16"``, ``"torch.bfloat16"``,
-    ``"bf16"``) or None.
-
-    Raises:
-        ValueError: an unknown name, naming ``distributed.pipeline.dtype``.
-    """
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    name = str(dtype).removeprefix("torch.")
-    value = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(
-            f"distributed.pipeline.dtype: unknown floating-point dtype '{dtype}'; use float32, bfloat16 or float16"
-        )
-    return value
 
 
 def _check_plan_fits(plan: PipelinePlan, model: nn.Module) -> None:
