@@ -43,6 +43,7 @@ class FinetuneRecipe:
         from nemo_pp.distributed.init import initialize_distributed, set_seed
         from nemo_pp.distributed.mesh import build_device_mesh
         from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
+        from nemo_pp.models.loading import SafetensorsCheckpoint
         from nemo_pp.training.data import build_dataloader, build_dataset_main_first
         from nemo_pp.training.engine import TrainEngine
         from nemo_pp.training.lr_scheduler import build_lr_scheduler
@@ -85,14 +86,22 @@ class FinetuneRecipe:
                 shuffle=False, seed=cfg.seed, collate_fn=collate, num_workers=0,
             )
 
-        # 4. model -> this rank's pipeline stages (the whole model when pp_size is 1) -> optimizer per part
-        model = instantiate(cfg.model)
+        # 4. model (on the meta device: no weight read) -> this rank's stages, materialised and
+        #    loaded from the checkpoint (the whole model when pp_size is 1) -> optimizer per part
+        weights = None
+        if self.plan.meta_build:
+            model = instantiate(cfg.model, load_weights=False)
+            tied = dict([tied_param_fqns(model)[::-1]]) if is_tied(model) else {}
+            weights = SafetensorsCheckpoint(self.plan.model_path, tied)
+        else:
+            model = instantiate(cfg.model)
         self.model_config = model.config
         loss_fn = instantiate(cfg.loss_fn)
         self.ap = instantiate(
             cfg.distributed.pipeline, world_mesh=self.mesh.world, pp_batch_size=self.plan.local_batch_size,
             device=self.dist.device,
-        ).build(model, loss_fn=loss_fn, parallelize_fn=self.plan.parallelize_fn(self.mesh), plan=self.plan.pipeline)
+        ).build(model, loss_fn=loss_fn, parallelize_fn=self.plan.parallelize_fn(self.mesh), plan=self.plan.pipeline,
+                weights=weights)
         self.parts = self.ap.parts
         if self.is_main:
             print(self.ap.debug_summary(), flush=True)

@@ -44,12 +44,27 @@ class NeMoAutoModelForCausalLM:
     """
 
     @staticmethod
-    def from_pretrained(pretrained_model_name_or_path: str, *args, torch_dtype=None, dtype=None, **kwargs):
-        from transformers import AutoModelForCausalLM
+    def from_pretrained(
+        pretrained_model_name_or_path: str, *args, torch_dtype=None, dtype=None, load_weights: bool = True, **kwargs
+    ):
+        """The model of a checkpoint folder or hub id.
+
+        With ``load_weights=False`` no weight is read: parameters are on the meta device
+        (see :func:`nemo_pp.models.loading.empty_model`) for a pipeline to materialise and
+        load stage by stage (:class:`nemo_pp.models.loading.SafetensorsCheckpoint`).
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         check_model_path(pretrained_model_name_or_path)
         resolved = resolve_dtype(dtype if dtype is not None else torch_dtype) or torch.float32
         kwargs.setdefault("attn_implementation", "sdpa")
+        if not load_weights:
+            from .loading import empty_model
+
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+            model = empty_model(config, resolved, *args, **kwargs)
+            model.name_or_path = str(pretrained_model_name_or_path)
+            return model
         return AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, dtype=resolved, **kwargs)
 
     @staticmethod
@@ -58,3 +73,20 @@ class NeMoAutoModelForCausalLM:
 
         resolved = resolve_dtype(dtype if dtype is not None else torch_dtype) or torch.float32
         return AutoModelForCausalLM.from_config(config, *args, dtype=resolved, **kwargs)
+
+
+def loads_per_stage(model_node) -> bool:
+    """True when config node ``model`` builds with :meth:`NeMoAutoModelForCausalLM.from_pretrained`
+    (any spelling of its ``_target_``, NeMo AutoModel's included): then the recipe builds
+    the model on the meta device and each rank loads only its own stages."""
+    from hydra.utils import get_object
+
+    from nemo_pp.config.targets import rewrite_target
+
+    target = model_node.get("_target_") if hasattr(model_node, "get") else None
+    if not isinstance(target, str):
+        return False
+    try:
+        return get_object(rewrite_target(target)) is NeMoAutoModelForCausalLM.from_pretrained
+    except Exception:  # an unimportable target is reported by validate_targets, not here
+        return False

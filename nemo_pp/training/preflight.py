@@ -27,6 +27,8 @@ class RunPlan:
         pipeline: stages, placement, module FQNs and microbatches of the pipeline
             (one stage of the whole model when ``pp_size`` is 1).
         model_path: ``model.pretrained_model_name_or_path``.
+        meta_build: the model is built on the meta device and every rank loads only its
+            own stages' tensors (``model._target_`` is NeMoAutoModelForCausalLM.from_pretrained).
         local_batch_size: samples per ``schedule.step`` on one data-parallel rank.
         grad_acc_steps: batches accumulated per optimizer step.
         num_epochs / max_steps: the step budget (``max_steps`` 0: evaluate only).
@@ -35,6 +37,7 @@ class RunPlan:
     sizes: ParallelSizes
     pipeline: PipelinePlan
     model_path: str
+    meta_build: bool
     local_batch_size: int
     grad_acc_steps: int
     num_epochs: int
@@ -99,14 +102,6 @@ def _select(cfg, dotted: str):
     return node
 
 
-def _meta_model(hf_cfg):
-    """The model's module tree on the meta device: no memory, no weights read."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_cfg)
-
-
 def preflight_check(cfg, world_size: int) -> RunPlan:
     """Validate ``cfg`` against ``world_size`` and plan the run; raise with the config key and the fix.
 
@@ -120,7 +115,9 @@ def preflight_check(cfg, world_size: int) -> RunPlan:
     from transformers import AutoConfig
 
     from nemo_pp.assets import missing_asset_message, missing_local_path
-    from nemo_pp.models.auto_model import resolve_dtype
+    from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
+    from nemo_pp.models.auto_model import loads_per_stage, resolve_dtype
+    from nemo_pp.models.loading import SafetensorsCheckpoint, empty_model
     from nemo_pp.distributed.pipelining.functional import check_grad_sync_options
     from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
 
@@ -174,11 +171,16 @@ def preflight_check(cfg, world_size: int) -> RunPlan:
     hf_cfg = AutoConfig.from_pretrained(str(model_path))
     text_cfg = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
     _check_sequence_lengths(cfg, text_cfg)
+    model = empty_model(hf_cfg)  # the module tree only: parameters on the meta device
+    meta_build = loads_per_stage(cfg.model)
+    if meta_build:
+        tied = dict([tied_param_fqns(model)[::-1]]) if is_tied(model) else {}
+        SafetensorsCheckpoint(str(model_path), tied).check_covers(model)  # names only, no weight read
     pipeline = make_pipeline_plan(
-        _meta_model(hf_cfg), sizes.pp, p.get("pp_schedule"), p.get("pp_schedule_csv"), p.pp_microbatch_size, local_bs,
+        model, sizes.pp, p.get("pp_schedule"), p.get("pp_schedule_csv"), p.pp_microbatch_size, local_bs,
         p.get("layers_per_stage"), p.get("round_virtual_stages_to_pp_multiple"), p.get("module_fqns_per_model_part"),
     )
     return RunPlan(
-        sizes=sizes, pipeline=pipeline, model_path=str(model_path), local_batch_size=local_bs,
+        sizes=sizes, pipeline=pipeline, model_path=str(model_path), meta_build=meta_build, local_batch_size=local_bs,
         grad_acc_steps=gbs // per_step, num_epochs=ss.num_epochs, max_steps=ss.get("max_steps"),
     )

@@ -7,7 +7,7 @@ import pytest
 from nemo_pp.config import ConfigError
 from nemo_pp.training.schema import load_recipe_config
 from nemo_pp.training.preflight import preflight_check
-from tests.tiny_models import tiny_config
+from tests.tiny_models import tiny_model
 
 YAML = """
 distributed:
@@ -29,7 +29,7 @@ dataloader:
 @pytest.fixture
 def cfg_file(tmp_path):
     model_dir = tmp_path / "model"
-    tiny_config("llama", layers=4).save_pretrained(model_dir)  # config only: no weights needed
+    tiny_model("llama", layers=4).save_pretrained(model_dir)  # preflight reads the checkpoint's names only
     (tmp_path / "data").mkdir()
     path = tmp_path / "c.yaml"
     path.write_text(YAML.format(model=model_dir, data=tmp_path / "data"))

@@ -166,6 +166,7 @@ class AutoPipeline:
         loss_fn: Optional[Callable] = None,
         parallelize_fn: Optional[ParallelizeFnProtocol] = None,
         plan: Optional[PipelinePlan] = None,
+        weights=None,
     ) -> "AutoPipeline":
         """Validate, split into this rank's stages, parallelize each part, build the schedule.
 
@@ -176,6 +177,9 @@ class AutoPipeline:
                 receives only the keyword arguments its signature accepts.
             plan: a plan made beforehand (the recipe's preflight makes it from a
                 meta-device model); None: :meth:`make_plan` of ``model``.
+            weights: where a meta-device ``model``'s stages read their tensors
+                (``nemo_pp.models.loading.SafetensorsCheckpoint``): each rank allocates
+                and reads only its own stages.
 
         Returns:
             ``self``.
@@ -203,7 +207,7 @@ class AutoPipeline:
             dict(dp_axis_names=self.dp_axis_names, cp_axis_name=self.cp_axis_name, tp_axis_name=self.tp_axis_name,
                  ep_axis_name=self.ep_axis_name, ep_shard_axis_names=self.ep_shard_axis_names),
             self.patch_inner_model, self.patch_causal_lm_model, self.scale_grads_in_schedule,
-            self.pp_seq_len, self.dtype,
+            self.pp_seq_len, self.dtype, weights,
         )
         self._plan = plan
         self._seq_len = self.pp_seq_len if self._model_config is not None else None

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
+from nemo_pp.models.loading import materialize
+
 from .._torch_compat import NemoPipelineStage, load_schedule_actions, runtime_schedule_class
 from .plan import PipelinePlan
 from .split import copy_pruned
@@ -26,19 +28,27 @@ def build_stages(
     device: torch.device,
     patch_inner_model: bool = True,
     patch_causal_lm_model: bool = True,
+    weights=None,
 ) -> tuple[list, list[nn.Module]]:
     """Copy this rank's stages out of ``model`` (pruned copies, original FQNs) and wrap them.
 
     Args:
-        model: the full model (real weights, or meta tensors that the caller materialises).
+        model: the full model: real weights, or meta-device parameters (then each stage is
+            materialised on ``device`` and ``weights`` fills it: only this rank's tensors
+            are ever allocated or read).
         plan: the pipeline plan (its ``module_fqns`` must be set).
         pp_rank / pp_group: this rank's index in, and the process group of, the pp axis.
         device: where the stage modules go.
         patch_inner_model / patch_causal_lm_model: install the tensor-returning forwards
             of ``hf_utils``; with neither, ``ModelOutput`` results are unwrapped to tensors.
+        weights: for a meta-device model, an object with ``load_into(module)`` (e.g.
+            ``nemo_pp.models.loading.SafetensorsCheckpoint``).
 
     Returns:
         ``(stages, model_parts)`` for ``plan.stages_of(pp_rank)``, in that order.
+
+    Raises:
+        ValueError: a meta-device model without ``weights``.
     """
     from .hf_utils import make_stage_emit_tensor, patch_hf_model_for_pp
 
@@ -52,7 +62,12 @@ def build_stages(
         make_stage_emit_tensor(part)
         part._pp_stage_index = stage_idx
         part._pp_module_fqns = list(plan.module_fqns[stage_idx])
-        if not any(p.is_meta for p in part.parameters()):
+        if any(p.is_meta for p in part.parameters()):
+            if weights is None:
+                raise ValueError("the model has meta-device parameters: pass weights= (a SafetensorsCheckpoint) to load them")
+            materialize(part, device)
+            weights.load_into(part)
+        else:
             part.to(device)
         stages.append(NemoPipelineStage(part, stage_idx, plan.num_stages, device, group=pp_group))
         parts.append(part)

@@ -162,9 +162,11 @@ def pipeline_from_plan(
     scale_grads: bool = False,
     seq_len: int | None = None,
     tensor_dtype: torch.dtype | None = None,
+    weights=None,
 ):
-    """Build this rank's part of ``plan``: stages, ``parallelize_fn`` per part, schedule,
-    static shapes (when ``seq_len`` is given).
+    """Build this rank's part of ``plan``: stages (materialised and loaded from ``weights``
+    when ``model`` is on the meta device), ``parallelize_fn`` per part, schedule, static
+    shapes (when ``seq_len`` is given).
 
     Returns:
         ``(schedule, model_parts, has_first_stage, has_last_stage, stages)``.
@@ -174,7 +176,7 @@ def pipeline_from_plan(
         raise ValueError(f"the plan is for pp_size {plan.pp_size} but the mesh's '{pp_axis_name}' axis has {mesh.size()}")
     device = device if device is not None else torch.device("cpu")
     stages, parts = build_stages(model, plan, mesh.get_local_rank(), mesh.get_group(), device,
-                                 patch_inner_model, patch_causal_lm_model)
+                                 patch_inner_model, patch_causal_lm_model, weights)
     if parallelize_fn is not None:
         for part in parts:
             call_parallelize_fn(parallelize_fn, part, world_mesh, moe_mesh, pp_enabled=plan.pp_size > 1,

@@ -1,0 +1,161 @@
+"""Meta-device model build and per-stage weight loading from Hugging Face safetensors.
+
+A rank never holds the whole model: :func:`empty_model` builds the module tree with
+parameters on the meta device (no memory; buffers such as rotary ``inv_freq`` are
+computed for real, they are not in checkpoints), the pipeline keeps this rank's
+stages, :func:`materialize` gives their parameters storage on the device, and
+:meth:`SafetensorsCheckpoint.load_into` reads exactly their tensors, opening only the
+shard files that hold them (``safetensors.safe_open`` reads one tensor at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def empty_model(config, dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
+    """The causal LM of ``config`` with meta-device parameters and real buffers.
+
+    Args:
+        config: a transformers config (``AutoConfig.from_pretrained(path)``).
+        dtype: parameter dtype (None: float32).
+        **kwargs: passed to ``AutoModelForCausalLM.from_config`` (``attn_implementation``).
+
+    Returns:
+        the model; tied weights are tied (``tie_weights``), as a loaded model's are.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **kwargs)
+    model.tie_weights()  # init_empty_weights re-creates parameters, which unties them
+    return model
+
+
+def materialize(module: nn.Module, device: torch.device) -> None:
+    """Give every meta parameter of ``module`` uninitialised storage on ``device`` (a
+    parameter shared by two modules, such as a tied embedding, stays shared) and move
+    the buffers there. Parameters already on a real device are moved too."""
+    fresh: dict[int, nn.Parameter] = {}
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in fresh:
+                data = torch.empty_like(p, device=device) if p.is_meta else p.detach().to(device)
+                fresh[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+            mod._parameters[name] = fresh[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = b.to(device)
+
+
+def _persistent_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """FQN -> parameter or persistent buffer (what a checkpoint stores), ties included."""
+    out = dict(module.named_parameters(remove_duplicate=False))
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        for name, b in mod._buffers.items():
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                out[f"{mod_name}.{name}" if mod_name else name] = b
+    return out
+
+
+class SafetensorsCheckpoint:
+    """The tensors of a Hugging Face checkpoint folder by FQN: ``model.safetensors``, or
+    shards listed by ``model.safetensors.index.json``. Nothing is read until
+    :meth:`load_into`; the constructor reads only the index or the file header.
+
+    Args:
+        path: a local folder, or a hub id (then fetched with ``huggingface_hub``).
+        tied: ``{output_fqn: input_fqn}`` for tied weights a checkpoint stores once
+            (``{"lm_head.weight": "model.embed_tokens.weight"}``).
+
+    Raises:
+        FileNotFoundError: the folder has neither file (names ``model.pretrained_model_name_or_path``).
+    """
+
+    def __init__(self, path: str | Path, tied: dict[str, str] | None = None):
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(path), allow_patterns=["*.safetensors", "*.json"]))
+        self.folder = folder
+        self.tied = dict(tied or {})
+        self.files_read: set[str] = set()
+        if (folder / INDEX_FILE).is_file():
+            self.weight_map: dict[str, str] = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        elif (folder / SINGLE_FILE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
+                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+        else:
+            raise FileNotFoundError(
+                f"model.pretrained_model_name_or_path: {folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}"
+            )
+
+    def _source(self, fqn: str) -> str | None:
+        if fqn in self.weight_map:
+            return fqn
+        alias = self.tied.get(fqn)
+        return alias if alias in self.weight_map else None
+
+    def check_covers(self, model: nn.Module) -> None:
+        """Check, from names only, that the checkpoint holds every tensor of ``model``
+        (a meta model is fine) and nothing else.
+
+        Raises:
+            ValueError: missing or unexpected tensors, named (at most 5 of each).
+        """
+        state = _persistent_state(model)
+        missing = sorted(k for k in state if self._source(k) is None)
+        derived = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
+        unexpected = sorted(k for k in self.weight_map if k not in state and k not in derived)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} tensor(s) the model needs: {missing[:5]}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} tensor(s) the model does not have: {unexpected[:5]}")
+            raise ValueError(
+                f"model.pretrained_model_name_or_path: the checkpoint in {self.folder} does not match "
+                f"{type(model).__name__}: " + "; ".join(parts)
+            )
+
+    @torch.no_grad()
+    def load_into(self, module: nn.Module) -> None:
+        """Copy the checkpoint's tensors into ``module``'s parameters and persistent
+        buffers (cast to their dtype), opening only the files that hold them.
+
+        Raises:
+            ValueError: a tensor of ``module`` is not in the checkpoint, or its shape differs.
+        """
+        from safetensors import safe_open
+
+        by_file: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
+        for fqn, target in _persistent_state(module).items():
+            src = self._source(fqn)
+            if src is None:
+                raise ValueError(f"model.pretrained_model_name_or_path: the checkpoint in {self.folder} has no '{fqn}'")
+            by_file.setdefault(self.weight_map[src], []).append((fqn, src, target))
+        for file, items in sorted(by_file.items()):
+            self.files_read.add(file)
+            with safe_open(str(self.folder / file), framework="pt", device="cpu") as f:
+                for fqn, src, target in items:
+                    tensor = f.get_tensor(src)
+                    if tensor.shape != target.shape:
+                        raise ValueError(f"checkpoint tensor '{src}' has shape {tuple(tensor.shape)}, "
+                                         f"the model's '{fqn}' {tuple(target.shape)}")
+                    target.copy_(tensor)
