@@ -1,15 +1,57 @@
-"""Per-stage parallelization: FSDP2 over the data-parallel ranks (a ``ParallelizeFnProtocol``)."""
+"""Per-stage parallelization (``ParallelizeFnProtocol`` callables): activation
+checkpointing of the decoder layers, then FSDP2 over the data-parallel ranks."""
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.utils.checkpoint import checkpoint
 
 from .pipelining.hf_utils import iter_decoder_layers
+from .pipelining.split import find_layer_stack
+
+
+def checkpoint_decoder_layers(model: nn.Module) -> int:
+    """Recompute every decoder layer's activations in backward instead of keeping them.
+
+    Each layer's ``forward`` runs under ``torch.utils.checkpoint.checkpoint`` with
+    ``use_reentrant=False`` (the variant torch recommends; it takes keyword arguments and
+    composes with FSDP2's hooks, which stay on the module's ``__call__``). The module is
+    not wrapped, so parameter FQNs do not change. Idempotent.
+
+    Returns:
+        the number of layers checkpointed.
+
+    Raises:
+        ValueError: the model has no decoder layer stack (names
+            ``distributed.activation_checkpointing``).
+    """
+    try:
+        _, stack = find_layer_stack(model)
+    except ValueError as exc:
+        raise ValueError(f"distributed.activation_checkpointing: {exc}") from None
+    layers = [layer for _, layer in iter_decoder_layers(stack)]
+    for layer in layers:
+        if not getattr(layer.forward, "_nemo_pp_checkpointed", False):
+            forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+            forward._nemo_pp_checkpointed = True
+            layer.forward = forward
+    return len(layers)
+
+
+class ActivationCheckpointing:
+    """A parallelize_fn that only checkpoints the decoder layers (no data parallelism)."""
+
+    def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, **_):
+        checkpoint_decoder_layers(model)
+        return model
 
 
 class FSDP2Parallelizer:
-    """Shards each decoder layer and then the whole part with ``fully_shard``.
+    """Shards each decoder layer and then the whole part with ``fully_shard``, after
+    checkpointing the layers when ``activation_checkpointing`` is set.
 
     The mesh is ``dp_shard_cp`` (FSDP) or ``(dp_replicate, dp_shard_cp)`` (HSDP).
     Gradients are SUMMED over data-parallel ranks (divide factor 1): the recipe divides
@@ -18,9 +60,10 @@ class FSDP2Parallelizer:
     ``reshard_after_forward=False`` or grads come out None or wrong (docs/architecture.md, "Measured torch facts").
     """
 
-    def __init__(self, mesh_bundle, reshard_after_forward: bool = True):
+    def __init__(self, mesh_bundle, reshard_after_forward: bool = True, activation_checkpointing: bool = False):
         self.mesh_bundle = mesh_bundle
         self.reshard_after_forward = reshard_after_forward
+        self.activation_checkpointing = activation_checkpointing
 
     def _fsdp_mesh(self):
         b = self.mesh_bundle
@@ -29,6 +72,8 @@ class FSDP2Parallelizer:
         return b.dp_shard_cp
 
     def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, *, pp_enabled: bool = False, dp_axis_names=("dp",), **_):
+        if self.activation_checkpointing:
+            checkpoint_decoder_layers(model)
         mesh = self._fsdp_mesh()
         inner = getattr(model, "model", model)
         for _, layer in iter_decoder_layers(getattr(inner, "layers", None)):

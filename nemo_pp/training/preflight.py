@@ -29,6 +29,7 @@ class RunPlan:
         model_path: ``model.pretrained_model_name_or_path``.
         meta_build: the model is built on the meta device and every rank loads only its
             own stages' tensors (``model._target_`` is NeMoAutoModelForCausalLM.from_pretrained).
+        activation_checkpointing: decoder layers recompute their activations in backward.
         local_batch_size: samples per ``schedule.step`` on one data-parallel rank.
         grad_acc_steps: batches accumulated per optimizer step.
         num_epochs / max_steps: the step budget (``max_steps`` 0: evaluate only).
@@ -38,6 +39,7 @@ class RunPlan:
     pipeline: PipelinePlan
     model_path: str
     meta_build: bool
+    activation_checkpointing: bool
     local_batch_size: int
     grad_acc_steps: int
     num_epochs: int
@@ -59,12 +61,13 @@ class RunPlan:
         return min(steps, self.max_steps) if self.max_steps is not None else steps
 
     def parallelize_fn(self, mesh):
-        """FSDP2 over the data-parallel ranks when there are several, else None."""
-        if self.sizes.dp == 1:
-            return None
-        from nemo_pp.distributed.parallelize import FSDP2Parallelizer
+        """Per stage: activation checkpointing when asked, then FSDP2 over the data-parallel
+        ranks when there are several; None when neither applies."""
+        from nemo_pp.distributed.parallelize import ActivationCheckpointing, FSDP2Parallelizer
 
-        return FSDP2Parallelizer(mesh, reshard_after_forward=not self.pipeline.split_backward)
+        if self.sizes.dp > 1:
+            return FSDP2Parallelizer(mesh, not self.pipeline.split_backward, self.activation_checkpointing)
+        return ActivationCheckpointing() if self.activation_checkpointing else None
 
     def describe(self) -> str:
         s = self.sizes
@@ -173,6 +176,10 @@ def preflight_check(cfg, world_size: int) -> RunPlan:
     _check_sequence_lengths(cfg, text_cfg)
     model = empty_model(hf_cfg)  # the module tree only: parameters on the meta device
     meta_build = loads_per_stage(cfg.model)
+    if d.activation_checkpointing:
+        from nemo_pp.distributed.parallelize import checkpoint_decoder_layers
+
+        checkpoint_decoder_layers(model)  # on the throwaway meta model: raises, naming the key, without layers
     if meta_build:
         tied = dict([tied_param_fqns(model)[::-1]]) if is_tied(model) else {}
         SafetensorsCheckpoint(str(model_path), tied).check_covers(model)  # names only, no weight read
@@ -181,6 +188,7 @@ def preflight_check(cfg, world_size: int) -> RunPlan:
         p.get("layers_per_stage"), p.get("round_virtual_stages_to_pp_multiple"), p.get("module_fqns_per_model_part"),
     )
     return RunPlan(
-        sizes=sizes, pipeline=pipeline, model_path=str(model_path), meta_build=meta_build, local_batch_size=local_bs,
+        sizes=sizes, pipeline=pipeline, model_path=str(model_path), meta_build=meta_build,
+        activation_checkpointing=d.activation_checkpointing, local_batch_size=local_bs,
         grad_acc_steps=gbs // per_step, num_epochs=ss.num_epochs, max_steps=ss.get("max_steps"),
     )

@@ -124,6 +124,7 @@ class DistributedConfig:
     cp_size: int = setting(1, ge=1)
     pp_size: int = setting(1, ge=1)
     sequence_parallel: bool = False
+    activation_checkpointing: bool = False
     pipeline: PipelineConfig = setting(factory=PipelineConfig)
 
 

@@ -138,3 +138,36 @@ def test_empty_split_fails_with_the_same_error_on_every_rank(real_assets, tmp_pa
     errors = run_ranks(_run_empty_split, 2, str(data), str(real_assets[0]), pg_timeout_s=30)
     assert errors[0] is not None and errors[0] == errors[1], errors
     assert errors[0].startswith("validation_dataset"), errors[0]
+
+
+def _run_checkpointed(rank, world):
+    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.parallelize import ActivationCheckpointing
+    from nemo_pp.distributed.pipelining import AutoPipeline
+    from tests.distributed.test_pipeline_parity import reference, step_once
+
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
+    ref = tiny_model("llama", True, 4)
+    batch = make_batch(4, 16, ref.config.vocab_size, seed=5)
+    ref_loss, ref_grads, tokens = reference(copy.deepcopy(ref), [batch])
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b", pp_batch_size=4, device=torch.device("cpu")).build(
+        ref, loss_fn=sum_ce, parallelize_fn=ActivationCheckpointing())
+    calls = [0]
+    for part in ap.parts:
+        for layer in part.model.layers.values():
+            layer.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    ap.update_seq_len(16)
+    losses = step_once(ap.info, *batch)
+    assert calls[0] == 2 * 2 * 4  # 2 local layers x 4 microbatches, each run again in backward
+    ap.scale_grads_by_divisor(tokens)
+    ap.sync_tied_grads()
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=1e-4)
+    if losses:
+        assert abs(float(sum(l.detach() for l in losses)) / tokens - ref_loss) < 1e-5
+    return True
+
+
+def test_activation_checkpointing_recomputes_and_changes_nothing():
+    run_ranks(_run_checkpointed, 2)

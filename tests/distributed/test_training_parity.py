@@ -49,7 +49,7 @@ def _reference_training(model, steps):
     return norms
 
 
-def _run_training(rank, world, pp, arch, tied, schedule, export_dir):
+def _run_training(rank, world, pp, arch, tied, schedule, export_dir, activation_checkpointing=False):
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
     from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import FSDP2Parallelizer
@@ -67,7 +67,7 @@ def _run_training(rank, world, pp, arch, tied, schedule, export_dir):
 
     reshard = canonical_schedule_name(schedule) not in SPLIT_BACKWARD_SCHEDULES
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4, device=torch.device("cpu")).build(
-        model, loss_fn=sum_ce, parallelize_fn=FSDP2Parallelizer(mesh, reshard_after_forward=reshard) if dp > 1 else None
+        model, loss_fn=sum_ce, parallelize_fn=FSDP2Parallelizer(mesh, reshard, activation_checkpointing) if dp > 1 else None
     )
     opts = [torch.optim.AdamW(p.parameters(), lr=LR, weight_decay=0.1) for p in ap.parts]
     engine = TrainEngine(ap, torch.device("cpu"), dp_group=mesh.dp.get_group() if dp > 1 else None, max_grad_norm=MAX_NORM)
@@ -108,10 +108,11 @@ def test_pp2_weights_norm_tie_and_export_match_reference(tmp_path, arch, tied, s
     run_ranks(_run_training, 2, 2, arch, tied, schedule, str(tmp_path / "export"))
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
-def test_pp2_x_fsdp2_matches_reference(tmp_path, schedule):
-    """Includes a sequence-length change inside gradient accumulation: FSDP grads survive it."""
-    run_ranks(_run_training, 4, 2, "llama", True, schedule, str(tmp_path / "export"), timeout=240)
+@pytest.mark.parametrize("schedule,ac", [("1f1b", False), ("zbv", False), ("1f1b", True)])
+def test_pp2_x_fsdp2_matches_reference(tmp_path, schedule, ac):
+    """Includes a sequence-length change inside gradient accumulation: FSDP grads survive it;
+    with activation checkpointing inside FSDP2 too."""
+    run_ranks(_run_training, 4, 2, "llama", True, schedule, str(tmp_path / "export"), ac, timeout=240)
 
 
 def test_pp1_x_fsdp2_is_the_same_engine_path(tmp_path):

@@ -114,3 +114,15 @@ def test_hidden_and_vocab_size_flat_and_nested():
     assert _get_hidden_and_vocab_size(VLMConfig()) == (64, 77)
     with pytest.raises(ValueError, match="hidden_size and vocab_size"):
         _get_hidden_and_vocab_size(object())
+
+
+def test_activation_checkpointing_needs_a_layer_stack_and_keeps_fqns():
+    from nemo_pp.distributed.parallelize import checkpoint_decoder_layers
+
+    model = tiny_model("llama", layers=2)
+    names = [n for n, _ in model.named_parameters()]
+    assert checkpoint_decoder_layers(model) == 2
+    assert checkpoint_decoder_layers(model) == 2  # idempotent: not checkpointed twice
+    assert [n for n, _ in model.named_parameters()] == names
+    with pytest.raises(ValueError, match="distributed.activation_checkpointing: cannot find the decoder layer stack"):
+        checkpoint_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
