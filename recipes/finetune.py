@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
         cfg = load_recipe_config(path, overrides)
         recipe = FinetuneRecipe(cfg).setup()
-    except (ConfigError, ValueError, FileNotFoundError, NotImplementedError) as exc:
+    except (ConfigError, ValueError, OSError, NotImplementedError) as exc:  # OSError: FileNotFoundError, hub errors
         # identical on every rank (nothing above depends on the rank): exit, never hang.
         # Every rank prints: torchrun kills the others as soon as the first one exits.
         print(f"[rank {rank}] error: {exc}", file=sys.stderr, flush=True)

@@ -8,8 +8,7 @@ checked before anything runs. The recipe's typed schema: :mod:`nemo_pp.training.
 Typical recipe use::
 
     path, overrides = parse_cli(sys.argv[1:])
-    cfg = load_recipe_config(path, overrides)  # nemo_pp.training.schema: load_config + schema
-    validate_targets(cfg)
+    cfg = load_recipe_config(path, overrides)  # nemo_pp.training.schema: load_config + schema + validate_targets
     model = instantiate(cfg.model)
     optimizer = instantiate(cfg.optimizer, params=model.parameters())
 """

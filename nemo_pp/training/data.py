@@ -27,9 +27,9 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool):
     """Instantiate the data set of config ``node`` on the main rank first, then elsewhere.
 
     The main rank tokenizes and fills ``datasets``' cache; the others then read it. An
-    error on the main rank (an empty or missing split, a bad column) is sent to every
-    rank and raised there as the same ``ValueError`` naming ``key``, so no rank is left
-    waiting on a closed connection. An empty data set is such an error.
+    error on any rank (an empty or missing split, a bad column, a cache the others cannot
+    read) is gathered and raised on every rank as the same ``ValueError`` naming ``key``,
+    so no rank is left waiting on a closed connection. An empty data set is such an error.
 
     Args:
         node: the config node (``cfg.dataset``), instantiated with ``tokenizer=tokenizer``.
@@ -37,27 +37,36 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool):
         is_main: True on global rank 0. Collective over the default process group.
 
     Raises:
-        ValueError: the main rank could not build the data set, or it is empty.
+        ValueError: some rank could not build the data set, or it is empty.
     """
     import torch.distributed as dist
 
     from nemo_pp.config import instantiate
 
-    def build():
-        dataset = instantiate(node, tokenizer=tokenizer)
-        if len(dataset) == 0:
-            raise ValueError(f"{key} is empty: check {key}.split, {key}.path_or_dataset and {key}.limit_dataset_samples")
-        return dataset
-
-    dataset, error = None, [None]
-    if is_main:
+    def attempt():
         try:
-            dataset = build()
+            dataset = instantiate(node, tokenizer=tokenizer)
+            if len(dataset) == 0:
+                raise ValueError(
+                    f"{key} is empty: check {key}.split, {key}.path_or_dataset and {key}.limit_dataset_samples"
+                )
+            return dataset, None
         except Exception as exc:  # every failure must reach the other ranks, not only ours
             msg = str(exc)
-            error[0] = msg if msg.startswith(key) else f"{key}: {type(exc).__name__}: {msg}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise ValueError(error[0])
-    return dataset if is_main else build()
+            return None, msg if msg.startswith(key) else f"{key}: {type(exc).__name__}: {msg}"
+
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    dataset, error = attempt() if is_main else (None, None)
+    if distributed:
+        first = [error]
+        dist.broadcast_object_list(first, src=0)
+        error = first[0]
+    if error is None and not is_main:
+        dataset, error = attempt()
+    if distributed:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise ValueError(error)
+    return dataset

@@ -105,8 +105,14 @@ def _select(cfg, dotted: str):
     return node
 
 
-def preflight_check(cfg, world_size: int) -> RunPlan:
+def preflight_check(cfg, world_size: int, check_checkpoint: bool = True) -> RunPlan:
     """Validate ``cfg`` against ``world_size`` and plan the run; raise with the config key and the fix.
+
+    Args:
+        cfg: the typed recipe config (``load_recipe_config``).
+        world_size: processes of the run.
+        check_checkpoint: check the checkpoint's tensor names against the model (False
+            to plan from a config folder that holds no weights).
 
     Raises:
         ValueError: parallel sizes vs world size, batch arithmetic, schedule constraints,
@@ -118,11 +124,14 @@ def preflight_check(cfg, world_size: int) -> RunPlan:
     from transformers import AutoConfig
 
     from nemo_pp.assets import missing_asset_message, missing_local_path
+    from nemo_pp.config import instantiate
+    from nemo_pp.distributed.parallelize import checkpoint_decoder_layers
+    from nemo_pp.distributed.pipelining.functional import check_grad_sync_options
+    from nemo_pp.distributed.pipelining.hf_utils import validate_hf_model_for_pipeline_support
+    from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
     from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
     from nemo_pp.models.auto_model import loads_per_stage, resolve_dtype
     from nemo_pp.models.loading import SafetensorsCheckpoint, empty_model
-    from nemo_pp.distributed.pipelining.functional import check_grad_sync_options
-    from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
 
     d = cfg.distributed
     sizes = resolve_parallel_sizes(world_size, d.pp_size, d.dp_size, d.dp_replicate_size, d.tp_size, d.cp_size)
@@ -162,31 +171,34 @@ def preflight_check(cfg, world_size: int) -> RunPlan:
         )
 
     p = d.pipeline
-    if p.get("scale_grads_in_schedule"):
+    if p.scale_grads_in_schedule:
         raise ValueError(
             "distributed.pipeline.scale_grads_in_schedule: true is refused by this recipe: it normalises gradients "
             "by the label tokens of the whole step, and torch's in-schedule scaling divides ALL gradients by the "
             "microbatch count after every batch (earlier accumulated batches again); set it to false"
         )
-    check_grad_sync_options(p.get("patch_stage_backward_maybe_with_nosync", False), p.get("defer_fsdp_grad_sync", True))
-    resolve_dtype(p.get("dtype"), "distributed.pipeline.dtype")
+    check_grad_sync_options(p.patch_stage_backward_maybe_with_nosync, p.defer_fsdp_grad_sync)
+    resolve_dtype(p.dtype, "distributed.pipeline.dtype")
 
-    hf_cfg = AutoConfig.from_pretrained(str(model_path))
-    text_cfg = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
-    _check_sequence_lengths(cfg, text_cfg)
-    model = empty_model(hf_cfg)  # the module tree only: parameters on the meta device
     meta_build = loads_per_stage(cfg.model)
-    if d.activation_checkpointing:
-        from nemo_pp.distributed.parallelize import checkpoint_decoder_layers
-
-        checkpoint_decoder_layers(model)  # on the throwaway meta model: raises, naming the key, without layers
-    if meta_build:
+    if meta_build:  # the very model the recipe builds, parameters on the meta device
+        model = instantiate(cfg.model, load_weights=False)
+    else:  # another loader: its config's module tree (AutoPipeline.build checks the plan against the real model)
+        model = empty_model(AutoConfig.from_pretrained(str(model_path)))
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    _check_sequence_lengths(cfg, text_cfg)
+    if meta_build and check_checkpoint:
         tied = dict([tied_param_fqns(model)[::-1]]) if is_tied(model) else {}
         SafetensorsCheckpoint(str(model_path), tied).check_covers(model)  # names only, no weight read
     pipeline = make_pipeline_plan(
-        model, sizes.pp, p.get("pp_schedule"), p.get("pp_schedule_csv"), p.pp_microbatch_size, local_bs,
-        p.get("layers_per_stage"), p.get("round_virtual_stages_to_pp_multiple"), p.get("module_fqns_per_model_part"),
+        model, pp_size=sizes.pp, pp_schedule=p.pp_schedule, pp_schedule_csv=p.pp_schedule_csv,
+        pp_microbatch_size=p.pp_microbatch_size, pp_batch_size=local_bs, layers_per_stage=p.layers_per_stage,
+        round_virtual_stages_to_pp_multiple=p.round_virtual_stages_to_pp_multiple,
+        module_fqns_per_model_part=p.module_fqns_per_model_part,
     )
+    validate_hf_model_for_pipeline_support(model, p.patch_inner_model, p.patch_causal_lm_model, pipeline.num_stages)
+    if d.activation_checkpointing:
+        checkpoint_decoder_layers(model)  # a throwaway meta model: raises, naming the key, without layers
     return RunPlan(
         sizes=sizes, pipeline=pipeline, model_path=str(model_path), meta_build=meta_build,
         activation_checkpointing=d.activation_checkpointing, local_batch_size=local_bs,

@@ -171,3 +171,14 @@ def _run_checkpointed(rank, world):
 
 def test_activation_checkpointing_recomputes_and_changes_nothing():
     run_ranks(_run_checkpointed, 2)
+
+
+HEAD_ALONE = [["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "model.layers.3",
+               "model.norm", "model.rotary_emb"], ["lm_head"]]
+
+
+@pytest.mark.parametrize("world,schedule", [(2, "1f1b"), (1, "interleaved_1f1b")])
+def test_a_stage_of_lm_head_alone_applies_it(world, schedule):
+    """The costly head (vocabulary x hidden plus the loss) may be a stage of its own."""
+    run_ranks(_run_parity, world, "llama", True, schedule, 4, 4, (16,), None, world,
+              {"module_fqns_per_model_part": HEAD_ALONE})

@@ -101,8 +101,9 @@ def test_bad_input_fails_fast_on_every_rank(real_assets, tmp_path, overrides, me
 
 
 @pytest.mark.e2e
-def test_empty_validation_split_fails_alike_on_every_rank(real_assets, tmp_path):
-    """The data set is built after the process group exists: the error must still reach both ranks."""
+def test_empty_validation_split_fails_fast_with_the_key(real_assets, tmp_path):
+    """The data set is built after the process group exists: the run still ends at once with
+    the key (that every rank raises it is tested on forked ranks in test_pipeline_options)."""
     proc = run_recipe(2, f"--checkpoint.checkpoint_dir={tmp_path}", "--validation_dataset.split", "test", timeout=180)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "] error: validation_dataset" in line]

@@ -125,3 +125,13 @@ def test_plan_of_a_csv_schedule_reads_placement_from_the_file(tmp_path):
     gap.write_text("0F0,0B0\n2F0,2B0\n")
     with pytest.raises(ValueError, match="must run every stage 0..2 on exactly one pp rank"):
         make_pipeline_plan(None, 2, None, str(gap), 1, 1)
+
+
+def test_csv_plan_knows_split_backward_from_its_actions(tmp_path):
+    from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
+
+    zb = tmp_path / "zb.csv"
+    zb.write_text("0F0,0F1,0I0,0W0,0I1,0W1\n1F0,1I0,1W0,1F1,1I1,1W1\n")
+    plan = make_pipeline_plan(None, 2, "1f1b", str(zb), 1, 2)  # 1f1b: the recipe default, not a runtime
+    assert plan.split_backward and plan.schedule is None
+    assert not make_pipeline_plan(None, 2, "1f1b", "configs/schedules/1f1b_pp2_mb4.csv", 1, 4).split_backward

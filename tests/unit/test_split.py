@@ -126,3 +126,36 @@ def test_activation_checkpointing_needs_a_layer_stack_and_keeps_fqns():
     assert [n for n, _ in model.named_parameters()] == names
     with pytest.raises(ValueError, match="distributed.activation_checkpointing: cannot find the decoder layer stack"):
         checkpoint_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_splits_that_would_train_wrong_are_refused():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(16, 8)
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+            self.out = torch.nn.Linear(8, 16, bias=False)
+            self.out.weight = self.embedding.weight  # a tie the model does not declare
+
+    with pytest.raises(ValueError, match="would be copied to stages \\[0, 1\\] and trained apart"):
+        stage_names(Shared(), 2)
+
+    class TwoStacks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Module()
+            self.enc.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+            self.dec = torch.nn.Module()
+            self.dec.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(4)])
+
+    with pytest.raises(ValueError, match="several layer stacks at the same depth"):
+        stage_names(TwoStacks(), 2)
+
+    class Direct(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = torch.nn.Parameter(torch.zeros(8))
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+
+    with pytest.raises(ValueError, match="belong directly to .*move them into a submodule"):
+        stage_names(Direct(), 2)

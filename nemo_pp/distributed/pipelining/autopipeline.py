@@ -15,6 +15,7 @@ from ..grads import clip_grad_norm_across_stages, divide_grads
 from .functional import ParallelizeFnProtocol, check_grad_sync_options, pipeline_from_plan, reset_pp_stage_shapes
 from .hf_utils import validate_hf_model_for_pipeline_support
 from .plan import PipelinePlan, make_pipeline_plan
+from .split import validate_stage_modules
 from .tied import TiedEmbeddingSync, is_tied, tied_param_fqns
 
 logger = logging.getLogger(__name__)
@@ -188,20 +189,22 @@ class AutoPipeline:
             ValueError: unsupported model, impossible split/schedule, or a plan whose
                 modules the model does not have (before any communication).
         """
-        if self.patch_inner_model or self.patch_causal_lm_model:
-            validate_hf_model_for_pipeline_support(model)
         if self.dtype is not None:
             model = model.to(self.dtype)
         plan = plan if plan is not None else self.make_plan(model)
-        _check_plan_fits(plan, model)
+        if (plan.microbatch_size, plan.batch_size) != (self.pp_microbatch_size, self.pp_batch_size):
+            raise ValueError(
+                f"the plan's microbatches ({plan.batch_size} samples in microbatches of {plan.microbatch_size}) differ "
+                f"from this AutoPipeline's pp_batch_size={self.pp_batch_size}, pp_microbatch_size={self.pp_microbatch_size}"
+            )
+        validate_hf_model_for_pipeline_support(model, self.patch_inner_model, self.patch_causal_lm_model, plan.num_stages)
+        if plan.module_fqns is None:
+            raise ValueError("AutoPipeline.build needs a plan made with the model (module_fqns is None)")
+        validate_stage_modules(model, [list(m) for m in plan.module_fqns])  # the plan covers this very model
         tied = plan.num_stages > 1 and is_tied(model)
         tied_fqns = tied_param_fqns(model) if tied else None
         self._model_config = getattr(model, "config", None)
-        self._param_counts = {
-            only: [sum(p.numel() for n in names for p in model.get_submodule(n).parameters() if p.requires_grad or not only)
-                   for names in plan.module_fqns]
-            for only in (False, True)
-        }
+        self._param_counts = {only: [_count(model, names, only) for names in plan.module_fqns] for only in (False, True)}
         schedule, parts, has_first, has_last, stages = pipeline_from_plan(
             model, plan, self.world_mesh, self.moe_mesh, self.pp_axis_name, self.device, loss_fn, parallelize_fn,
             dict(dp_axis_names=self.dp_axis_names, cp_axis_name=self.cp_axis_name, tp_axis_name=self.tp_axis_name,
@@ -266,7 +269,7 @@ class AutoPipeline:
             self._info.schedule,
             self._info.stages,
             self._model_config,
-            self.pp_microbatch_size,
+            self.plan.microbatch_size,
             int(seq_len),
             self.dtype,
         )
@@ -340,11 +343,7 @@ class AutoPipeline:
         logger.info("%s", self.debug_summary())
 
 
-def _check_plan_fits(plan: PipelinePlan, model: nn.Module) -> None:
-    if plan.module_fqns is None:
-        raise ValueError("AutoPipeline.build needs a plan made with the model (module_fqns is None)")
-    have = {name for name, _ in model.named_modules()}
-    missing = sorted({n for names in plan.module_fqns for n in names if n not in have})
-    if missing:
-        raise ValueError(f"the pipeline plan names modules this model does not have: {missing[:5]}; "
-                         "the plan was made for another model")
+def _count(model: nn.Module, module_fqns, trainable_only: bool) -> int:
+    """Parameters of one stage, each counted once (a tie inside the stage is one tensor)."""
+    params = {id(p): p for n in module_fqns for p in model.get_submodule(n).parameters()}
+    return sum(p.numel() for p in params.values() if p.requires_grad or not trainable_only)

@@ -104,8 +104,8 @@ def build_schedule(plan: PipelinePlan, stages: list, loss_fn: Callable | None, s
         raise ValueError("building a schedule needs the plan's pp_batch_size")
     if plan.csv_actions is not None:
         cls = runtime_schedule_class(get_schedule_class(plan.schedule) if plan.schedule else None)
-        schedule = cls(stages, n_microbatches=n_mb, loss_fn=loss_fn, scale_grads=scale_grads)
         try:
+            schedule = cls(stages, n_microbatches=n_mb, loss_fn=loss_fn, scale_grads=scale_grads)
             load_schedule_actions(schedule, plan.csv_actions)
         except Exception as exc:  # torch raises assorted errors on inconsistent rows
             raise ValueError(

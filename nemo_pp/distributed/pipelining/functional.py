@@ -245,9 +245,9 @@ def check_grad_sync_options(
     defer_fsdp_grad_sync: bool = True,
     reduce_grad_per_microbatch: bool = False,
 ) -> None:
-    """Refuse the reference's gradient-sync switches that torch >= 2.12 makes moot.
+    """Refuse the reference's gradient-sync switches that torch's own PipelineStage makes moot.
 
-    torch's ``PipelineStage`` already runs every microbatch's backward without FSDP
+    torch's ``PipelineStage`` (read and measured on 2.13) already runs every microbatch's backward without FSDP
     gradient sync and reduces once per step in its ``REDUCE_GRAD`` action
     (``PipelineStage.backward_maybe_with_nosync`` / ``perform_reduce_grad``), which is
     what the reference's patch adds and what ``defer_fsdp_grad_sync`` asks for.

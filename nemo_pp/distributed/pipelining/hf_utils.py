@@ -222,32 +222,49 @@ def patch_hf_model_for_pp(model: nn.Module, patch_inner_model: bool = True, patc
       soft-capping, run), fed a ``ModelOutput`` by the patched decoder; stages without
       ``lm_head`` have nothing of the wrapper to run and pass hidden states on.
     """
-    inner = getattr(model, "model", None)
-    is_wrapper = isinstance(inner, nn.Module)
-    if patch_inner_model:
+    # A wrapper stays a wrapper when pruning removed its decoder (a stage of lm_head alone).
+    is_wrapper = "model" in model._modules
+    inner = model._modules.get("model")
+    if patch_inner_model and (inner is not None or not is_wrapper):
         target = inner if is_wrapper else model
         target.forward = types.MethodType(create_pipeline_forward_inner(type(target).__name__), target)
     if not is_wrapper:
         return
-    if patch_causal_lm_model or getattr(model, "lm_head", None) is None:
+    if patch_causal_lm_model or getattr(model, "lm_head", None) is None or inner is None:
         model.forward = types.MethodType(create_pipeline_forward_causal_lm(), model)
     elif patch_inner_model:
         _return_model_output(inner)
 
 
-def validate_hf_model_for_pipeline_support(model: nn.Module) -> None:
-    """Raise ``ValueError`` when a model cannot be pipelined by nemo_pp.
+def validate_hf_model_for_pipeline_support(
+    model: nn.Module, patch_inner_model: bool = True, patch_causal_lm_model: bool = True, num_stages: int = 2
+) -> None:
+    """Raise ``ValueError`` when the patched forwards cannot run ``model``'s stages.
 
     Unlike NeMo AutoModel, tied word embeddings are SUPPORTED (see
-    ``nemo_pp.distributed.pipelining.tied``); only encoder-decoder models and models
-    without a decoder layer stack are rejected.
+    ``nemo_pp.distributed.pipelining.tied``). Refused, naming the key to change: an
+    encoder-decoder model; a model that is not a transformers ``PreTrainedModel`` with its
+    decoder layers at ``model.layers`` (Llama-style) while a patch flag is on; and, with
+    more than one stage, an unpatched HF decoder (``patch_inner_model: false``), whose own
+    forward cannot run a pruned stage (it slices ``self.layers``).
     """
+    from transformers import PreTrainedModel
+
+    if not (patch_inner_model or patch_causal_lm_model):
+        return
+    key = "distributed.pipeline.patch_inner_model / patch_causal_lm_model"
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model; pipelining supports decoder-only causal LMs")
     inner = getattr(model, "model", model)
-    if getattr(inner, "layers", None) is None:
+    if not isinstance(model, PreTrainedModel) or getattr(inner, "layers", None) is None:
         raise ValueError(
-            f"{type(model).__name__} has no decoder layer stack at 'model.layers'; pass "
-            "module_fqns_per_model_part and patch_inner_model=False/patch_causal_lm_model=False"
+            f"{type(model).__name__} is not a Hugging Face decoder with its layers at 'model.layers', which the "
+            f"patched stage forwards need; set {key} to false and give the model a stage-friendly forward "
+            "(see examples/custom_model_pipeline.py)"
+        )
+    if num_stages > 1 and not patch_inner_model and isinstance(inner, PreTrainedModel):
+        raise ValueError(
+            f"distributed.pipeline.patch_inner_model: false keeps {type(inner).__name__}'s own forward, which cannot "
+            f"run a stage of a {num_stages}-stage split (it slices self.layers); set it to true"
         )

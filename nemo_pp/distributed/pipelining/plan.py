@@ -24,6 +24,7 @@ from .schedules import (
     csv_stage_ids,
     is_single_stage_schedule,
     read_schedule_csv,
+    runs_action_lists,
     schedule_style,
 )
 from .split import auto_stage_module_names, calculate_virtual_stages, find_layer_stack, stage_ids_this_rank, validate_stage_modules
@@ -39,8 +40,8 @@ class PipelinePlan:
 
     Attributes:
         pp_size: pipeline-parallel ranks.
-        schedule: torch's schedule name (``"1F1B"``, ``"ZBVZeroBubble"``, ...); None for a
-            schedule given only as a CSV file.
+        schedule: torch's schedule name (``"1F1B"``, ``"ZBVZeroBubble"``, ...); with a CSV,
+            the runtime subclass that runs it (e.g. ``"DualPipeV"``) or None.
         schedule_csv: path of the CSV schedule, or None.
         csv_actions: the parsed CSV, row r = pp rank r's compute actions (None = idle
             slot), or None.
@@ -84,8 +85,11 @@ class PipelinePlan:
 
     @property
     def split_backward(self) -> bool:
-        """True when backward is split into input and weight parts (zero-bubble family):
-        FSDP2 then needs ``reshard_after_forward=False``."""
+        """True when backward is split into input and weight parts (zero-bubble family, or
+        a CSV with ``I``/``W`` actions): FSDP2 then needs ``reshard_after_forward=False``."""
+        if self.csv_actions is not None:
+            split = {"BACKWARD_INPUT", "BACKWARD_WEIGHT"}
+            return any(a is not None and a.computation_type.name in split for row in self.csv_actions for a in row)
         return self.schedule in SPLIT_BACKWARD_SCHEDULES
 
     def stages_of(self, pp_rank: int) -> tuple[int, ...]:
@@ -225,6 +229,8 @@ def make_pipeline_plan(
     csv_actions = None
     if pp_schedule_csv:
         csv_actions, stage_ids = _csv_layout(str(pp_schedule_csv), pp_size, pp_batch_size, pp_microbatch_size)
+        if name is not None and not runs_action_lists(name):
+            name = None  # the CSV runs on torch's runtime; a GPipe/1F1B name (a default) does not apply
         placement = "csv"
         n = sum(len(i) for i in stage_ids)
     else:

@@ -57,6 +57,15 @@ def is_single_stage_schedule(name: str) -> bool:
     return issubclass(get_schedule_class(canonical_schedule_name(name)), PipelineScheduleSingle)
 
 
+def runs_action_lists(name: str) -> bool:
+    """True for schedules that execute a per-rank action list (torch's runtime subclasses),
+    so they can run a CSV schedule."""
+    from .._torch_compat import runtime_schedule_class
+
+    cls = get_schedule_class(canonical_schedule_name(name))
+    return runtime_schedule_class(cls) is cls
+
+
 def schedule_style(name: str) -> str:
     """Stage placement of a schedule: ``"v"`` for ZBVZeroBubble/DualPipeV, else ``"loop"``."""
     return "v" if canonical_schedule_name(name) in V_STYLE_SCHEDULES else "loop"

@@ -193,7 +193,14 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
             f"cannot find the decoder layer stack of {type(model).__name__} (an nn.ModuleList named 'layers'); "
             "set distributed.pipeline.module_fqns_per_model_part to give the split by hand"
         )
-    return min(found, key=lambda item: item[0].count("."))
+    depth = min(name.count(".") for name, _ in found)
+    shallowest = [item for item in found if item[0].count(".") == depth]
+    if len(shallowest) > 1:
+        raise ValueError(
+            f"{type(model).__name__} has several layer stacks at the same depth ({[n for n, _ in shallowest]}); "
+            "set distributed.pipeline.module_fqns_per_model_part to give the split by hand"
+        )
+    return shallowest[0]
 
 
 def auto_stage_module_names(model: nn.Module, num_stages: int) -> list[list[str]]:
@@ -273,14 +280,40 @@ def validate_stage_modules(model: nn.Module, module_names_per_stage: list[list[s
                         "must live on exactly one stage (distributed.pipeline.module_fqns_per_model_part)"
                     )
                 owner.setdefault(n, stage)
-    covered = {f"{n}.{p}" for names in cleaned for n in names for p, _ in model.get_submodule(n).named_parameters()}
-    orphans = [name for name, _ in model.named_parameters() if name not in covered]
+    stage_of = {f"{n}.{p}": stage for stage, names in enumerate(cleaned) for n in names
+                for p, _ in model.get_submodule(n).named_parameters(remove_duplicate=False)}
+    all_params = list(model.named_parameters(remove_duplicate=False))
+    orphans = [name for name, _ in all_params if name not in stage_of]
     if orphans:
+        holders = {name.rpartition(".")[0] or "<the model itself>" for name in orphans}
+        kept = {n for names in cleaned for n in names}
+        direct = sorted(h for h in holders if any(k.startswith(h + ".") for k in kept) or h == "<the model itself>")
         raise ValueError(
             f"parameters are in no pipeline stage: {orphans[:5]}{' ...' if len(orphans) > 5 else ''}; "
-            "add their modules to distributed.pipeline.module_fqns_per_model_part"
+            + (f"they belong directly to {direct}, which is split across stages: move them into a submodule"
+               if direct else "add their modules to distributed.pipeline.module_fqns_per_model_part")
         )
+    _check_shared_parameters(model, all_params, stage_of)
     return cleaned
+
+
+def _check_shared_parameters(model: nn.Module, all_params, stage_of: dict[str, int]) -> None:
+    """Refuse a parameter shared by modules of different stages, except the input/output
+    embedding tie, which ``TiedEmbeddingSync`` keeps in step."""
+    from .tied import is_tied, tied_param_fqns
+
+    by_id: dict[int, list[str]] = {}
+    for name, p in all_params:
+        by_id.setdefault(id(p), []).append(name)
+    allowed = set(tied_param_fqns(model)) if is_tied(model) else set()
+    for names in by_id.values():
+        stages = {stage_of[n] for n in names}
+        if len(stages) > 1 and set(names) != allowed:
+            raise ValueError(
+                f"parameter shared by {names} would be copied to stages {sorted(stages)} and trained apart; keep "
+                "its modules on one stage (distributed.pipeline.module_fqns_per_model_part), or, for an "
+                "input/output embedding tie, expose it through get_input_embeddings/get_output_embeddings"
+            )
 
 
 def copy_pruned(model: nn.Module, keep: Sequence[str]) -> nn.Module:
