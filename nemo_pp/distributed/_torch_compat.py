@@ -66,19 +66,35 @@ STAGE_META_API = _detect_api()
 
 
 class NemoPipelineStage(PipelineStage):
-    """``PipelineStage`` that keeps accumulated gradients across a re-initialisation.
+    """``PipelineStage`` that keeps accumulated gradients across a re-initialisation and
+    can defer FSDP gradient reduction to the last batch of an optimizer step.
 
     torch 2.13 wipes every FSDP parameter's ``.grad`` after stage initialisation,
     because a *dynamic* initialisation runs a real forward/backward whose gradients
     are garbage. With static metadata no such pass runs, so the wipe would only
     destroy gradients accumulated before a sequence-length change (docs/architecture.md, "Measured torch facts").
+
+    torch runs every microbatch's backward without FSDP gradient sync and reduces once at
+    the end of each ``schedule.step`` (``perform_reduce_grad``, the REDUCE_GRAD action).
+    With ``grad_sync = False`` that reduction is skipped: FSDP keeps accumulating
+    unsharded gradients until a step with ``grad_sync = True`` reduce-scatters them all,
+    once per optimizer step instead of once per accumulated batch (more memory, fewer
+    collectives).
     """
+
+    grad_sync: bool = True
 
     def _post_metadata_inference_cleanup(self) -> None:  # torch >= 2.12 hook
         mode = getattr(self, "_inference_mode", None)
         if mode is not None and getattr(mode, "value", None) == "static":
             return
         super()._post_metadata_inference_cleanup()
+
+    def perform_reduce_grad(self, grad_scale_factor: int):
+        if self.grad_sync:
+            return super().perform_reduce_grad(grad_scale_factor)
+        if grad_scale_factor != 1:
+            self.scale_grads(grad_scale_factor)
 
 
 def set_static_stage_meta(

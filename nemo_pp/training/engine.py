@@ -89,7 +89,9 @@ class TrainEngine:
             part.train()
         tokens = self._dp_total(sum(_label_tokens(b) for b in batches))
         loss_sum = torch.zeros((), device=self.device)
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            # FSDP reduce-scatters once per optimizer step (after the last batch) when deferring
+            self.ap.set_grad_sync(i == len(batches) - 1 or not self.ap.defer_fsdp_grad_sync)
             loss_sum += self._forward(batch, train=True)
         divide_grads(self.parts, float(tokens.clamp(min=1)))
         self.ap.sync_tied_grads()

@@ -177,7 +177,7 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True) -> RunP
             "by the label tokens of the whole step, and torch's in-schedule scaling divides ALL gradients by the "
             "microbatch count after every batch (earlier accumulated batches again); set it to false"
         )
-    check_grad_sync_options(p.patch_stage_backward_maybe_with_nosync, p.defer_fsdp_grad_sync)
+    check_grad_sync_options(p.patch_stage_backward_maybe_with_nosync)
     resolve_dtype(p.dtype, "distributed.pipeline.dtype")
 
     meta_build = loads_per_stage(cfg.model)

@@ -49,7 +49,20 @@ def _reference_training(model, steps):
     return norms
 
 
-def _run_training(rank, world, pp, arch, tied, schedule, export_dir, activation_checkpointing=False):
+def _count_reduce_scatters() -> list:
+    """Patch torch.distributed.reduce_scatter_single (what FSDP2 calls) to count calls."""
+    count = [0]
+    original = dist.reduce_scatter_single
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    dist.reduce_scatter_single = counting
+    return count
+
+
+def _run_training(rank, world, pp, arch, tied, schedule, export_dir, activation_checkpointing=False, defer=True):
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
     from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import FSDP2Parallelizer
@@ -66,13 +79,21 @@ def _run_training(rank, world, pp, arch, tied, schedule, export_dir, activation_
     from nemo_pp.distributed.pipelining.schedules import SPLIT_BACKWARD_SCHEDULES, canonical_schedule_name
 
     reshard = canonical_schedule_name(schedule) not in SPLIT_BACKWARD_SCHEDULES
-    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4, device=torch.device("cpu")).build(
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4, device=torch.device("cpu"),
+                      defer_fsdp_grad_sync=defer).build(
         model, loss_fn=sum_ce, parallelize_fn=FSDP2Parallelizer(mesh, reshard, activation_checkpointing) if dp > 1 else None
     )
     opts = [torch.optim.AdamW(p.parameters(), lr=LR, weight_decay=0.1) for p in ap.parts]
     engine = TrainEngine(ap, torch.device("cpu"), dp_group=mesh.dp.get_group() if dp > 1 else None, max_grad_norm=MAX_NORM)
+    reduce_scatters = _count_reduce_scatters()
+    # FSDP param groups: one per layer, one per part root that holds parameters of its own
+    groups = sum(len(part.model.layers) + any(".layers." not in n for n, _ in part.named_parameters())
+                 for part in ap.parts) if dp > 1 else 0
     for step, per_dp in enumerate(steps):
+        before = reduce_scatters[0]
         out = engine.train_step(per_dp[dp_rank], opts, [])
+        acc = len(per_dp[dp_rank])
+        assert reduce_scatters[0] - before == groups * (1 if defer else acc), (reduce_scatters[0] - before, groups)
         assert abs(out["grad_norm"] - ref_norms[step]) < 1e-5 * max(1.0, ref_norms[step]), (out["grad_norm"], ref_norms[step])
         if ap.tied_embeddings is not None:
             assert ap.tied_embeddings.max_abs_diff() == 0.0  # copies identical after every step
@@ -108,11 +129,13 @@ def test_pp2_weights_norm_tie_and_export_match_reference(tmp_path, arch, tied, s
     run_ranks(_run_training, 2, 2, arch, tied, schedule, str(tmp_path / "export"))
 
 
-@pytest.mark.parametrize("schedule,ac", [("1f1b", False), ("zbv", False), ("1f1b", True)])
-def test_pp2_x_fsdp2_matches_reference(tmp_path, schedule, ac):
+@pytest.mark.parametrize("schedule,ac,defer", [("1f1b", False, True), ("zbv", False, True), ("1f1b", True, False),
+                                              ("zbv", True, False)])
+def test_pp2_x_fsdp2_matches_reference(tmp_path, schedule, ac, defer):
     """Includes a sequence-length change inside gradient accumulation: FSDP grads survive it;
-    with activation checkpointing inside FSDP2 too."""
-    run_ranks(_run_training, 4, 2, "llama", True, schedule, str(tmp_path / "export"), ac, timeout=240)
+    with activation checkpointing inside FSDP2 too. FSDP reduce-scatters once per optimizer
+    step when deferring (defer_fsdp_grad_sync), once per accumulated batch when not."""
+    run_ranks(_run_training, 4, 2, "llama", True, schedule, str(tmp_path / "export"), ac, defer, timeout=240)
 
 
 def test_pp1_x_fsdp2_is_the_same_engine_path(tmp_path):

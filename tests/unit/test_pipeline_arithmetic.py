@@ -108,8 +108,6 @@ def test_grad_sync_switches_torch_already_covers_are_refused_with_the_reason():
     check_grad_sync_options()  # the defaults are what torch does
     with pytest.raises(ValueError, match="REDUCE_GRAD"):
         check_grad_sync_options(patch_stage_backward_maybe_with_nosync=True)
-    with pytest.raises(ValueError, match="defer_fsdp_grad_sync: false"):
-        check_grad_sync_options(defer_fsdp_grad_sync=False)
     with pytest.raises(ValueError, match="reduce_grad_per_microbatch"):
         check_grad_sync_options(reduce_grad_per_microbatch=True)
 

@@ -66,9 +66,10 @@ class AutoPipeline:
         pp_seq_len: if set, stage shapes are precomputed at build time.
 
     ``moe_mesh`` and ``ep_*`` are passed to ``parallelize_fn``.
-    ``patch_stage_backward_maybe_with_nosync`` must stay False and
-    ``defer_fsdp_grad_sync`` True: torch already defers FSDP gradient sync to the last
-    microbatch (:func:`~.functional.check_grad_sync_options`).
+    ``patch_stage_backward_maybe_with_nosync`` must stay False: torch already defers FSDP
+    gradient sync to the last microbatch (:func:`~.functional.check_grad_sync_options`).
+    ``defer_fsdp_grad_sync`` (default True) tells the engine to reduce FSDP gradients once
+    per optimizer step, not once per accumulated batch (:meth:`set_grad_sync`).
 
     Raises:
         ValueError: a mesh without the pp axis, an unknown dtype, a refused sync option.
@@ -100,7 +101,7 @@ class AutoPipeline:
         scale_grads_in_schedule: bool = False,
         pp_seq_len: Optional[int] = None,
     ):
-        check_grad_sync_options(patch_stage_backward_maybe_with_nosync, defer_fsdp_grad_sync)
+        check_grad_sync_options(patch_stage_backward_maybe_with_nosync)
         if world_mesh is None:
             raise ValueError("AutoPipeline needs world_mesh (a DeviceMesh with a 'pp' axis)")
         if pp_axis_name not in (world_mesh.mesh_dim_names or ()):
@@ -276,6 +277,14 @@ class AutoPipeline:
         self._seq_len = int(seq_len)
 
     # --------------------------------------------------------------- grads
+    def set_grad_sync(self, enabled: bool) -> None:
+        """Whether the next ``schedule.step`` reduces FSDP gradients at its end (torch's
+        REDUCE_GRAD). Off for all but the last batch of an optimizer step, FSDP keeps
+        accumulating unsharded gradients and reduce-scatters once per step: fewer
+        collectives for the memory of one stage's unsharded gradients. No effect without FSDP."""
+        for stage in self._info.stages or []:
+            stage.grad_sync = bool(enabled)
+
     def sync_tied_grads(self) -> None:
         """Sum the gradients of the two copies of a tied embedding (no-op if untied)."""
         if self._tied is not None:

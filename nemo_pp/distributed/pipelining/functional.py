@@ -227,7 +227,7 @@ def pipeline_model(
     Raises:
         ValueError: see :func:`make_pipeline_plan` and :func:`check_grad_sync_options`.
     """
-    check_grad_sync_options(patch_stage_backward_maybe_with_nosync, reduce_grad_per_microbatch=reduce_grad_per_microbatch)
+    check_grad_sync_options(patch_stage_backward_maybe_with_nosync, reduce_grad_per_microbatch)
     plan = make_pipeline_plan(
         model, _pp_mesh(world_mesh, pp_axis_name).size(), pipeline_parallel_schedule, pipeline_parallel_schedule_csv,
         microbatch_size, local_batch_size, layers_per_stage, round_to_pp_multiple, module_fqns_per_model_part,
@@ -242,7 +242,6 @@ def pipeline_model(
 
 def check_grad_sync_options(
     patch_stage_backward_maybe_with_nosync: bool = False,
-    defer_fsdp_grad_sync: bool = True,
     reduce_grad_per_microbatch: bool = False,
 ) -> None:
     """Refuse the reference's gradient-sync switches that torch's own PipelineStage makes moot.
@@ -250,7 +249,8 @@ def check_grad_sync_options(
     torch's ``PipelineStage`` (read and measured on 2.13) already runs every microbatch's backward without FSDP
     gradient sync and reduces once per step in its ``REDUCE_GRAD`` action
     (``PipelineStage.backward_maybe_with_nosync`` / ``perform_reduce_grad``), which is
-    what the reference's patch adds and what ``defer_fsdp_grad_sync`` asks for.
+    what the reference's patch adds. (``defer_fsdp_grad_sync`` goes further, across the
+    batches of one optimizer step: see ``AutoPipeline.set_grad_sync``.)
 
     Raises:
         ValueError: a non-default value, naming the key and the reason.
@@ -260,11 +260,6 @@ def check_grad_sync_options(
         raise ValueError(
             f"{key}.patch_stage_backward_maybe_with_nosync: true is not needed: torch's PipelineStage already skips "
             "FSDP gradient sync on all but the step's last backward and reduces once (REDUCE_GRAD); remove it or set false"
-        )
-    if not defer_fsdp_grad_sync:
-        raise ValueError(
-            f"{key}.defer_fsdp_grad_sync: false is not supported: torch's schedules always reduce FSDP gradients once "
-            "per step, after the last microbatch; remove it or set true"
         )
     if reduce_grad_per_microbatch:
         raise ValueError(
