@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from .pipelining.hf_utils import iter_decoder_layers
@@ -51,7 +51,9 @@ class ActivationCheckpointing:
 
 class FSDP2Parallelizer:
     """Shards each decoder layer and then the whole part with ``fully_shard``, after
-    checkpointing the layers when ``activation_checkpointing`` is set.
+    checkpointing the layers when ``activation_checkpointing`` is set. With ``mp_policy``
+    (torch's ``MixedPrecisionPolicy``) the sharded fp32 master weights are cast to
+    ``param_dtype`` for compute and gradients reduced in ``reduce_dtype``.
 
     The mesh is ``dp_shard_cp`` (FSDP) or ``(dp_replicate, dp_shard_cp)`` (HSDP).
     Gradients are SUMMED over data-parallel ranks (divide factor 1): the recipe divides
@@ -60,10 +62,12 @@ class FSDP2Parallelizer:
     ``reshard_after_forward=False`` or grads come out None or wrong (docs/architecture.md, "Measured torch facts").
     """
 
-    def __init__(self, mesh_bundle, reshard_after_forward: bool = True, activation_checkpointing: bool = False):
+    def __init__(self, mesh_bundle, reshard_after_forward: bool = True, activation_checkpointing: bool = False,
+                 mp_policy: MixedPrecisionPolicy | None = None):
         self.mesh_bundle = mesh_bundle
         self.reshard_after_forward = reshard_after_forward
         self.activation_checkpointing = activation_checkpointing
+        self.mp_policy = mp_policy
 
     def _fsdp_mesh(self):
         b = self.mesh_bundle
@@ -75,10 +79,15 @@ class FSDP2Parallelizer:
         if self.activation_checkpointing:
             checkpoint_decoder_layers(model)
         mesh = self._fsdp_mesh()
+        kwargs = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        if self.mp_policy is not None:
+            kwargs["mp_policy"] = self.mp_policy
+            # what the stage computes in and sends to the next: its static P2P shapes use it
+            model._nemo_pp_activation_dtype = self.mp_policy.output_dtype or self.mp_policy.param_dtype
         inner = getattr(model, "model", model)
         for _, layer in iter_decoder_layers(getattr(inner, "layers", None)):
-            fully_shard(layer, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(model, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
         for module in model.modules():
             if hasattr(module, "set_gradient_divide_factor"):
                 module.set_gradient_divide_factor(1.0)

@@ -30,6 +30,7 @@ class RunPlan:
         meta_build: the model is built on the meta device and every rank loads only its
             own stages' tensors (``model._target_`` is NeMoAutoModelForCausalLM.from_pretrained).
         activation_checkpointing: decoder layers recompute their activations in backward.
+        mp_policy: FSDP2's ``MixedPrecisionPolicy`` (compute dtype over fp32 master weights), or None.
         local_batch_size: samples per ``schedule.step`` on one data-parallel rank.
         grad_acc_steps: batches accumulated per optimizer step.
         num_epochs / max_steps: the step budget (``max_steps`` 0: evaluate only).
@@ -40,6 +41,7 @@ class RunPlan:
     model_path: str
     meta_build: bool
     activation_checkpointing: bool
+    mp_policy: object | None
     local_batch_size: int
     grad_acc_steps: int
     num_epochs: int
@@ -66,7 +68,7 @@ class RunPlan:
         from nemo_pp.distributed.parallelize import ActivationCheckpointing, FSDP2Parallelizer
 
         if self.sizes.dp > 1:
-            return FSDP2Parallelizer(mesh, not self.pipeline.split_backward, self.activation_checkpointing)
+            return FSDP2Parallelizer(mesh, not self.pipeline.split_backward, self.activation_checkpointing, self.mp_policy)
         return ActivationCheckpointing() if self.activation_checkpointing else None
 
     def describe(self) -> str:
@@ -179,6 +181,21 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True) -> RunP
         )
     check_grad_sync_options(p.patch_stage_backward_maybe_with_nosync)
     resolve_dtype(p.dtype, "distributed.pipeline.dtype")
+    mp_policy = None
+    if d.mp_policy is not None:
+        if sizes.dp == 1:
+            raise ValueError(
+                "distributed.mp_policy is FSDP2's mixed precision and needs data parallelism (dp > 1: launch more "
+                "processes than pp*cp*tp); without it train in one dtype with model.torch_dtype: bfloat16"
+            )
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mp = d.mp_policy
+        mp_policy = MixedPrecisionPolicy(
+            param_dtype=resolve_dtype(mp.param_dtype, "distributed.mp_policy.param_dtype"),
+            reduce_dtype=resolve_dtype(mp.reduce_dtype, "distributed.mp_policy.reduce_dtype"),
+            output_dtype=resolve_dtype(mp.output_dtype, "distributed.mp_policy.output_dtype"),
+        )
 
     meta_build = loads_per_stage(cfg.model)
     if meta_build:  # the very model the recipe builds, parameters on the meta device
@@ -201,6 +218,6 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True) -> RunP
         checkpoint_decoder_layers(model)  # a throwaway meta model: raises, naming the key, without layers
     return RunPlan(
         sizes=sizes, pipeline=pipeline, model_path=str(model_path), meta_build=meta_build,
-        activation_checkpointing=d.activation_checkpointing, local_batch_size=local_bs,
+        activation_checkpointing=d.activation_checkpointing, mp_policy=mp_policy, local_batch_size=local_bs,
         grad_acc_steps=gbs // per_step, num_epochs=ss.num_epochs, max_steps=ss.get("max_steps"),
     )

@@ -34,6 +34,7 @@ __all__ = [
     "FinetuneConfig",
     "LRSchedulerConfig",
     "LoggingConfig",
+    "MixedPrecisionConfig",
     "PipelineConfig",
     "Rule",
     "StepSchedulerConfig",
@@ -116,6 +117,15 @@ class PipelineConfig:
 
 
 @dataclass
+class MixedPrecisionConfig:
+    """FSDP2's ``MixedPrecisionPolicy``: compute in ``param_dtype`` on fp32 master weights."""
+
+    param_dtype: Optional[str] = setting("bfloat16", choices=_DTYPES)
+    reduce_dtype: Optional[str] = setting("float32", choices=_DTYPES)
+    output_dtype: Optional[str] = setting(None, choices=_DTYPES)
+
+
+@dataclass
 class DistributedConfig:
     strategy: str = setting("fsdp2", choices=("fsdp2",))
     dp_size: Optional[int] = setting(None, ge=1, hint="null: world_size / (pp_size * cp_size * tp_size)")
@@ -125,6 +135,7 @@ class DistributedConfig:
     pp_size: int = setting(1, ge=1)
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
+    mp_policy: Optional[MixedPrecisionConfig] = None
     pipeline: PipelineConfig = setting(factory=PipelineConfig)
 
 
@@ -254,10 +265,16 @@ def _fill(typed: DictConfig, node: Any, schema: type, prefix: str) -> None:
         rule: Rule = f.metadata.get("rule", Rule())
         default = None if f.default is dataclasses.MISSING else f.default
         optional, inner = _unwrap_optional(tp)
-        if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(inner):
+            if value is None and optional:
+                typed[name] = None
+                continue
             if not isinstance(value, dict):
-                raise _invalid(key, value, "a mapping with keys " + ", ".join(x.name for x in dataclasses.fields(tp)))
-            _fill(typed[name], value, tp, f"{key}.")
+                raise _invalid(key, value, "a mapping with keys " + ", ".join(x.name for x in dataclasses.fields(inner)))
+            if typed[name] is None:  # an optional section the user turned on: start from its defaults
+                typed[name] = OmegaConf.structured(inner)
+                value = {**schema_defaults(inner), **value}
+            _fill(typed[name], value, inner, f"{key}.")
         elif inner is Any:  # free-form: replaced whole, never merged with the schema's default
             if value is None and not optional:
                 raise ConfigError(f"missing config section '{key}': nemo_pp needs it; add '{key}:' with a _target_ to the YAML")

@@ -51,7 +51,13 @@ def _run_bf16(rank, world):
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b", pp_batch_size=4, dtype="bfloat16", pp_seq_len=16,
                       device=torch.device("cpu")).build(copy.deepcopy(ref).float(), loss_fn=sum_ce)
     assert all(p.dtype == torch.bfloat16 for part in ap.parts for p in part.parameters())
+    seen = []  # dtypes crossing the stage boundary: what stage 0 sends, what stage 1 receives
+    for part in ap.parts:
+        part.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype) if args[0].is_floating_point() else None)
+        part.register_forward_hook(lambda m, args, out: seen.append(out.dtype) if not hasattr(m, "lm_head") or
+                                   m.lm_head is None else None)
     losses = step_once(ap.info, ids, lb)
+    assert seen and set(seen) == {torch.bfloat16}, seen
     if losses:
         loss = float(sum(l.detach().float() for l in losses))
         assert abs(loss - ref_loss) < 2e-2 * abs(ref_loss), (loss, ref_loss)
@@ -182,3 +188,41 @@ def test_a_stage_of_lm_head_alone_applies_it(world, schedule):
     """The costly head (vocabulary x hidden plus the loss) may be a stage of its own."""
     run_ranks(_run_parity, world, "llama", True, schedule, 4, 4, (16,), None, world,
               {"module_fqns_per_model_part": HEAD_ALONE})
+
+
+def _run_fsdp_mixed_precision(rank, world):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.parallelize import FSDP2Parallelizer
+    from nemo_pp.distributed.pipelining import AutoPipeline
+    from tests.distributed.test_pipeline_parity import reference, step_once
+
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=2))
+    ref = tiny_model("llama", True, 4)
+    batch = make_batch(4, 16, ref.config.vocab_size, seed=7)
+    ref_loss, ref_grads, tokens = reference(copy.deepcopy(ref), [batch])
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b", pp_batch_size=4, pp_seq_len=16,
+                      device=torch.device("cpu")).build(ref, loss_fn=sum_ce, parallelize_fn=FSDP2Parallelizer(mesh, mp_policy=mp))
+    sent = []
+    if ap.info.has_first_stage:
+        ap.parts[0].register_forward_hook(lambda m, a, out: sent.append(out.dtype))
+    losses = step_once(ap.info, *batch)
+    assert all(p.to_local().dtype == torch.float32 for part in ap.parts for p in part.parameters())  # fp32 masters
+    assert set(sent) <= {torch.bfloat16}  # the P2P activations are bf16
+    ap.scale_grads_by_divisor(tokens * mesh.sizes.dp)  # both dp ranks ran the same batch; FSDP summed them
+    ap.sync_tied_grads()
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            g, r = p.grad.full_tensor().float().flatten(), ref_grads[name].flatten()
+            cos = float(torch.nn.functional.cosine_similarity(g, r, dim=0))
+            assert cos > 0.99, (name, cos)  # bf16 compute, fp32 reduce: close, not equal
+    if losses:
+        loss = float(sum(l.detach().float() for l in losses)) / tokens
+        assert abs(loss - ref_loss) < 2e-2 * abs(ref_loss), (loss, ref_loss)
+    return True
+
+
+def test_fsdp2_mixed_precision_bf16_compute_on_fp32_masters():
+    run_ranks(_run_fsdp_mixed_precision, 4, timeout=240)

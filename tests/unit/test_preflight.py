@@ -81,6 +81,7 @@ def test_unimportable_target_and_unknown_override(cfg_file):
         (["dataset.seq_length=4096"], r"dataset.seq_length=4096 exceeds the model's max_position_embeddings=128"),
         (["distributed.pipeline.scale_grads_in_schedule=true"], "scale_grads_in_schedule: true is refused"),
         (["distributed.pipeline.patch_stage_backward_maybe_with_nosync=true"], "REDUCE_GRAD"),
+        (["distributed.mp_policy={param_dtype: bfloat16}"], "distributed.mp_policy is FSDP2's mixed precision"),
         (["distributed.pipeline.pp_schedule=gpipe", "distributed.pipeline.layers_per_stage=1"],
          "gives 2 stages per rank, but the schedule runs one stage per rank"),
     ],
