@@ -3,10 +3,17 @@
     python scripts/inspect_pipeline.py --config configs/smollm2_135m_squad_pp2.yaml \
         [--distributed.pp_size 4 --distributed.pipeline.pp_schedule interleaved_1f1b] [--png schedule.png]
 
-Prints the stage table (global stage index, its pp rank, modules), parameters per
-stage and the schedule's bubble fraction (idle share of the simulated timeline), and
-writes the schedule picture. The model is built on the meta device: no weights are
-read and no process is launched.
+Prints the run plan (parallel layout, stage table with each stage's pp rank and
+modules), parameters per stage, the schedule's bubble fraction (idle share of the
+simulated timeline) and a memory plan per pp rank (parameters, gradients, optimizer
+state and the activations the schedule holds, with and without activation
+checkpointing), and writes the schedule picture. The model is built on the meta device:
+no weights are read and no process is launched, so a config folder alone will do:
+
+    python scripts/inspect_pipeline.py --config configs/smollm2_135m_squad_pp2.yaml \
+        --model.pretrained_model_name_or_path configs/models/llama-3.1-70b --model.torch_dtype bfloat16 \
+        --distributed.pp_size 8 --world-size 32 --dataloader.batch_size 8 --step_scheduler.global_batch_size 32 \
+        --dataset.seq_length 4096
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     extra.add_argument("--png", default="pipeline_schedule.png", help="where to write the schedule picture")
     extra.add_argument("--world-size", type=int, default=None,
                        help="processes of the run (default: pp_size * cp_size * tp_size * (dp_size or 1))")
+    extra.add_argument("--seq-len", type=int, default=None,
+                       help="tokens per sample for the memory plan (default: pp_seq_len, else dataset.seq_length)")
     known, rest = extra.parse_known_args(argv)
     try:
         path, overrides = parse_cli(rest)
@@ -39,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoConfig
 
+    from nemo_pp.distributed.pipelining.memory import memory_plan
+    from nemo_pp.models.auto_model import resolve_dtype
     from nemo_pp.models.loading import empty_model
 
-    model = empty_model(AutoConfig.from_pretrained(run.model_path))
+    model = empty_model(AutoConfig.from_pretrained(run.model_path), resolve_dtype(cfg.model.get("torch_dtype")))
     plan = run.pipeline
     counts = [sum({id(t): t.numel() for n in names for t in model.get_submodule(n).parameters()}.values())
               for names in plan.module_fqns]
@@ -55,6 +66,26 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{plan.schedule or 'CSV'}, pp {plan.pp_size}, {plan.n_microbatches} microbatches,"
     save_schedule_png(actions, known.png, title=title)
     print(f"schedule picture: {known.png}")
+
+    seq_len = known.seq_len or d.pipeline.pp_seq_len or (cfg.get("dataset") or {}).get("seq_length")
+    if not seq_len:
+        print("memory plan: pass --seq-len (no pp_seq_len or dataset.seq_length in the config)")
+        return 0
+    states = 1 if "SGD" in str(cfg.optimizer.get("_target_")) else 2  # AdamW/Adam: exp_avg and exp_avg_sq
+    shards = run.sizes.dp_shard * run.sizes.cp if run.sizes.dp > 1 else 1
+    gib = 1024**3
+    print(f"memory plan per pp rank (seq_len {seq_len}, {plan.n_microbatches} microbatches of {plan.microbatch_size}, "
+          f"FSDP shards {shards}, {states} optimizer states per parameter), GiB:")
+    print(f"  {'rank':<5}{'stages':<10}{'params':>8}{'grads':>8}{'optim':>8}{'activ.':>8}{'act+AC':>8}"
+          f"{'total':>8}{'total+AC':>9}  microbatches held")
+    plain = memory_plan(model, plan, seq_len, shards, states, activation_checkpointing=False)
+    ckpt = memory_plan(model, plan, seq_len, shards, states, activation_checkpointing=True)
+    for r, c in zip(plain, ckpt):
+        print(f"  {r.pp_rank:<5}{str(list(r.stages)):<10}{r.param_bytes / gib:>8.2f}{r.grad_bytes / gib:>8.2f}"
+              f"{r.optimizer_bytes / gib:>8.2f}{r.activation_bytes / gib:>8.2f}{c.activation_bytes / gib:>8.2f}"
+              f"{r.total_bytes / gib:>8.2f}{c.total_bytes / gib:>9.2f}  {r.in_flight}")
+    print("  plus the process itself: about 0.7 GiB of Python/torch/transformers on CPU (measured), the CUDA "
+          "context and allocator cache on GPU")
     return 0
 
 

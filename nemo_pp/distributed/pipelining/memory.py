@@ -1,0 +1,227 @@
+"""Per-rank memory of a planned run, without hardware and without weights.
+
+Parameters, gradients and optimizer state are counted from the meta-device model and
+the plan's stage FQNs. Activations are MEASURED, not estimated by formula: each stage's
+forward (and the loss on the last stage) runs once on the meta device under
+``torch.autograd.graph.saved_tensors_hooks``, which sees every tensor autograd keeps for
+backward (its shape and dtype; meta tensors take no memory), attention counted as the
+fused kernels keep it. The schedule's action
+lists then say how many microbatches each stage holds at once (1F1B: ``pp - rank`` on
+rank ``rank``; GPipe: all of them), and the peak over the timeline is the activation
+memory a rank needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hf_utils import iter_decoder_layers, make_stage_emit_tensor, patch_hf_model_for_pp
+from .plan import PipelinePlan
+from .split import copy_pruned, find_layer_stack
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank needs (one data-parallel replica; FSDP shards counted per rank).
+
+    Attributes:
+        pp_rank: the pipeline rank.
+        stages: its global stage indices.
+        param_bytes / grad_bytes / optimizer_bytes: of its stages, divided by the FSDP
+            shard count.
+        activation_bytes: the most activation bytes it holds at once over a step.
+        in_flight: ``{stage: most microbatches held at once}``.
+    """
+
+    pp_rank: int
+    stages: tuple[int, ...]
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    in_flight: dict
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+def _stage_module(model: nn.Module, module_fqns) -> nn.Module:
+    part = copy_pruned(model, module_fqns)
+    patch_hf_model_for_pp(part)
+    make_stage_emit_tensor(part)
+    return part.to("meta")
+
+
+class _FusedAttentionMeta(torch.autograd.Function):
+    """What a fused (flash / memory-efficient) SDPA kernel keeps for backward: q, k, v, the
+    output and the log-sum-exp, never the [S, S] attention matrix. On the meta device
+    torch decomposes SDPA into the math path, which would count that matrix; torch's CPU
+    and CUDA kernels for training use the fused path (checked on CPU: q, k, v, out, lse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - never run: the meta forward only counts
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_sdpa(query, key, value, *args, **kwargs):
+    return _FusedAttentionMeta.apply(query, key, value)
+
+
+def saved_activation_bytes(part: nn.Module, inputs: torch.Tensor, loss_fn=None, labels=None) -> int:
+    """Bytes autograd keeps for backward after one forward of ``part`` on meta ``inputs``
+    (``[mb, S] int64`` ids or ``[mb, S, H]`` hidden states), parameters excluded."""
+    params = {id(p) for p in part.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if _owner(t) not in params:
+            saved[_owner(t)] = _owner_bytes(t)
+        return t
+
+    # no mask tensor: it would need data on the meta device; SDPA then runs causal
+    masks = {"full_attention": None, "sliding_attention": None}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _counting_fused_attention():
+        out = part(inputs, causal_mask_mapping=masks)
+        if loss_fn is not None:
+            loss_fn(out, labels)
+    return sum(saved.values())
+
+
+@contextlib.contextmanager
+def _counting_fused_attention():
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _fused_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _owner(t: torch.Tensor) -> int:
+    """Identity of the tensor owning ``t``'s memory (a view such as ``weight.t()`` is its base)."""
+    return id(t._base) if t._base is not None else id(t)
+
+
+def _owner_bytes(t: torch.Tensor) -> int:
+    base = t._base if t._base is not None else t
+    return base.numel() * base.element_size()
+
+
+def microbatches_in_flight(plan: PipelinePlan) -> list[list[dict]]:
+    """Per rank, per time slot of the simulated schedule: ``{stage: microbatches whose
+    forward ran and whose backward (the weight part, for split backward) has not}``."""
+    from .visualize import schedule_actions
+
+    timelines = []
+    for row in schedule_actions(plan):
+        held: dict[int, int] = {}
+        slots = []
+        for action in row:
+            if action is not None:
+                kind = action.computation_type.name
+                if kind == "FORWARD":
+                    held[action.stage_index] = held.get(action.stage_index, 0) + 1
+                elif kind in ("FULL_BACKWARD", "BACKWARD_WEIGHT"):
+                    held[action.stage_index] -= 1
+            slots.append(dict(held))
+        timelines.append(slots)
+    return timelines
+
+
+def memory_plan(
+    model: nn.Module,
+    plan: PipelinePlan,
+    seq_len: int,
+    fsdp_shards: int = 1,
+    optimizer_states: int = 2,
+    activation_checkpointing: bool = False,
+    loss_fn=None,
+) -> list[RankMemory]:
+    """Bytes every pp rank needs for ``plan`` at sequence length ``seq_len``.
+
+    Args:
+        model: the full model on the meta device (``nemo_pp.models.loading.empty_model``).
+        plan: the pipeline plan (its microbatch size and count are used).
+        seq_len: tokens per sample.
+        fsdp_shards: ranks FSDP shards parameters, gradients and optimizer state over
+            (``dp_shard * cp``; 1 without FSDP).
+        optimizer_states: tensors of optimizer state per parameter, each of the
+            parameter's dtype (AdamW: 2; SGD with momentum: 1).
+        activation_checkpointing: each decoder layer keeps only its input and recomputes
+            the rest in backward (one layer's activations then exist at a time).
+        loss_fn: run on the last stage's output (its fp32 upcast is part of the peak);
+            default ``MaskedCrossEntropy``.
+
+    Returns:
+        one :class:`RankMemory` per pp rank.
+    """
+    if loss_fn is None:
+        from nemo_pp.loss.masked_ce import MaskedCrossEntropy
+
+        loss_fn = MaskedCrossEntropy()
+    mb = plan.microbatch_size
+    hidden = model.config.get_text_config().hidden_size
+    dtype = next(model.parameters()).dtype
+    per_stage, recompute = [], []
+    for stage, names in enumerate(plan.module_fqns):
+        part = _stage_module(model, names)
+        params = {id(p): p for p in part.parameters()}.values()
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        first, last = stage == 0, stage == plan.num_stages - 1
+        x = (torch.zeros(mb, seq_len, dtype=torch.long, device="meta") if first
+             else torch.empty(mb, seq_len, hidden, dtype=dtype, device="meta", requires_grad=True))
+        labels = torch.zeros(mb, seq_len, dtype=torch.long, device="meta")
+        act = saved_activation_bytes(part, x, loss_fn if last else None, labels)
+        layers = [layer for _, layer in iter_decoder_layers(find_layer_stack(part)[1])]
+        one_layer = 0
+        if activation_checkpointing and layers:
+            h = torch.empty(mb, seq_len, hidden, dtype=dtype, device="meta", requires_grad=True)
+            one_layer = _layer_bytes(part, layers[0], h)
+            # a checkpointed layer keeps its input; the rest is recomputed one layer at a time in backward
+            act -= len(layers) * (one_layer - h.numel() * h.element_size())
+        per_stage.append((nbytes, act))
+        recompute.append(one_layer)
+
+    out = []
+    for rank, slots in enumerate(microbatches_in_flight(plan)):
+        stages = plan.stages_of(rank)
+        peak = max((sum(n * per_stage[s][1] for s, n in held.items()) for held in slots), default=0)
+        peak += max((recompute[s] for s in stages), default=0)
+        in_flight = {s: max((held.get(s, 0) for held in slots), default=0) for s in stages}
+        params = sum(per_stage[s][0] for s in stages) // fsdp_shards
+        out.append(RankMemory(rank, stages, params, params, optimizer_states * params, peak, in_flight))
+    return out
+
+
+def _layer_bytes(part: nn.Module, layer: nn.Module, hidden: torch.Tensor) -> int:
+    """Saved bytes of one decoder layer run alone on meta ``hidden`` (with the stage's
+    rotary embedding, which every stage holds)."""
+    inner = part.model if getattr(part, "model", None) is not None else part
+    rotary = getattr(inner, "rotary_emb", None)
+    position_ids = torch.arange(hidden.shape[1], device="meta").unsqueeze(0)
+    embeddings = rotary(hidden, position_ids) if rotary is not None else None
+    params = {id(p) for p in layer.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if _owner(t) not in params:
+            saved[_owner(t)] = _owner_bytes(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _counting_fused_attention():
+        layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=position_ids)
+    return sum(saved.values())

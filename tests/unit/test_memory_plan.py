@@ -1,0 +1,60 @@
+"""The memory plan: exact byte counts for parameters and state, activations measured on
+the meta device equal to the same forward on real CPU tensors, and the schedule's
+microbatches in flight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemo_pp.distributed.pipelining.memory import memory_plan, saved_activation_bytes
+from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
+from nemo_pp.distributed.pipelining.hf_utils import make_stage_emit_tensor, patch_hf_model_for_pp
+from nemo_pp.distributed.pipelining.split import copy_pruned
+from nemo_pp.models.loading import empty_model
+from tests.tiny_models import tiny_config, tiny_model
+
+
+def _stage(model, names):
+    part = copy_pruned(model, names)
+    patch_hf_model_for_pp(part)
+    make_stage_emit_tensor(part)
+    return part
+
+
+def test_activations_measured_on_meta_equal_a_real_cpu_forward():
+    real = tiny_model("llama", layers=2)
+    names = ["model.layers.0", "model.layers.1", "model.norm", "lm_head", "model.rotary_emb"]
+    hidden = torch.randn(2, 16, 32, requires_grad=True)
+    cpu = saved_activation_bytes(_stage(real, names), hidden)
+    meta_part = _stage(real, names).to("meta")
+    meta = saved_activation_bytes(meta_part, torch.empty(2, 16, 32, device="meta", requires_grad=True))
+    assert meta == cpu > 0
+
+
+def test_plan_counts_state_and_microbatches_in_flight():
+    model = empty_model(tiny_config("llama", tied=False, layers=4))
+    plan = make_pipeline_plan(model, 2, "1f1b", pp_batch_size=4)
+    ranks = memory_plan(model, plan, seq_len=16)
+    stage_params = [sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+                    for names in plan.module_fqns]
+    for r in ranks:
+        assert r.param_bytes == r.grad_bytes == 4 * stage_params[r.pp_rank]
+        assert r.optimizer_bytes == 2 * r.param_bytes  # AdamW: two fp32 states
+    assert [r.in_flight for r in ranks] == [{0: 2}, {1: 1}]  # 1F1B: pp - rank warm-up microbatches
+    gpipe = memory_plan(model, make_pipeline_plan(model, 2, "gpipe", pp_batch_size=4), seq_len=16)
+    assert [r.in_flight for r in gpipe] == [{0: 4}, {1: 4}]  # GPipe: every forward before any backward
+    assert gpipe[0].activation_bytes == 2 * ranks[0].activation_bytes
+    sharded = memory_plan(model, plan, seq_len=16, fsdp_shards=2)
+    assert sharded[0].param_bytes == ranks[0].param_bytes // 2
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_activation_checkpointing_keeps_less(schedule):
+    model = empty_model(tiny_config("llama", layers=8))
+    plan = make_pipeline_plan(model, 2, schedule, pp_batch_size=4)
+    plain = memory_plan(model, plan, seq_len=64)
+    ckpt = memory_plan(model, plan, seq_len=64, activation_checkpointing=True)
+    for p, c in zip(plain, ckpt):
+        assert 0 < c.activation_bytes < p.activation_bytes
+        assert c.param_bytes == p.param_bytes
