@@ -62,7 +62,7 @@ class NeMoAutoModelForCausalLM:
             from .loading import empty_model
 
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
-            model = empty_model(config, resolved, *args, **kwargs)
+            model = empty_model(config, resolved, **kwargs)  # positional model_args only matter to a load
             model.name_or_path = str(pretrained_model_name_or_path)
             return model
         return AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, dtype=resolved, **kwargs)
