@@ -99,7 +99,7 @@ class FinetuneRecipe:
         loss_fn = instantiate(cfg.loss_fn)
         self.ap = instantiate(
             cfg.distributed.pipeline, world_mesh=self.mesh.world, pp_batch_size=self.plan.local_batch_size,
-            device=self.dist.device,
+            pp_microbatch_size=self.plan.pipeline.microbatch_size, device=self.dist.device,
         ).build(model, loss_fn=loss_fn, parallelize_fn=self.plan.parallelize_fn(self.mesh), plan=self.plan.pipeline,
                 weights=weights)
         self.parts = self.ap.parts

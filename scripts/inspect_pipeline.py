@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     extra.add_argument("--png", default="pipeline_schedule.png", help="where to write the schedule picture")
     extra.add_argument("--world-size", type=int, default=None,
                        help="processes of the run (default: pp_size * cp_size * tp_size * (dp_size or 1))")
+    extra.add_argument("--profile", action="store_true",
+                       help="time each piece (embedding, one layer, head + loss) once on this CPU and predict "
+                            "per-stage and optimizer-step seconds")
     extra.add_argument("--seq-len", type=int, default=None,
                        help="tokens per sample for the memory plan (default: pp_seq_len, else dataset.seq_length)")
     known, rest = extra.parse_known_args(argv)
@@ -69,8 +72,24 @@ def main(argv: list[str] | None = None) -> int:
 
     seq_len = known.seq_len or d.pipeline.pp_seq_len or (cfg.get("dataset") or {}).get("seq_length")
     if not seq_len:
-        print("memory plan: pass --seq-len (no pp_seq_len or dataset.seq_length in the config)")
+        print("cost and memory plan: pass --seq-len (no pp_seq_len or dataset.seq_length in the config)")
         return 0
+    from nemo_pp.distributed.pipelining.cost import flop_costs, profile_costs, simulated_step_seconds, stage_costs_of_plan
+
+    flops = stage_costs_of_plan(plan, flop_costs(model.config, plan.microbatch_size, seq_len))
+    mean = sum(flops) / len(flops)
+    print(f"stage cost (FLOP model, split '{d.pipeline.split}'): " + ", ".join(
+        f"{i}: {f / mean:.2f}" for i, f in enumerate(flops)) + f" x the mean; slowest {max(flops) / mean:.3f} x")
+    if known.profile:
+        import torch
+
+        torch.set_num_threads(1)
+        seconds = stage_costs_of_plan(plan, profile_costs(model.config, plan.microbatch_size, seq_len))
+        step = simulated_step_seconds(plan, seconds)
+        print("predicted fwd+bwd seconds per microbatch (1 thread): " + ", ".join(
+            f"stage {i}: {t:.3f}" for i, t in enumerate(seconds)))
+        print(f"predicted seconds per schedule step {step:.2f}, per optimizer step {step * run.grad_acc_steps:.2f} "
+              f"(at {seq_len} tokens; batches padded shorter run faster)")
     states = 1 if "SGD" in str(cfg.optimizer.get("_target_")) else 2  # AdamW/Adam: exp_avg and exp_avg_sq
     shards = run.sizes.dp_shard * run.sizes.cp if run.sizes.dp > 1 else 1
     gib = 1024**3

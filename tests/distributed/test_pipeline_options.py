@@ -226,3 +226,31 @@ def _run_fsdp_mixed_precision(rank, world):
 
 def test_fsdp2_mixed_precision_bf16_compute_on_fp32_masters():
     run_ranks(_run_fsdp_mixed_precision, 4, timeout=240)
+
+
+def _run_balanced(rank, world):
+    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.pipelining import AutoPipeline
+    from tests.distributed.test_pipeline_parity import reference, step_once
+
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
+    ref = tiny_model("llama", True, 6, vocab=4096)  # a head worth several layers
+    batch = make_batch(4, 16, 4096, seed=11)
+    ref_loss, ref_grads, tokens = reference(copy.deepcopy(ref), [batch])
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b", pp_batch_size=4, pp_seq_len=16,
+                      device=torch.device("cpu")).build(ref, loss_fn=sum_ce)
+    counts = [sum(".layers." in n for n in names) for names in ap.plan.module_fqns]
+    losses = step_once(ap.info, *batch)
+    ap.scale_grads_by_divisor(tokens)
+    ap.sync_tied_grads()
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=1e-4)
+    if losses:
+        assert abs(float(sum(l.detach() for l in losses)) / tokens - ref_loss) < 1e-5
+    return counts
+
+
+def test_balanced_split_changes_the_boundaries_not_the_numbers():
+    counts = run_ranks(_run_balanced, 2)[0]
+    assert counts != [3, 3] and sum(counts) == 6, counts  # not the uniform split

@@ -116,7 +116,7 @@ def test_max_steps_0_validates_and_exports_without_training(real_assets, tmp_pat
     out = tmp_path / "run"
     proc = run_recipe(
         2, f"--checkpoint.checkpoint_dir={out}", "--step_scheduler.max_steps", "0",
-        "--validation_dataset.seq_length", "96", "--validation_dataset.limit_dataset_samples", "4",
+        "--validation_dataset.seq_length", "96", "--validation_dataset.limit_dataset_samples", "8",
         "--dataset.limit_dataset_samples", "16",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

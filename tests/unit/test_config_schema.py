@@ -62,7 +62,7 @@ def test_real_config_loads_typed(monkeypatch):
         "distributed.pipeline.pp_microbatch_size": (int, 1),
         "distributed.pipeline.scale_grads_in_schedule": (bool, False),
         "distributed.pipeline.round_virtual_stages_to_pp_multiple": (str, "up"),
-        "dataloader.batch_size": (int, 4),
+        "dataloader.batch_size": (int, 8),
         "dataloader.shuffle": (bool, True),
         "dataloader.pad_seq_len_divisible": (int, 16),
         "step_scheduler.global_batch_size": (int, 8),
@@ -109,7 +109,8 @@ def test_defaults_are_the_recipe_defaults():
         "module_fqns_per_model_part": None, "patch_inner_model": True, "patch_causal_lm_model": True,
         "scale_grads_in_schedule": False, "pp_seq_len": None,
     }  # fmt: skip
-    new_pipeline = {"patch_stage_backward_maybe_with_nosync": False, "defer_fsdp_grad_sync": True, "dtype": None}
+    new_pipeline = {"patch_stage_backward_maybe_with_nosync": False, "defer_fsdp_grad_sync": True, "dtype": None,
+                    "split": "balanced"}
     assert schema_defaults(FinetuneConfig) == {
         "seed": 42,
         "dist_env": {"device": "auto", "timeout_minutes": 10.0},

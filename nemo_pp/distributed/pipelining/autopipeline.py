@@ -64,6 +64,9 @@ class AutoPipeline:
             (by n_microbatches squared after two steps); keep False (default) and
             normalise by label tokens. The recipe refuses True.
         pp_seq_len: if set, stage shapes are precomputed at build time.
+        split: ``"balanced"`` (default) places layer boundaries so the slowest stage is as
+            close to the mean as whole layers allow, counting the output head and loss
+            (:mod:`.cost`); ``"uniform"`` spreads layers evenly, as the reference does.
 
     ``moe_mesh`` and ``ep_*`` are passed to ``parallelize_fn``.
     ``patch_stage_backward_maybe_with_nosync`` must stay False: torch already defers FSDP
@@ -100,6 +103,7 @@ class AutoPipeline:
         dtype: Optional[torch.dtype] = None,
         scale_grads_in_schedule: bool = False,
         pp_seq_len: Optional[int] = None,
+        split: str = "balanced",
     ):
         check_grad_sync_options(patch_stage_backward_maybe_with_nosync)
         if world_mesh is None:
@@ -131,6 +135,7 @@ class AutoPipeline:
         self.dtype = resolve_dtype(dtype, "distributed.pipeline.dtype")
         self.scale_grads_in_schedule = scale_grads_in_schedule
         self.pp_seq_len = pp_seq_len
+        self.split = split
 
         self._info = PipelineInfo(False, None, False, False, None, None)
         self._plan: Optional[PipelinePlan] = None
@@ -159,7 +164,7 @@ class AutoPipeline:
         return make_pipeline_plan(
             model, self.pp_size, self.pp_schedule, self.pp_schedule_csv, self.pp_microbatch_size,
             self.pp_batch_size, self.layers_per_stage, self.round_virtual_stages_to_pp_multiple,
-            self.module_fqns_per_model_part,
+            self.module_fqns_per_model_part, split=self.split, seq_len=self.pp_seq_len,
         )
 
     def build(

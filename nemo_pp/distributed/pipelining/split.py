@@ -203,10 +203,11 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return shallowest[0]
 
 
-def auto_stage_module_names(model: nn.Module, num_stages: int) -> list[list[str]]:
+def auto_stage_module_names(model: nn.Module, num_stages: int, counts: Sequence[int] | None = None) -> list[list[str]]:
     """Module FQNs of every stage, read from the model's module tree.
 
-    Layers are spread by :func:`layer_counts`. Every other module that owns parameters
+    Stage k holds ``counts[k]`` consecutive layers (default :func:`layer_counts`, the
+    uniform split). Every other module that owns parameters
     goes to the first stage when it is registered before the layer stack on the path
     to it (embeddings, vision towers) and to the last stage when registered after it
     (final norm, ``lm_head``, a custom ``output_proj``); parameterless modules (rotary
@@ -239,7 +240,10 @@ def auto_stage_module_names(model: nn.Module, num_stages: int) -> list[list[str]
         node, prefix = getattr(node, step), prefix + step + "."
     keys = list(stack._modules.keys())
     out, start = [], 0
-    for stage, n in enumerate(layer_counts(len(keys), num_stages)):
+    counts = list(counts) if counts is not None else layer_counts(len(keys), num_stages)
+    if len(counts) != num_stages or sum(counts) != len(keys) or min(counts) < 1:
+        raise ValueError(f"layer counts {counts} do not split {len(keys)} layers into {num_stages} stages")
+    for stage, n in enumerate(counts):
         names = list(first) if stage == 0 else []
         names += [f"{stack_fqn}.{k}" for k in keys[start:start + n]]
         start += n

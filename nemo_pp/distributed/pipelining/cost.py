@@ -1,0 +1,238 @@
+"""Compute cost of the pieces of a decoder and the layer split that balances the stages.
+
+The cost of one microbatch's forward + backward through each piece, in FLOPs, from the
+model config. A matrix product of ``[m, k] x [k, n]`` is ``2mkn`` FLOPs; backward costs
+twice the forward (grads for the input and for the weight), so a piece costs 3x its
+forward (Narayanan et al., "Efficient Large-Scale Language Model Training on GPU
+Clusters Using Megatron-LM", 2021, section 5.1, there for GPT: ``24bsh^2 + 4bs^2h`` per
+layer forward). Written out for grouped-query attention and gated (SwiGLU) MLPs:
+
+* decoder layer, forward: projections ``2bs(2h^2 + 2h*h_kv)`` (q and o: ``h x h``; k and
+  v: ``h x h_kv``, ``h_kv = kv_heads * head_dim``), attention ``4bs*s_att*h`` where
+  ``s_att`` is the mean number of keys a causal query sees (``(s+1)/2``, or the sliding
+  window), MLP ``2bs*h*I`` per projection (3 for a gated MLP, 2 otherwise);
+* head (final norm + ``lm_head`` + loss): ``2bs*h*V`` forward for ``lm_head``;
+* embedding: a lookup, no FLOPs (its backward is a memory-bound scatter-add: measured on
+  this CPU it costs about one layer of SmolLM2; see docs/architecture.md).
+
+The vocabulary term is why the uniform split is unbalanced: SmolLM2's head (vocab 49152,
+hidden 576) costs about 7.7 decoder layers, so 15/15 layers leaves the last stage the
+slowest, and 19/11 balances it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PieceCosts:
+    """Forward + backward cost of one microbatch through each piece (FLOPs).
+
+    Attributes:
+        embedding: the input embedding (first stage).
+        layers: one entry per decoder layer, in order.
+        head: final norm + output projection + loss (last stage).
+    """
+
+    embedding: float
+    layers: tuple[float, ...]
+    head: float
+
+    def stage_costs(self, counts) -> list[float]:
+        """Cost of each stage when stage k holds ``counts[k]`` consecutive layers."""
+        out, start = [], 0
+        for k, n in enumerate(counts):
+            cost = sum(self.layers[start:start + n])
+            start += n
+            if k == 0:
+                cost += self.embedding
+            if k == len(counts) - 1:
+                cost += self.head
+            out.append(cost)
+        return out
+
+
+def flop_costs(config, microbatch_size: int, seq_len: int) -> PieceCosts:
+    """:class:`PieceCosts` of a Hugging Face decoder config (its ``get_text_config()``).
+
+    Args:
+        config: hidden_size, num_attention_heads, num_key_value_heads, head_dim,
+            intermediate_size, vocab_size, num_hidden_layers, optional layer_types /
+            sliding_window, hidden_act.
+        microbatch_size: samples per microbatch (b).
+        seq_len: tokens per sample (s).
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    b, s, h = microbatch_size, seq_len, cfg.hidden_size
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+    q = heads * head_dim
+    inter = cfg.intermediate_size
+    gated = 3  # gate, up, down: Llama, Qwen, Mistral, Gemma, Phi-3 (fused gate_up), OLMo
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+
+    def layer(kind: str) -> float:
+        keys = min((s + 1) / 2, window) if kind == "sliding_attention" and window else (s + 1) / 2
+        proj = 2 * b * s * (2 * h * q + 2 * h * kv)
+        attention = 4 * b * s * keys * q
+        mlp = gated * 2 * b * s * h * inter
+        return 3.0 * (proj + attention + mlp)
+
+    return PieceCosts(
+        embedding=0.0,
+        layers=tuple(layer(t) for t in types[: cfg.num_hidden_layers]),
+        head=3.0 * 2 * b * s * h * cfg.vocab_size,
+    )
+
+
+def balanced_layer_counts(costs: PieceCosts, num_stages: int) -> list[int]:
+    """Layers per stage (consecutive, at least one each) that minimise the slowest stage.
+
+    Exact, by dynamic programming over (stages, layers), ``O(num_stages * L^2)``: first the
+    smallest possible slowest-stage cost ``M``; then, among the splits whose every stage
+    costs at most ``M``, the one with the least sum of squared stage costs, i.e. the most
+    even. (Many splits share the same slowest stage; a lopsided one would load the first
+    ranks, which 1F1B already makes hold the most microbatches.)
+
+    Raises:
+        ValueError: fewer layers than stages.
+    """
+    n = len(costs.layers)
+    if num_stages < 1 or n < num_stages:
+        raise ValueError(f"cannot split {n} layers into {num_stages} stages (each needs one)")
+    prefix = [0.0]
+    for c in costs.layers:
+        prefix.append(prefix[-1] + c)
+
+    def cost(i: int, j: int, stage: int) -> float:  # stage holds layers i..j-1
+        return (prefix[j] - prefix[i] + (costs.embedding if stage == 0 else 0.0)
+                + (costs.head if stage == num_stages - 1 else 0.0))
+
+    def solve(combine, start: float, cap: float = float("inf")):
+        inf = float("inf")
+        best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+        cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+        best[0][0] = start
+        for k in range(1, num_stages + 1):
+            for j in range(k, n - (num_stages - k) + 1):
+                for i in range(k - 1, j):
+                    c = cost(i, j, k - 1)
+                    if c <= cap and best[k - 1][i] < inf:
+                        value = combine(best[k - 1][i], c)
+                        if value < best[k][j]:
+                            best[k][j], cut[k][j] = value, i
+        counts, j = [], n
+        for k in range(num_stages, 0, -1):
+            counts.append(j - cut[k][j])
+            j = cut[k][j]
+        return best[num_stages][n], counts[::-1]
+
+    slowest, _ = solve(max, 0.0)
+    _, counts = solve(lambda acc, c: acc + c * c, 0.0, cap=slowest * (1 + 1e-9))
+    return counts
+
+
+def profile_costs(config, microbatch_size: int, seq_len: int, repeats: int = 3) -> PieceCosts:
+    """:class:`PieceCosts` in seconds, timed on this machine's CPU with the current thread
+    count: forward + backward of one microbatch through the embedding, one decoder layer
+    (every layer is taken to cost the same) and the head with the loss, random weights.
+
+    The FLOP model's blind spots show here: on CPU the embedding's scatter-add backward
+    and the loss's softmax over the vocabulary are memory-bound.
+    """
+    import copy
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nemo_pp.loss.masked_ce import MaskedCrossEntropy
+
+    cfg = copy.deepcopy(config.get_text_config() if hasattr(config, "get_text_config") else config)
+    layers = cfg.num_hidden_layers
+    cfg.num_hidden_layers = 1
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:1]
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    inner, b, s = model.model, microbatch_size, seq_len
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    position_ids = torch.arange(s).unsqueeze(0)
+    loss_fn = MaskedCrossEntropy()
+
+    def embedding():
+        out = inner.embed_tokens(ids)
+        out.backward(torch.ones_like(out))
+
+    def layer():
+        hidden = torch.randn(b, s, cfg.hidden_size, requires_grad=True)
+        rope = inner.rotary_emb(hidden, position_ids)
+        out = inner.layers[0](hidden, attention_mask=None, position_embeddings=rope, position_ids=position_ids)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+
+    def head():
+        hidden = torch.randn(b, s, cfg.hidden_size, requires_grad=True)
+        loss_fn(model.lm_head(inner.norm(hidden)), ids).backward()
+
+    def seconds(fn) -> float:
+        fn()  # warm-up: allocations, kernel selection
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+        return sorted(times)[len(times) // 2]
+
+    return PieceCosts(embedding=seconds(embedding), layers=(seconds(layer),) * layers, head=seconds(head))
+
+
+def stage_costs_of_plan(plan, costs: PieceCosts) -> list[float]:
+    """Cost of every stage of ``plan`` (its module FQNs say how many layers each holds)."""
+    counts = [sum(".layers." in f".{name}" and name.rsplit(".", 1)[-1].isdigit() for name in names)
+              for names in plan.module_fqns]
+    return costs.stage_costs(counts)
+
+
+def simulated_step_seconds(plan, stage_seconds: list[float]) -> float:
+    """Duration of one ``schedule.step`` (all microbatches): each rank runs its actions in
+    order, an action starting when its rank is free and its input exists (the previous
+    stage's forward, the next stage's backward); forward is a third of a stage's
+    forward + backward, a full backward two thirds, an input or weight backward a third
+    each. Communication time is not modelled. For 1F1B this gives
+    ``(m + p - 1) x`` the slowest stage when stages are equal (Narayanan et al., 2021)."""
+    from .visualize import schedule_actions
+
+    rows = [[a for a in row if a is not None] for row in schedule_actions(plan)]
+    share = {"FORWARD": 1 / 3, "FULL_BACKWARD": 2 / 3, "BACKWARD_INPUT": 1 / 3, "BACKWARD_WEIGHT": 1 / 3}
+    done: dict[tuple, float] = {}
+    free = [0.0] * len(rows)
+    pos = [0] * len(rows)
+    last = len(stage_seconds) - 1
+    while any(p < len(r) for p, r in zip(pos, rows)):
+        progressed = False
+        for rank, row in enumerate(rows):
+            if pos[rank] >= len(row):
+                continue
+            a = row[pos[rank]]
+            kind, s, m = a.computation_type.name, a.stage_index, a.microbatch_index
+            if kind == "FORWARD":
+                need = [] if s == 0 else [(s - 1, m, "F")]
+            elif kind == "BACKWARD_WEIGHT":
+                need = [(s, m, "B")]
+            else:
+                need = [(s, m, "F")] + ([] if s == last else [(s + 1, m, "B")])
+            if any(n not in done for n in need):
+                continue
+            start = max([free[rank]] + [done[n] for n in need])
+            end = start + share[kind] * stage_seconds[s]
+            done[(s, m, "F" if kind == "FORWARD" else ("W" if kind == "BACKWARD_WEIGHT" else "B"))] = end
+            free[rank] = end
+            pos[rank] += 1
+            progressed = True
+        if not progressed:
+            raise ValueError("schedule deadlocks: no rank can run its next action")
+    return max(free)

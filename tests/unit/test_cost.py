@@ -1,0 +1,89 @@
+"""The cost model and the balanced split: pinned splits for known shapes, optimality
+against brute force, the FLOP formula against torch's FLOP counter, and the simulated
+step time against the 1F1B formula."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from nemo_pp.distributed.pipelining.cost import (
+    PieceCosts,
+    balanced_layer_counts,
+    flop_costs,
+    simulated_step_seconds,
+)
+from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
+from nemo_pp.models.loading import empty_model
+
+SMOLLM2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+LLAMA3_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256)
+
+
+@pytest.mark.parametrize(
+    "config,seq_len,stages,expected",
+    [
+        (SMOLLM2, 256, 2, [19, 11]),  # the split found by hand on this machine (issue: 1.006 x the mean)
+        (SMOLLM2, 256, 4, [9, 9, 10, 2]),
+        (LLAMA3_8B, 4096, 4, [8, 9, 9, 6]),
+        (LLAMA3_8B, 4096, 8, [4, 4, 4, 4, 4, 5, 5, 2]),
+    ],
+)
+def test_balanced_split_of_known_shapes(config, seq_len, stages, expected):
+    costs = flop_costs(config, 1, seq_len)
+    counts = balanced_layer_counts(costs, stages)
+    assert counts == expected
+    uniform = [config.num_hidden_layers // stages + (i < config.num_hidden_layers % stages) for i in range(stages)]
+    assert max(costs.stage_costs(counts)) < max(costs.stage_costs(uniform))
+
+
+def test_balanced_split_is_optimal_and_even():
+    rng = random.Random(0)
+    for _ in range(20):
+        layers = tuple(rng.uniform(0.5, 2.0) for _ in range(rng.randint(4, 9)))
+        costs = PieceCosts(embedding=rng.uniform(0, 2), layers=layers, head=rng.uniform(0, 6))
+        stages = rng.randint(1, min(4, len(layers)))
+        counts = balanced_layer_counts(costs, stages)
+        splits = [c for c in itertools.product(range(1, len(layers) + 1), repeat=stages) if sum(c) == len(layers)]
+        best = min(max(costs.stage_costs(c)) for c in splits)
+        assert max(costs.stage_costs(counts)) == pytest.approx(best)
+        evenest = min(sum(x * x for x in costs.stage_costs(c)) for c in splits
+                      if max(costs.stage_costs(c)) <= best * (1 + 1e-9))
+        assert sum(x * x for x in costs.stage_costs(counts)) == pytest.approx(evenest)
+
+
+def test_head_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000)
+    head = torch.nn.Linear(64, 1000, bias=False)
+    hidden = torch.randn(2, 16, 64, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        head(hidden).sum().backward()
+    assert flop_costs(config, 2, 16).head == counter.get_total_flops()
+
+
+def test_virtual_stages_and_placement_use_the_balanced_split():
+    model = empty_model(SMOLLM2)
+    plan = make_pipeline_plan(model, 2, "interleaved_1f1b", pp_batch_size=4, seq_len=256)
+    layers = [sum(".layers." in n for n in names) for names in plan.module_fqns]
+    assert layers == balanced_layer_counts(flop_costs(SMOLLM2, 1, 256), 4)
+    uniform = make_pipeline_plan(model, 2, "interleaved_1f1b", pp_batch_size=4, split="uniform")
+    assert [sum(".layers." in n for n in names) for names in uniform.module_fqns] == [8, 8, 7, 7]
+    with pytest.raises(ValueError, match="split must be 'balanced' or 'uniform'"):
+        make_pipeline_plan(model, 2, "1f1b", pp_batch_size=4, split="profile")
+
+
+def test_simulated_step_time_is_the_1f1b_formula_for_equal_stages():
+    model = empty_model(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=64))
+    for pp, m in ((2, 4), (4, 8)):
+        plan = make_pipeline_plan(model, pp, "1f1b", pp_batch_size=m, split="uniform")
+        assert simulated_step_seconds(plan, [3.0] * pp) == pytest.approx((m + pp - 1) * 3.0)
