@@ -12,8 +12,8 @@ layer forward). Written out for grouped-query attention and gated (SwiGLU) MLPs:
   ``s_att`` is the mean number of keys a causal query sees (``(s+1)/2``, or the sliding
   window), MLP ``2bs*h*I`` per projection (3 for a gated MLP, 2 otherwise);
 * head (final norm + ``lm_head`` + loss): ``2bs*h*V`` forward for ``lm_head``;
-* embedding: a lookup, no FLOPs (its backward is a memory-bound scatter-add: measured on
-  this CPU it costs about one layer of SmolLM2; see docs/architecture.md).
+* embedding: a lookup, no FLOPs (its backward is a memory-bound scatter-add: timed on
+  this CPU it costs about half a SmolLM2 layer; see docs/architecture.md).
 
 The vocabulary term is why the uniform split is unbalanced: SmolLM2's head (vocab 49152,
 hidden 576) costs about 7.7 decoder layers, so 15/15 layers leaves the last stage the
