@@ -46,6 +46,7 @@ __all__ = [
     "runtime_schedule_class",
     "single_stage_schedule_shape",
     "schedule_action_lists",
+    "run_schedule",
     "NemoPipelineStage",
     "set_static_stage_meta",
     "mark_schedule_uninitialized",
@@ -206,3 +207,15 @@ def flatten_mesh(mesh, name: str):
     """Flatten a multi-axis DeviceMesh slice into one axis called ``name``; keep the
     returned object (slicing it again from the root mesh is deprecated in torch 2.13)."""
     return mesh._flatten(name)
+
+
+def run_schedule(schedule, *args, train: bool = True, **kwargs):
+    """``schedule.step`` (or ``.eval``) without keeping the last stage's outputs: torch
+    otherwise holds every microbatch's logits until the step ends (``return_outputs``,
+    torch >= 2.12; older torch keeps them)."""
+    import inspect
+
+    run = schedule.step if train else schedule.eval
+    if "return_outputs" in inspect.signature(schedule.step).parameters:
+        kwargs["return_outputs"] = False
+    return run(*args, **kwargs)

@@ -13,7 +13,7 @@ from .pipelining.hf_utils import iter_decoder_layers
 from .pipelining.split import find_layer_stack
 
 
-def checkpoint_decoder_layers(model: nn.Module) -> int:
+def checkpoint_decoder_layers(model: nn.Module, required: bool = True) -> int:
     """Recompute every decoder layer's activations in backward instead of keeping them.
 
     Each layer's ``forward`` runs under ``torch.utils.checkpoint.checkpoint`` with
@@ -21,16 +21,23 @@ def checkpoint_decoder_layers(model: nn.Module) -> int:
     composes with FSDP2's hooks, which stay on the module's ``__call__``). The module is
     not wrapped, so parameter FQNs do not change. Idempotent.
 
+    Args:
+        model: a model or one stage of it.
+        required: raise when there is no layer stack (the whole model); False for a stage,
+            which may hold no layers (``lm_head`` alone).
+
     Returns:
         the number of layers checkpointed.
 
     Raises:
-        ValueError: the model has no decoder layer stack (names
+        ValueError: ``required`` and the model has no decoder layer stack (names
             ``distributed.activation_checkpointing``).
     """
     try:
         _, stack = find_layer_stack(model)
     except ValueError as exc:
+        if not required:
+            return 0
         raise ValueError(f"distributed.activation_checkpointing: {exc}") from None
     layers = [layer for _, layer in iter_decoder_layers(stack)]
     for layer in layers:
@@ -45,7 +52,7 @@ class ActivationCheckpointing:
     """A parallelize_fn that only checkpoints the decoder layers (no data parallelism)."""
 
     def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, **_):
-        checkpoint_decoder_layers(model)
+        checkpoint_decoder_layers(model, required=False)
         return model
 
 
@@ -77,7 +84,7 @@ class FSDP2Parallelizer:
 
     def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, *, pp_enabled: bool = False, dp_axis_names=("dp",), **_):
         if self.activation_checkpointing:
-            checkpoint_decoder_layers(model)
+            checkpoint_decoder_layers(model, required=False)
         mesh = self._fsdp_mesh()
         kwargs = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward)
         if self.mp_policy is not None:

@@ -35,6 +35,13 @@ def check_model_path(path: str, key: str = "model.pretrained_model_name_or_path"
         raise FileNotFoundError(f"{key}: {missing_asset_message(path)}")
 
 
+#: from_pretrained kwargs that say where the files come from (also the config's)
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
+#: from_pretrained kwargs that only steer how weights are read
+_LOAD_ONLY_KWARGS = ("low_cpu_mem_usage", "device_map", "max_memory", "offload_folder", "offload_state_dict",
+                     "use_safetensors", "weights_only", "key_mapping", "tp_plan")
+
+
 class NeMoAutoModelForCausalLM:
     """Loads Hugging Face causal LMs (hub id or local folder) with a dtype default of float32.
 
@@ -61,7 +68,10 @@ class NeMoAutoModelForCausalLM:
         if not load_weights:
             from .loading import empty_model
 
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+            hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
+            for k in _LOAD_ONLY_KWARGS:  # they steer a weight load, which does not happen here
+                kwargs.pop(k, None)
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
             model = empty_model(config, resolved, **kwargs)  # positional model_args only matter to a load
             model.name_or_path = str(pretrained_model_name_or_path)
             return model

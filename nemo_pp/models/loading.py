@@ -112,27 +112,30 @@ class SafetensorsCheckpoint:
         alias = self.tied.get(fqn)
         return alias if alias in self.weight_map else None
 
-    def check_covers(self, model: nn.Module) -> None:
-        """Check, from names only, that the checkpoint holds every tensor of ``model``
-        (a meta model is fine) and nothing else.
+    def check_covers(self, model: nn.Module) -> list[str]:
+        """Check, from names only, that the checkpoint holds every tensor of ``model`` (a
+        meta model is fine). Tensors the model does not have are left unread and
+        returned (logged once, as transformers does; older checkpoints carry e.g. rotary
+        ``inv_freq``).
+
+        Returns:
+            the unexpected tensor names.
 
         Raises:
-            ValueError: missing or unexpected tensors, named (at most 5 of each).
+            ValueError: missing tensors, named (at most 5).
         """
         state = _persistent_state(model)
         missing = sorted(k for k in state if self._source(k) is None)
-        derived = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
-        unexpected = sorted(k for k in self.weight_map if k not in state and k not in derived)
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} tensor(s) the model needs: {missing[:5]}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} tensor(s) the model does not have: {unexpected[:5]}")
+        if missing:
             raise ValueError(
                 f"model.pretrained_model_name_or_path: the checkpoint in {self.folder} does not match "
-                f"{type(model).__name__}: " + "; ".join(parts)
+                f"{type(model).__name__}: missing {len(missing)} tensor(s) the model needs: {missing[:5]}"
             )
+        unexpected = sorted(k for k in self.weight_map if k not in state)
+        if unexpected:
+            logger.warning("checkpoint tensors %s%s are not in %s and are not read", unexpected[:5],
+                           " ..." if len(unexpected) > 5 else "", type(model).__name__)
+        return unexpected
 
     @torch.no_grad()
     def load_into(self, module: nn.Module) -> None:

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from nemo_pp.distributed._torch_compat import run_schedule
 from nemo_pp.distributed.grads import divide_grads
 
 IGNORE_INDEX = -100
@@ -60,8 +61,7 @@ class TrainEngine:
         losses: list | None = [] if info.has_last_stage else None
         args = (ids,) if info.has_first_stage else ()
         target = labels if info.has_last_stage else None
-        run = info.schedule.step if train else info.schedule.eval
-        run(*args, target=target, losses=losses)
+        run_schedule(info.schedule, *args, train=train, target=target, losses=losses)
         if not losses:
             return torch.zeros((), device=self.device)
         return torch.stack([l.detach().float() for l in losses]).sum()

@@ -10,12 +10,15 @@ model) is what the recipe builds from; nothing later derives any of it again.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from nemo_pp.distributed.mesh import ParallelSizes, resolve_parallel_sizes
 from nemo_pp.distributed.pipelining.plan import PipelinePlan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,10 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True) -> RunP
     # the whole batch at once; gradient accumulation is the memory knob there.
     single = sizes.pp == 1 and not p.pp_schedule_csv and p.pp_schedule and is_single_stage_schedule(p.pp_schedule)
     microbatch_size = local_bs if single else p.pp_microbatch_size
+    if microbatch_size != p.pp_microbatch_size:
+        logger.warning("pp_size 1: the whole batch of %d runs as one microbatch (distributed.pipeline."
+                       "pp_microbatch_size=%d applies to pipelines; lower dataloader.batch_size and raise "
+                       "step_scheduler.global_batch_size to save activation memory)", local_bs, p.pp_microbatch_size)
     pipeline = make_pipeline_plan(
         model, pp_size=sizes.pp, pp_schedule=p.pp_schedule, pp_schedule_csv=p.pp_schedule_csv,
         pp_microbatch_size=microbatch_size, pp_batch_size=local_bs, layers_per_stage=p.layers_per_stage,

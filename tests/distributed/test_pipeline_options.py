@@ -210,7 +210,7 @@ def _run_fsdp_mixed_precision(rank, world):
         ap.parts[0].register_forward_hook(lambda m, a, out: sent.append(out.dtype))
     losses = step_once(ap.info, *batch)
     assert all(p.to_local().dtype == torch.float32 for part in ap.parts for p in part.parameters())  # fp32 masters
-    assert set(sent) <= {torch.bfloat16}  # the P2P activations are bf16
+    assert set(sent) == ({torch.bfloat16} if ap.info.has_first_stage else set())  # the P2P activations are bf16
     ap.scale_grads_by_divisor(tokens * mesh.sizes.dp)  # both dp ranks ran the same batch; FSDP summed them
     ap.sync_tied_grads()
     for part in ap.parts:

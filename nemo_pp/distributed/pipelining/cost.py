@@ -10,7 +10,8 @@ layer forward). Written out for grouped-query attention and gated (SwiGLU) MLPs:
 * decoder layer, forward: projections ``2bs(2h^2 + 2h*h_kv)`` (q and o: ``h x h``; k and
   v: ``h x h_kv``, ``h_kv = kv_heads * head_dim``), attention ``4bs*s_att*h`` where
   ``s_att`` is the mean number of keys a causal query sees (``(s+1)/2``, or the sliding
-  window), MLP ``2bs*h*I`` per projection (3 for a gated MLP, 2 otherwise);
+  window), MLP ``2bs*h*I`` per projection, three of them (gate, up, down: the gated
+  MLPs of Llama, Mistral, Qwen, Gemma, Phi-3, OLMo);
 * head (final norm + ``lm_head`` + loss): ``2bs*h*V`` forward for ``lm_head``;
 * embedding: a lookup, no FLOPs (its backward is a memory-bound scatter-add: timed on
   this CPU it costs about half a SmolLM2 layer; see docs/architecture.md).
@@ -59,7 +60,7 @@ def flop_costs(config, microbatch_size: int, seq_len: int) -> PieceCosts:
     Args:
         config: hidden_size, num_attention_heads, num_key_value_heads, head_dim,
             intermediate_size, vocab_size, num_hidden_layers, optional layer_types /
-            sliding_window, hidden_act.
+            sliding_window.
         microbatch_size: samples per microbatch (b).
         seq_len: tokens per sample (s).
     """
@@ -70,7 +71,7 @@ def flop_costs(config, microbatch_size: int, seq_len: int) -> PieceCosts:
     kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
     q = heads * head_dim
     inter = cfg.intermediate_size
-    gated = 3  # gate, up, down: Llama, Qwen, Mistral, Gemma, Phi-3 (fused gate_up), OLMo
+    gated = 3  # gate, up, down projections
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
 

@@ -32,8 +32,9 @@ class RankMemory:
     Attributes:
         pp_rank: the pipeline rank.
         stages: its global stage indices.
-        param_bytes / grad_bytes / optimizer_bytes: of its stages, divided by the FSDP
-            shard count.
+        param_bytes / optimizer_bytes: of its stages, divided by the FSDP shard count.
+        grad_bytes: of its stages, unsharded (FSDP2 reduce-scatters them only at the end
+            of the step; kept in the parameter dtype).
         activation_bytes: the most activation bytes it holds at once over a step.
         in_flight: ``{stage: most microbatches held at once}``.
     """
@@ -186,7 +187,10 @@ def memory_plan(
              else torch.empty(mb, seq_len, hidden, dtype=dtype, device="meta", requires_grad=True))
         labels = torch.zeros(mb, seq_len, dtype=torch.long, device="meta")
         act = saved_activation_bytes(part, x, loss_fn if last else None, labels)
-        layers = [layer for _, layer in iter_decoder_layers(find_layer_stack(part)[1])]
+        try:
+            layers = [layer for _, layer in iter_decoder_layers(find_layer_stack(part)[1])]
+        except ValueError:  # a stage without decoder layers (lm_head alone)
+            layers = []
         one_layer = 0
         if activation_checkpointing and layers:
             h = torch.empty(mb, seq_len, hidden, dtype=dtype, device="meta", requires_grad=True)
@@ -202,8 +206,11 @@ def memory_plan(
         peak = max((sum(n * per_stage[s][1] for s, n in held.items()) for held in slots), default=0)
         peak += max((recompute[s] for s in stages), default=0)
         in_flight = {s: max((held.get(s, 0) for held in slots), default=0) for s in stages}
-        params = sum(per_stage[s][0] for s in stages) // fsdp_shards
-        out.append(RankMemory(rank, stages, params, params, optimizer_states * params, peak, in_flight))
+        full = sum(per_stage[s][0] for s in stages)
+        params = full // fsdp_shards
+        # FSDP2 keeps each stage's gradient unsharded until the step's reduce-scatter (and
+        # across accumulated batches when deferring): a full copy, not a shard
+        out.append(RankMemory(rank, stages, params, full, optimizer_states * params, peak, in_flight))
     return out
 
 

@@ -29,14 +29,14 @@ def _get_hidden_and_vocab_size(model_config) -> tuple[int, int]:
 
 
 def _stage_float_dtype(stage, default: torch.dtype | None) -> torch.dtype:
-    """dtype of the activations a stage receives and sends: the pipeline's dtype, else
-    the compute dtype FSDP2 mixed precision set (``_nemo_pp_activation_dtype``), else the
-    stage's parameter dtype."""
-    if default is not None:
-        return default
+    """dtype of the activations a stage receives and sends: the compute dtype FSDP2 mixed
+    precision set (``_nemo_pp_activation_dtype``: it casts whatever the parameters are),
+    else the pipeline's dtype, else the stage's parameter dtype."""
     activation = getattr(stage.submod, "_nemo_pp_activation_dtype", None)
     if activation is not None:
         return activation
+    if default is not None:
+        return default
     for p in stage.submod.parameters():
         if p.is_floating_point():
             return p.dtype
