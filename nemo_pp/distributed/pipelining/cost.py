@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PieceCosts:
-    """Forward + backward cost of one microbatch through each piece (FLOPs).
+    """Forward + backward cost of one microbatch through each piece, in FLOPs
+    (:func:`flop_costs`) or seconds (:func:`profile_costs`).
 
     Attributes:
         embedding: the input embedding (first stage).

