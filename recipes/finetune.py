@@ -58,6 +58,15 @@ class FinetuneRecipe:
         self.mesh = build_device_mesh(self.dist.device.type, self.plan.sizes)
         set_seed(cfg.seed)
         self.is_main = self.dist.is_main
+        if cfg.distributed.pipeline.split == "profile" and self.plan.sizes.pp > 1:
+            # layer boundaries from piece times measured on rank 0's device, shared by all
+            from nemo_pp.training.preflight import profile_pipeline_costs
+
+            costs = profile_pipeline_costs(cfg, self.plan, self.dist.device, self.is_main)
+            self.plan = preflight_check(cfg, world_size=self.plan.sizes.world_size, piece_costs=costs)
+            if self.is_main:
+                print(f"split: profile: fwd+bwd per microbatch: embedding {costs.embedding:.3f} s, layer "
+                      f"{costs.layers[0]:.3f} s, head + loss {costs.head:.3f} s", flush=True)
         self.out_dir = Path(cfg.checkpoint.checkpoint_dir)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -103,6 +103,32 @@ def _check_sequence_lengths(cfg, text_cfg) -> None:
             )
 
 
+def _cost_seq_len(cfg) -> int:
+    return cfg.distributed.pipeline.pp_seq_len or (cfg.get("dataset") or {}).get("seq_length") or 1024
+
+
+def profile_pipeline_costs(cfg, run_plan: RunPlan, device, is_main: bool):
+    """For ``split: profile``: time each piece once on the main rank's device (a one-layer
+    random model of the config) and share the result, so every rank then plans the same
+    split (``preflight_check(..., piece_costs=...)``). Collective over the default group.
+
+    Returns:
+        :class:`~nemo_pp.distributed.pipelining.cost.PieceCosts` in seconds.
+    """
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    from nemo_pp.distributed.pipelining.cost import profile_costs
+
+    costs = [None]
+    if is_main:
+        config = AutoConfig.from_pretrained(run_plan.model_path)
+        costs[0] = profile_costs(config, run_plan.pipeline.microbatch_size, _cost_seq_len(cfg), device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(costs, src=0)
+    return costs[0]
+
+
 def _select(cfg, dotted: str):
     node = cfg
     for part in dotted.split("."):
@@ -110,7 +136,7 @@ def _select(cfg, dotted: str):
     return node
 
 
-def preflight_check(cfg, world_size: int, check_checkpoint: bool = True) -> RunPlan:
+def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_costs=None) -> RunPlan:
     """Validate ``cfg`` against ``world_size`` and plan the run; raise with the config key and the fix.
 
     Args:
@@ -118,6 +144,8 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True) -> RunP
         world_size: processes of the run.
         check_checkpoint: check the checkpoint's tensor names against the model (False
             to plan from a config folder that holds no weights).
+        piece_costs: measured piece costs for ``split: profile`` (see
+            :func:`profile_pipeline_costs`); without them that split uses the FLOP model.
 
     Raises:
         ValueError: parallel sizes vs world size, batch arithmetic, schedule constraints,
@@ -224,8 +252,8 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True) -> RunP
         model, pp_size=sizes.pp, pp_schedule=p.pp_schedule, pp_schedule_csv=p.pp_schedule_csv,
         pp_microbatch_size=microbatch_size, pp_batch_size=local_bs, layers_per_stage=p.layers_per_stage,
         round_virtual_stages_to_pp_multiple=p.round_virtual_stages_to_pp_multiple,
-        module_fqns_per_model_part=p.module_fqns_per_model_part, split=p.split,
-        seq_len=p.pp_seq_len or (cfg.get("dataset") or {}).get("seq_length"),
+        module_fqns_per_model_part=p.module_fqns_per_model_part, split=p.split, seq_len=_cost_seq_len(cfg),
+        piece_costs=piece_costs,
     )
     validate_hf_model_for_pipeline_support(model, p.patch_inner_model, p.patch_causal_lm_model, pipeline.num_stages)
     if d.activation_checkpointing:

@@ -114,7 +114,7 @@ class PipelineConfig:
     scale_grads_in_schedule: bool = False
     pp_seq_len: Optional[int] = setting(None, ge=1)
     dtype: Optional[str] = setting(None, choices=_DTYPES)
-    split: str = setting("balanced", choices=("balanced", "uniform"))
+    split: str = setting("balanced", choices=("balanced", "uniform", "profile"))
 
 
 @dataclass

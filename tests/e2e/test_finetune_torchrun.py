@@ -113,9 +113,11 @@ def test_empty_validation_split_fails_fast_with_the_key(real_assets, tmp_path):
 
 @pytest.mark.e2e
 def test_max_steps_0_validates_and_exports_without_training(real_assets, tmp_path):
+    """Also: split: profile times the pieces on rank 0 and every rank plans with them."""
     out = tmp_path / "run"
     proc = run_recipe(
         2, f"--checkpoint.checkpoint_dir={out}", "--step_scheduler.max_steps", "0",
+        "--distributed.pipeline.split", "profile",
         "--validation_dataset.seq_length", "96", "--validation_dataset.limit_dataset_samples", "8",
         "--dataset.limit_dataset_samples", "16",
     )
@@ -126,3 +128,4 @@ def test_max_steps_0_validates_and_exports_without_training(real_assets, tmp_pat
     assert summary["steps"] == 0 and summary["val_loss_before"] == summary["val_loss_after"] is not None
     assert (out / "hf_model" / "config.json").is_file()
     assert "stage 1 (pp_rank 1)" in proc.stdout  # the plan is printed before the run
+    assert "split: profile: fwd+bwd per microbatch" in proc.stdout  # timed on rank 0, shared

@@ -77,8 +77,11 @@ def test_virtual_stages_and_placement_use_the_balanced_split():
     assert layers == balanced_layer_counts(flop_costs(SMOLLM2, 1, 256), 4)
     uniform = make_pipeline_plan(model, 2, "interleaved_1f1b", pp_batch_size=4, split="uniform")
     assert [sum(".layers." in n for n in names) for names in uniform.module_fqns] == [8, 8, 7, 7]
-    with pytest.raises(ValueError, match="split must be 'balanced' or 'uniform'"):
-        make_pipeline_plan(model, 2, "1f1b", pp_batch_size=4, split="profile")
+    with pytest.raises(ValueError, match="split must be one of balanced, uniform, profile"):
+        make_pipeline_plan(model, 2, "1f1b", pp_batch_size=4, split="magic")
+    measured = PieceCosts(embedding=0.0, layers=(1.0,) * 30, head=15.0)  # a head timed at 15 layers
+    profiled = make_pipeline_plan(model, 2, "1f1b", pp_batch_size=4, split="profile", piece_costs=measured)
+    assert [sum(".layers." in n for n in names) for names in profiled.module_fqns] == [22, 8]
 
 
 def test_simulated_step_time_is_the_1f1b_formula_for_equal_stages():

@@ -66,7 +66,9 @@ class AutoPipeline:
         pp_seq_len: if set, stage shapes are precomputed at build time.
         split: ``"balanced"`` (default) places layer boundaries so the slowest stage is as
             close to the mean as whole layers allow, counting the output head and loss
-            (:mod:`.cost`); ``"uniform"`` spreads layers evenly, as the reference does.
+            (:mod:`.cost`); ``"uniform"`` spreads layers evenly, as the reference does;
+            ``"profile"`` balances by piece times measured on the device (the recipe times
+            them on rank 0 and passes the plan; here, without a plan, it is ``balanced``).
 
     ``moe_mesh`` and ``ep_*`` are passed to ``parallelize_fn``.
     ``patch_stage_backward_maybe_with_nosync`` must stay False: torch already defers FSDP

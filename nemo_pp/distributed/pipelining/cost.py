@@ -137,10 +137,10 @@ def balanced_layer_counts(costs: PieceCosts, num_stages: int) -> list[int]:
     return counts
 
 
-def profile_costs(config, microbatch_size: int, seq_len: int, repeats: int = 3) -> PieceCosts:
-    """:class:`PieceCosts` in seconds, timed on this machine's CPU with the current thread
-    count: forward + backward of one microbatch through the embedding, one decoder layer
-    (every layer is taken to cost the same) and the head with the loss, random weights.
+def profile_costs(config, microbatch_size: int, seq_len: int, repeats: int = 3, device=None) -> PieceCosts:
+    """:class:`PieceCosts` in seconds, timed on ``device`` (default CPU, with the current
+    thread count): forward + backward of one microbatch through the embedding, one decoder
+    layer (every layer is taken to cost the same) and the head with the loss, random weights.
 
     The FLOP model's blind spots show here: on CPU the embedding's scatter-add backward
     and the loss's softmax over the vocabulary are memory-bound.
@@ -158,10 +158,11 @@ def profile_costs(config, microbatch_size: int, seq_len: int, repeats: int = 3) 
     cfg.num_hidden_layers = 1
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = cfg.layer_types[:1]
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    device = torch.device(device or "cpu")
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device)
     inner, b, s = model.model, microbatch_size, seq_len
-    ids = torch.randint(0, cfg.vocab_size, (b, s))
-    position_ids = torch.arange(s).unsqueeze(0)
+    ids = torch.randint(0, cfg.vocab_size, (b, s), device=device)
+    position_ids = torch.arange(s, device=device).unsqueeze(0)
     loss_fn = MaskedCrossEntropy()
 
     def embedding():
@@ -169,22 +170,25 @@ def profile_costs(config, microbatch_size: int, seq_len: int, repeats: int = 3) 
         out.backward(torch.ones_like(out))
 
     def layer():
-        hidden = torch.randn(b, s, cfg.hidden_size, requires_grad=True)
+        hidden = torch.randn(b, s, cfg.hidden_size, device=device, requires_grad=True)
         rope = inner.rotary_emb(hidden, position_ids)
         out = inner.layers[0](hidden, attention_mask=None, position_embeddings=rope, position_ids=position_ids)
         out = out[0] if isinstance(out, tuple) else out
         out.backward(torch.ones_like(out))
 
     def head():
-        hidden = torch.randn(b, s, cfg.hidden_size, requires_grad=True)
+        hidden = torch.randn(b, s, cfg.hidden_size, device=device, requires_grad=True)
         loss_fn(model.lm_head(inner.norm(hidden)), ids).backward()
 
     def seconds(fn) -> float:
         fn()  # warm-up: allocations, kernel selection
         times = []
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
         return sorted(times)[len(times) // 2]

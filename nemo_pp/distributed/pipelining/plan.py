@@ -27,7 +27,7 @@ from .schedules import (
     runs_action_lists,
     schedule_style,
 )
-from .cost import balanced_layer_counts, flop_costs
+from .cost import PieceCosts, balanced_layer_counts, flop_costs
 from .split import auto_stage_module_names, calculate_virtual_stages, find_layer_stack, stage_ids_this_rank, validate_stage_modules
 
 __all__ = ["PipelinePlan", "make_pipeline_plan"]
@@ -182,15 +182,19 @@ def _csv_layout(path: str, pp_size: int, batch_size: int | None, microbatch_size
     return tuple(tuple(r) for r in rows), ids
 
 
-def _layer_counts(model, num_stages: int, split: str, layers_per_stage, microbatch_size: int, seq_len) -> list[int] | None:
+SPLITS = ("balanced", "uniform", "profile")
+
+
+def _layer_counts(model, num_stages: int, split: str, layers_per_stage, microbatch_size: int, seq_len,
+                  piece_costs: PieceCosts | None) -> list[int] | None:
     """Layers per stage for the automatic split (None: uniform)."""
-    if split not in ("balanced", "uniform"):
-        raise ValueError(f"{_KEY}.split must be 'balanced' or 'uniform', got '{split}'")
+    if split not in SPLITS:
+        raise ValueError(f"{_KEY}.split must be one of {', '.join(SPLITS)}, got '{split}'")
     config = getattr(model, "config", None)
     if split == "uniform" or layers_per_stage is not None or config is None:
         return None
     try:
-        costs = flop_costs(config, microbatch_size, seq_len or 1024)
+        costs = piece_costs or flop_costs(config, microbatch_size, seq_len or 1024)
     except AttributeError:  # not a transformers decoder config: nothing to weigh
         return None
     if len(costs.layers) != len(find_layer_stack(model)[1]):
@@ -211,6 +215,7 @@ def make_pipeline_plan(
     num_stages: int | None = None,
     split: str = "balanced",
     seq_len: int | None = None,
+    piece_costs: PieceCosts | None = None,
 ) -> PipelinePlan:
     """Plan the pipeline: stage count, placement, each stage's modules, microbatches.
 
@@ -232,11 +237,15 @@ def make_pipeline_plan(
         num_stages: the stage count, when already known (a schedule for built stages).
         split: how the automatic split places layer boundaries: ``"balanced"`` (default:
             the slowest stage as close to the mean as whole layers allow, by the FLOP
-            model of :mod:`.cost`, which counts the output head and the loss) or
-            ``"uniform"`` (equal layer counts). ``layers_per_stage`` and a manual split
+            model of :mod:`.cost`, which counts the output head and the loss),
+            ``"profile"`` (the same with ``piece_costs`` timed on the device; without
+            them, the FLOP model) or ``"uniform"`` (equal layer counts). ``layers_per_stage`` and a manual split
             override it; a model without a transformers config splits uniformly.
         seq_len: tokens per sample for the cost model (default 1024; it only moves the
             attention share).
+        piece_costs: measured costs to balance with instead of the FLOP model
+            (``split: profile``: :func:`.cost.profile_costs`, timed once on one rank and
+            shared, so every rank plans the same split).
 
     Returns:
         the :class:`PipelinePlan`.
@@ -288,7 +297,8 @@ def make_pipeline_plan(
         if module_fqns_per_model_part:
             names = [list(m) for m in module_fqns_per_model_part]
         else:
-            names = auto_stage_module_names(model, n, _layer_counts(model, n, split, layers_per_stage, pp_microbatch_size, seq_len))
+            names = auto_stage_module_names(model, n, _layer_counts(
+                model, n, split, layers_per_stage, pp_microbatch_size, seq_len, piece_costs))
         module_fqns = tuple(tuple(m) for m in validate_stage_modules(model, names))
     return PipelinePlan(
         pp_size=int(pp_size), schedule=name, schedule_csv=str(pp_schedule_csv) if pp_schedule_csv else None,
