@@ -253,7 +253,7 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
         pp_microbatch_size=microbatch_size, pp_batch_size=local_bs, layers_per_stage=p.layers_per_stage,
         round_virtual_stages_to_pp_multiple=p.round_virtual_stages_to_pp_multiple,
         module_fqns_per_model_part=p.module_fqns_per_model_part, split=p.split, seq_len=_cost_seq_len(cfg),
-        piece_costs=piece_costs,
+        piece_costs=piece_costs, max_stage_params=p.max_stage_params,
     )
     validate_hf_model_for_pipeline_support(model, p.patch_inner_model, p.patch_causal_lm_model, pipeline.num_stages)
     if d.activation_checkpointing:

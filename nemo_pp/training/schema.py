@@ -115,6 +115,7 @@ class PipelineConfig:
     pp_seq_len: Optional[int] = setting(None, ge=1)
     dtype: Optional[str] = setting(None, choices=_DTYPES)
     split: str = setting("balanced", choices=("balanced", "uniform", "profile"))
+    max_stage_params: Optional[int] = setting(None, ge=1, hint="null: no cap")
 
 
 @dataclass

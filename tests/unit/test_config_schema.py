@@ -110,7 +110,7 @@ def test_defaults_are_the_recipe_defaults():
         "scale_grads_in_schedule": False, "pp_seq_len": None,
     }  # fmt: skip
     new_pipeline = {"patch_stage_backward_maybe_with_nosync": False, "defer_fsdp_grad_sync": True, "dtype": None,
-                    "split": "balanced"}
+                    "split": "balanced", "max_stage_params": None}
     assert schema_defaults(FinetuneConfig) == {
         "seed": 42,
         "dist_env": {"device": "auto", "timeout_minutes": 10.0},

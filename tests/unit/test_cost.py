@@ -90,3 +90,20 @@ def test_simulated_step_time_is_the_1f1b_formula_for_equal_stages():
     for pp, m in ((2, 4), (4, 8)):
         plan = make_pipeline_plan(model, pp, "1f1b", pp_batch_size=m, split="uniform")
         assert simulated_step_seconds(plan, [3.0] * pp) == pytest.approx((m + pp - 1) * 3.0)
+
+
+def test_a_parameter_cap_shapes_the_balanced_split():
+    model = empty_model(SMOLLM2)
+    plan = lambda **kw: make_pipeline_plan(model, 2, "1f1b", pp_batch_size=4, seq_len=256, **kw)  # noqa: E731
+    params = [sum({id(p): p.numel() for n in names for p in model.get_submodule(n).parameters()}.values())
+              for names in plan().module_fqns]
+    assert [sum(".layers." in n for n in names) for names in plan().module_fqns] == [19, 11]
+    capped = plan(max_stage_params=params[0] - 1)  # stage 0 of the free split no longer fits
+    counts = [sum(".layers." in n for n in names) for names in capped.module_fqns]
+    capped_params = [sum({id(p): p.numel() for n in names for p in model.get_submodule(n).parameters()}.values())
+                     for names in capped.module_fqns]
+    assert counts[0] < 19 and max(capped_params) <= params[0] - 1
+    with pytest.raises(ValueError, match="max_stage_params: no split .* the smallest cap that works is"):
+        plan(max_stage_params=1000)
+    with pytest.raises(ValueError, match="max_stage_params shapes the balanced split"):
+        plan(max_stage_params=10**9, split="uniform")

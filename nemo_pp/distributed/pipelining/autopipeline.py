@@ -69,6 +69,7 @@ class AutoPipeline:
             (:mod:`.cost`); ``"uniform"`` spreads layers evenly, as the reference does;
             ``"profile"`` balances by piece times measured on the device (the recipe times
             them on rank 0 and passes the plan; here, without a plan, it is ``balanced``).
+        max_stage_params: cap on any stage's parameters for the balanced split.
 
     ``moe_mesh`` and ``ep_*`` are passed to ``parallelize_fn``.
     ``patch_stage_backward_maybe_with_nosync`` must stay False: torch already defers FSDP
@@ -106,6 +107,7 @@ class AutoPipeline:
         scale_grads_in_schedule: bool = False,
         pp_seq_len: Optional[int] = None,
         split: str = "balanced",
+        max_stage_params: Optional[int] = None,
     ):
         check_grad_sync_options(patch_stage_backward_maybe_with_nosync)
         if world_mesh is None:
@@ -138,6 +140,7 @@ class AutoPipeline:
         self.scale_grads_in_schedule = scale_grads_in_schedule
         self.pp_seq_len = pp_seq_len
         self.split = split
+        self.max_stage_params = max_stage_params
 
         self._info = PipelineInfo(False, None, False, False, None, None)
         self._plan: Optional[PipelinePlan] = None
@@ -167,6 +170,7 @@ class AutoPipeline:
             model, self.pp_size, self.pp_schedule, self.pp_schedule_csv, self.pp_microbatch_size,
             self.pp_batch_size, self.layers_per_stage, self.round_virtual_stages_to_pp_multiple,
             self.module_fqns_per_model_part, split=self.split, seq_len=self.pp_seq_len,
+            max_stage_params=self.max_stage_params,
         )
 
     def build(

@@ -90,8 +90,13 @@ def flop_costs(config, microbatch_size: int, seq_len: int) -> PieceCosts:
     )
 
 
-def balanced_layer_counts(costs: PieceCosts, num_stages: int) -> list[int]:
+def balanced_layer_counts(
+    costs: PieceCosts, num_stages: int, sizes: PieceCosts | None = None, max_stage_size: float | None = None
+) -> list[int]:
     """Layers per stage (consecutive, at least one each) that minimise the slowest stage.
+
+    With ``sizes`` (e.g. parameters per piece) and ``max_stage_size``, only splits whose
+    every stage stays within the cap are considered.
 
     Exact, by dynamic programming over (stages, layers), ``O(num_stages * L^2)``: first the
     smallest possible slowest-stage cost ``M``; then, among the splits whose every stage
@@ -100,7 +105,8 @@ def balanced_layer_counts(costs: PieceCosts, num_stages: int) -> list[int]:
     ranks, which 1F1B already makes hold the most microbatches.)
 
     Raises:
-        ValueError: fewer layers than stages.
+        ValueError: fewer layers than stages, or no split within the cap (the message
+            gives the smallest cap that would do).
     """
     n = len(costs.layers)
     if num_stages < 1 or n < num_stages:
@@ -109,9 +115,21 @@ def balanced_layer_counts(costs: PieceCosts, num_stages: int) -> list[int]:
     for c in costs.layers:
         prefix.append(prefix[-1] + c)
 
+    def total(pieces: PieceCosts, sums: list[float], i: int, j: int, stage: int) -> float:
+        return (sums[j] - sums[i] + (pieces.embedding if stage == 0 else 0.0)
+                + (pieces.head if stage == num_stages - 1 else 0.0))
+
     def cost(i: int, j: int, stage: int) -> float:  # stage holds layers i..j-1
-        return (prefix[j] - prefix[i] + (costs.embedding if stage == 0 else 0.0)
-                + (costs.head if stage == num_stages - 1 else 0.0))
+        return total(costs, prefix, i, j, stage)
+
+    fits = lambda i, j, stage: True  # noqa: E731
+    if sizes is not None and max_stage_size is not None:
+        size_prefix = [0.0]
+        for c in sizes.layers:
+            size_prefix.append(size_prefix[-1] + c)
+
+        def fits(i: int, j: int, stage: int) -> bool:
+            return total(sizes, size_prefix, i, j, stage) <= max_stage_size
 
     def solve(combine, start: float, cap: float = float("inf")):
         inf = float("inf")
@@ -122,7 +140,7 @@ def balanced_layer_counts(costs: PieceCosts, num_stages: int) -> list[int]:
             for j in range(k, n - (num_stages - k) + 1):
                 for i in range(k - 1, j):
                     c = cost(i, j, k - 1)
-                    if c <= cap and best[k - 1][i] < inf:
+                    if c <= cap and best[k - 1][i] < inf and fits(i, j, k - 1):
                         value = combine(best[k - 1][i], c)
                         if value < best[k][j]:
                             best[k][j], cut[k][j] = value, i
@@ -133,6 +151,11 @@ def balanced_layer_counts(costs: PieceCosts, num_stages: int) -> list[int]:
         return best[num_stages][n], counts[::-1]
 
     slowest, _ = solve(max, 0.0)
+    if slowest == float("inf"):
+        smallest = balanced_layer_counts(sizes, num_stages)  # the split with the smallest largest stage
+        need = max(sizes.stage_costs(smallest))
+        raise ValueError(f"no split of {n} layers into {num_stages} stages keeps every stage within "
+                         f"{max_stage_size:,.0f}; the smallest cap that works is {need:,.0f}")
     _, counts = solve(lambda acc, c: acc + c * c, 0.0, cap=slowest * (1 + 1e-9))
     return counts
 

@@ -28,7 +28,14 @@ from .schedules import (
     schedule_style,
 )
 from .cost import PieceCosts, balanced_layer_counts, flop_costs
-from .split import auto_stage_module_names, calculate_virtual_stages, find_layer_stack, stage_ids_this_rank, validate_stage_modules
+from .split import (
+    auto_stage_module_names,
+    calculate_virtual_stages,
+    find_layer_stack,
+    outer_modules,
+    stage_ids_this_rank,
+    validate_stage_modules,
+)
 
 __all__ = ["PipelinePlan", "make_pipeline_plan"]
 
@@ -185,12 +192,27 @@ def _csv_layout(path: str, pp_size: int, batch_size: int | None, microbatch_size
 SPLITS = ("balanced", "uniform", "profile")
 
 
+def _param_sizes(model: nn.Module) -> PieceCosts:
+    """Parameters of each piece: first-stage modules, each layer, last-stage modules (a
+    tied embedding counts on both ends: each holds a copy)."""
+    def count(module_fqns):
+        return sum({id(p): p.numel() for n in module_fqns for p in model.get_submodule(n).parameters()}.values())
+
+    first, last, _ = outer_modules(model)
+    _, stack = find_layer_stack(model)
+    return PieceCosts(embedding=count(first), head=count(last),
+                      layers=tuple(sum(p.numel() for p in layer.parameters()) for layer in stack._modules.values()))
+
+
 def _layer_counts(model, num_stages: int, split: str, layers_per_stage, microbatch_size: int, seq_len,
-                  piece_costs: PieceCosts | None) -> list[int] | None:
+                  piece_costs: PieceCosts | None, max_stage_params: int | None) -> list[int] | None:
     """Layers per stage for the automatic split (None: uniform)."""
     if split not in SPLITS:
         raise ValueError(f"{_KEY}.split must be one of {', '.join(SPLITS)}, got '{split}'")
     config = getattr(model, "config", None)
+    if max_stage_params is not None and (split == "uniform" or layers_per_stage is not None):
+        raise ValueError(f"{_KEY}.max_stage_params shapes the balanced split: set {_KEY}.split to balanced or "
+                         f"profile and {_KEY}.layers_per_stage to null")
     if split == "uniform" or layers_per_stage is not None or config is None:
         return None
     try:
@@ -199,7 +221,12 @@ def _layer_counts(model, num_stages: int, split: str, layers_per_stage, microbat
         return None
     if len(costs.layers) != len(find_layer_stack(model)[1]):
         return None  # a config that does not describe this layer stack
-    return balanced_layer_counts(costs, num_stages)
+    if max_stage_params is None:
+        return balanced_layer_counts(costs, num_stages)
+    try:
+        return balanced_layer_counts(costs, num_stages, _param_sizes(model), max_stage_params)
+    except ValueError as exc:
+        raise ValueError(f"{_KEY}.max_stage_params: {exc} parameters; raise it or add stages") from None
 
 
 def make_pipeline_plan(
@@ -216,6 +243,7 @@ def make_pipeline_plan(
     split: str = "balanced",
     seq_len: int | None = None,
     piece_costs: PieceCosts | None = None,
+    max_stage_params: int | None = None,
 ) -> PipelinePlan:
     """Plan the pipeline: stage count, placement, each stage's modules, microbatches.
 
@@ -246,6 +274,8 @@ def make_pipeline_plan(
         piece_costs: measured costs to balance with instead of the FLOP model
             (``split: profile``: :func:`.cost.profile_costs`, timed once on one rank and
             shared, so every rank plans the same split).
+        max_stage_params: a cap on any stage's parameters for the balanced split (a
+            memory budget: parameters, their gradients and optimizer state scale with it).
 
     Returns:
         the :class:`PipelinePlan`.
@@ -298,7 +328,7 @@ def make_pipeline_plan(
             names = [list(m) for m in module_fqns_per_model_part]
         else:
             names = auto_stage_module_names(model, n, _layer_counts(
-                model, n, split, layers_per_stage, pp_microbatch_size, seq_len, piece_costs))
+                model, n, split, layers_per_stage, pp_microbatch_size, seq_len, piece_costs, max_stage_params))
         module_fqns = tuple(tuple(m) for m in validate_stage_modules(model, names))
     return PipelinePlan(
         pp_size=int(pp_size), schedule=name, schedule_csv=str(pp_schedule_csv) if pp_schedule_csv else None,

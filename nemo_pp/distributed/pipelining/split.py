@@ -219,6 +219,27 @@ def auto_stage_module_names(model: nn.Module, num_stages: int, counts: Sequence[
         ValueError: no layer stack (see :func:`find_layer_stack`), fewer layers than stages.
     """
     stack_fqn, stack = find_layer_stack(model)
+    first, last, everywhere = outer_modules(model)
+    keys = list(stack._modules.keys())
+    out, start = [], 0
+    counts = list(counts) if counts is not None else layer_counts(len(keys), num_stages)
+    if len(counts) != num_stages or sum(counts) != len(keys) or min(counts) < 1:
+        raise ValueError(f"layer counts {counts} do not split {len(keys)} layers into {num_stages} stages")
+    for stage, n in enumerate(counts):
+        names = list(first) if stage == 0 else []
+        names += [f"{stack_fqn}.{k}" for k in keys[start:start + n]]
+        start += n
+        if stage == num_stages - 1:
+            names += last
+        out.append(names + everywhere)
+    return out
+
+
+def outer_modules(model: nn.Module) -> tuple[list[str], list[str], list[str]]:
+    """``(first, last, everywhere)``: the FQNs of the modules outside the layer stack that
+    go to the first stage, to the last stage and to every stage
+    (see :func:`auto_stage_module_names`)."""
+    stack_fqn, _ = find_layer_stack(model)
     parts = stack_fqn.split(".")
     first, last, everywhere = [], [], []
     node, prefix = model, ""
@@ -238,19 +259,7 @@ def auto_stage_module_names(model: nn.Module, num_stages: int, counts: Sequence[
                 tail_here.append(fqn)
         last[:0] = tail_here  # deeper levels (the final norm) before outer ones (lm_head)
         node, prefix = getattr(node, step), prefix + step + "."
-    keys = list(stack._modules.keys())
-    out, start = [], 0
-    counts = list(counts) if counts is not None else layer_counts(len(keys), num_stages)
-    if len(counts) != num_stages or sum(counts) != len(keys) or min(counts) < 1:
-        raise ValueError(f"layer counts {counts} do not split {len(keys)} layers into {num_stages} stages")
-    for stage, n in enumerate(counts):
-        names = list(first) if stage == 0 else []
-        names += [f"{stack_fqn}.{k}" for k in keys[start:start + n]]
-        start += n
-        if stage == num_stages - 1:
-            names += last
-        out.append(names + everywhere)
-    return out
+    return first, last, everywhere
 
 
 def validate_stage_modules(model: nn.Module, module_names_per_stage: list[list[str]]) -> list[list[str]]:
