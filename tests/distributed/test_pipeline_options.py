@@ -19,6 +19,17 @@ from tests.tiny_models import tiny_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _assert_matches_reference(ap, losses, tokens, ref_grads, ref_loss) -> None:
+    """Token-normalised grads (tied copies summed) and loss equal the unsplit model's."""
+    ap.scale_grads_by_divisor(tokens)
+    ap.sync_tied_grads()
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=1e-4)
+    if losses:
+        assert abs(float(sum(l.detach() for l in losses)) / tokens - ref_loss) < 1e-5
+
+
 @pytest.mark.parametrize(
     "world,pp,inner,outer",
     [
@@ -165,13 +176,7 @@ def _run_checkpointed(rank, world):
     ap.update_seq_len(16)
     losses = step_once(ap.info, *batch)
     assert calls[0] == 2 * 2 * 4  # 2 local layers x 4 microbatches, each run again in backward
-    ap.scale_grads_by_divisor(tokens)
-    ap.sync_tied_grads()
-    for part in ap.parts:
-        for name, p in part.named_parameters():
-            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=1e-4)
-    if losses:
-        assert abs(float(sum(l.detach() for l in losses)) / tokens - ref_loss) < 1e-5
+    _assert_matches_reference(ap, losses, tokens, ref_grads, ref_loss)
     return True
 
 
@@ -241,13 +246,7 @@ def _run_balanced(rank, world):
                       device=torch.device("cpu")).build(ref, loss_fn=sum_ce)
     counts = [sum(".layers." in n for n in names) for names in ap.plan.module_fqns]
     losses = step_once(ap.info, *batch)
-    ap.scale_grads_by_divisor(tokens)
-    ap.sync_tied_grads()
-    for part in ap.parts:
-        for name, p in part.named_parameters():
-            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=1e-4)
-    if losses:
-        assert abs(float(sum(l.detach() for l in losses)) / tokens - ref_loss) < 1e-5
+    _assert_matches_reference(ap, losses, tokens, ref_grads, ref_loss)
     return counts
 
 
