@@ -100,8 +100,7 @@ class FinetuneRecipe:
         weights = None
         if self.plan.meta_build:
             model = instantiate(cfg.model, load_weights=False)
-            tied = dict([tied_param_fqns(model)[::-1]]) if is_tied(model) else {}
-            weights = SafetensorsCheckpoint(self.plan.model_path, tied)
+            weights = SafetensorsCheckpoint.for_model(self.plan.model_path, model)
         else:
             model = instantiate(cfg.model)
         self.model_config = model.config

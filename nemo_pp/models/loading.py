@@ -78,8 +78,9 @@ class SafetensorsCheckpoint:
 
     Args:
         path: a local folder, or a hub id (then fetched with ``huggingface_hub``).
-        tied: ``{output_fqn: input_fqn}`` for tied weights a checkpoint stores once
-            (``{"lm_head.weight": "model.embed_tokens.weight"}``).
+        tied: ``{fqn: alias}`` for tied weights a checkpoint stores once
+            (``{"lm_head.weight": "model.embed_tokens.weight"}``); :meth:`for_model`
+            derives it from the model.
 
     Raises:
         FileNotFoundError: the folder has neither file (names ``model.pretrained_model_name_or_path``).
@@ -105,6 +106,16 @@ class SafetensorsCheckpoint:
             raise FileNotFoundError(
                 f"model.pretrained_model_name_or_path: {folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}"
             )
+
+    @classmethod
+    def for_model(cls, path: str | Path, model: nn.Module) -> "SafetensorsCheckpoint":
+        """The checkpoint at ``path`` for ``model``: a parameter the model shares under
+        several FQNs (a tied embedding) may be stored under any one of them."""
+        names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        tied = {a: b for group in names.values() if len(group) > 1 for a in group for b in group if a != b}
+        return cls(path, tied)
 
     def _source(self, fqn: str) -> str | None:
         if fqn in self.weight_map:

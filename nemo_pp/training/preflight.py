@@ -163,7 +163,6 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
     from nemo_pp.distributed.pipelining.hf_utils import validate_hf_model_for_pipeline_support
     from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
     from nemo_pp.distributed.pipelining.schedules import is_single_stage_schedule
-    from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
     from nemo_pp.models.auto_model import loads_per_stage, resolve_dtype
     from nemo_pp.models.loading import SafetensorsCheckpoint, empty_model
 
@@ -237,8 +236,7 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
     text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     _check_sequence_lengths(cfg, text_cfg)
     if meta_build and check_checkpoint:
-        tied = dict([tied_param_fqns(model)[::-1]]) if is_tied(model) else {}
-        SafetensorsCheckpoint(str(model_path), tied).check_covers(model)  # names only, no weight read
+        SafetensorsCheckpoint.for_model(str(model_path), model).check_covers(model)  # names only, no weight read
     # Without a pipeline, microbatches only cost (small matmuls; measured: 4 x [1, 256] take
     # 1.6x as long as one [4, 256] on 2 threads): one stage of a single-stage schedule runs
     # the whole batch at once; gradient accumulation is the memory knob there.

@@ -18,7 +18,7 @@ def _run_meta(rank, world, ckpt, pp, schedule):
     from nemo_pp.distributed.parallelize import FSDP2Parallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.distributed.pipelining.schedules import SPLIT_BACKWARD_SCHEDULES, canonical_schedule_name
-    from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
+    from nemo_pp.distributed.pipelining.tied import is_tied
     from nemo_pp.models import NeMoAutoModelForCausalLM
     from nemo_pp.models.loading import SafetensorsCheckpoint
 
@@ -26,7 +26,7 @@ def _run_meta(rank, world, ckpt, pp, schedule):
     eager = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     model = NeMoAutoModelForCausalLM.from_pretrained(ckpt, load_weights=False)
     assert all(p.is_meta for p in model.parameters())
-    weights = SafetensorsCheckpoint(ckpt, dict([tied_param_fqns(model)[::-1]]) if is_tied(model) else {})
+    weights = SafetensorsCheckpoint.for_model(ckpt, model)
     split_backward = canonical_schedule_name(schedule) in SPLIT_BACKWARD_SCHEDULES  # FSDP2 must not reshard then
     fsdp = FSDP2Parallelizer(mesh, reshard_after_forward=not split_backward) if mesh.sizes.dp > 1 else None
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4, device=torch.device("cpu")).build(
