@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     from nemo_pp.distributed.pipelining.memory import memory_plan
+    from nemo_pp.distributed.pipelining.split import stage_parameters
     from nemo_pp.models.auto_model import resolve_dtype
     from nemo_pp.models.loading import empty_model
 
     model = empty_model(AutoConfig.from_pretrained(run.model_path), resolve_dtype(cfg.model.get("torch_dtype")))
     plan = run.pipeline
-    counts = [sum({id(t): t.numel() for n in names for t in model.get_submodule(n).parameters()}.values())
-              for names in plan.module_fqns]
+    counts = [sum(t.numel() for t in stage_parameters(model, names)) for names in plan.module_fqns]
     total = sum(t.numel() for t in model.parameters())
     print(f"{type(model).__name__}: {model.config.num_hidden_layers} layers, {total:,} parameters"
           f"{' (tied embeddings: a copy on the first and the last stage)' if model.config.tie_word_embeddings else ''}")

@@ -15,7 +15,7 @@ from ..grads import clip_grad_norm_across_stages, divide_grads
 from .functional import ParallelizeFnProtocol, check_grad_sync_options, pipeline_from_plan, reset_pp_stage_shapes
 from .hf_utils import validate_hf_model_for_pipeline_support
 from .plan import PipelinePlan, make_pipeline_plan
-from .split import validate_stage_modules
+from .split import stage_parameters, validate_stage_modules
 from .tied import TiedEmbeddingSync, is_tied, tied_param_fqns
 
 logger = logging.getLogger(__name__)
@@ -203,16 +203,18 @@ class AutoPipeline:
         """
         if self.dtype is not None:
             model = model.to(self.dtype)
-        plan = plan if plan is not None else self.make_plan(model)
+        if plan is None:
+            plan = self.make_plan(model)  # validates its module table against the model
+        elif plan.module_fqns is None:
+            raise ValueError("AutoPipeline.build needs a plan made with the model (module_fqns is None)")
+        else:
+            validate_stage_modules(model, [list(m) for m in plan.module_fqns])  # the plan covers this very model
         if (plan.microbatch_size, plan.batch_size) != (self.pp_microbatch_size, self.pp_batch_size):
             raise ValueError(
                 f"the plan's microbatches ({plan.batch_size} samples in microbatches of {plan.microbatch_size}) differ "
                 f"from this AutoPipeline's pp_batch_size={self.pp_batch_size}, pp_microbatch_size={self.pp_microbatch_size}"
             )
         validate_hf_model_for_pipeline_support(model, self.patch_inner_model, self.patch_causal_lm_model, plan.num_stages)
-        if plan.module_fqns is None:
-            raise ValueError("AutoPipeline.build needs a plan made with the model (module_fqns is None)")
-        validate_stage_modules(model, [list(m) for m in plan.module_fqns])  # the plan covers this very model
         tied = plan.num_stages > 1 and is_tied(model)
         tied_fqns = tied_param_fqns(model) if tied else None
         self._model_config = getattr(model, "config", None)
@@ -364,6 +366,5 @@ class AutoPipeline:
 
 
 def _count(model: nn.Module, module_fqns, trainable_only: bool) -> int:
-    """Parameters of one stage, each counted once (a tie inside the stage is one tensor)."""
-    params = {id(p): p for n in module_fqns for p in model.get_submodule(n).parameters()}
-    return sum(p.numel() for p in params.values() if p.requires_grad or not trainable_only)
+    """Parameters of one stage, counted once each."""
+    return sum(p.numel() for p in stage_parameters(model, module_fqns) if p.requires_grad or not trainable_only)

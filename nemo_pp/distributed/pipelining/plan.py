@@ -23,6 +23,7 @@ from .schedules import (
     check_stage_layout,
     csv_stage_ids,
     is_single_stage_schedule,
+    microbatch_count,
     read_schedule_csv,
     runs_action_lists,
     schedule_style,
@@ -34,6 +35,7 @@ from .split import (
     find_layer_stack,
     outer_modules,
     stage_ids_this_rank,
+    stage_parameters,
     validate_stage_modules,
 )
 
@@ -174,12 +176,7 @@ def _csv_layout(path: str, pp_size: int, batch_size: int | None, microbatch_size
             f"rows hold {[list(i) for i in ids]}"
         )
     if batch_size is not None:
-        if batch_size % microbatch_size:
-            raise ValueError(
-                f"pp_batch_size (dataloader.batch_size = {batch_size}) is not divisible by "
-                f"{_KEY}.pp_microbatch_size = {microbatch_size}"
-            )
-        n_mb = batch_size // microbatch_size
+        n_mb = microbatch_count(batch_size, microbatch_size)
         used = {a.microbatch_index for row in rows for a in row if a is not None and a.microbatch_index is not None}
         if used != set(range(n_mb)):
             raise ValueError(
@@ -196,7 +193,7 @@ def _param_sizes(model: nn.Module) -> PieceCosts:
     """Parameters of each piece: first-stage modules, each layer, last-stage modules (a
     tied embedding counts on both ends: each holds a copy)."""
     def count(module_fqns):
-        return sum({id(p): p.numel() for n in module_fqns for p in model.get_submodule(n).parameters()}.values())
+        return sum(p.numel() for p in stage_parameters(model, module_fqns))
 
     first, last, _ = outer_modules(model)
     _, stack = find_layer_stack(model)

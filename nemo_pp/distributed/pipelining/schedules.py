@@ -113,6 +113,23 @@ def check_stage_layout(schedule: str, pp_size: int, num_stages: int) -> str:
     return name
 
 
+def microbatch_count(batch_size: int, microbatch_size: int) -> int:
+    """Microbatches per ``schedule.step``.
+
+    Raises:
+        ValueError: a size below 1, or a batch that is not a multiple of the microbatch.
+    """
+    if microbatch_size < 1 or batch_size < 1:
+        raise ValueError("distributed.pipeline.pp_microbatch_size and dataloader.batch_size must be >= 1")
+    if batch_size % microbatch_size:
+        raise ValueError(
+            f"pp_batch_size (dataloader.batch_size = {batch_size}) is not divisible by "
+            f"distributed.pipeline.pp_microbatch_size = {microbatch_size}; choose a batch size that "
+            "is a multiple of the microbatch size"
+        )
+    return batch_size // microbatch_size
+
+
 def check_schedule_constraints(
     schedule: str,
     pp_size: int,
@@ -134,15 +151,7 @@ def check_schedule_constraints(
             cannot run; naming the config key and the fix.
     """
     name = check_stage_layout(schedule, pp_size, num_stages)
-    if microbatch_size < 1 or local_batch_size < 1:
-        raise ValueError("distributed.pipeline.pp_microbatch_size and dataloader.batch_size must be >= 1")
-    if local_batch_size % microbatch_size != 0:
-        raise ValueError(
-            f"pp_batch_size (dataloader.batch_size = {local_batch_size}) is not divisible by "
-            f"distributed.pipeline.pp_microbatch_size = {microbatch_size}; choose a batch size that "
-            f"is a multiple of the microbatch size"
-        )
-    n_mb = local_batch_size // microbatch_size
+    n_mb = microbatch_count(local_batch_size, microbatch_size)
     if name in ("1F1B", "DualPipeV") and n_mb < num_stages:
         raise ValueError(
             f"schedule {name} needs at least as many microbatches as stages: {n_mb} microbatches "

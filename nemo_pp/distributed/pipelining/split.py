@@ -329,6 +329,12 @@ def _check_shared_parameters(model: nn.Module, all_params, stage_of: dict[str, i
             )
 
 
+def stage_parameters(model: nn.Module, module_fqns: Sequence[str]) -> list[nn.Parameter]:
+    """The parameters of a stage's modules, each once (a tie inside the stage is one tensor)."""
+    unique = {id(p): p for name in module_fqns for p in model.get_submodule(name).parameters()}
+    return list(unique.values())
+
+
 def copy_pruned(model: nn.Module, keep: Sequence[str]) -> nn.Module:
     """Deep-copy only the modules named in ``keep`` (and their ancestors).
 
