@@ -25,6 +25,8 @@ Everything else in nemo_pp goes through the functions below.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Sequence
 
 import torch
@@ -209,13 +211,15 @@ def flatten_mesh(mesh, name: str):
     return mesh._flatten(name)
 
 
+@functools.cache
+def _step_takes_return_outputs(schedule_class: type) -> bool:
+    return "return_outputs" in inspect.signature(schedule_class.step).parameters
+
+
 def run_schedule(schedule, *args, train: bool = True, **kwargs):
     """``schedule.step`` (or ``.eval``) without keeping the last stage's outputs: torch
     otherwise holds every microbatch's logits until the step ends (``return_outputs``,
     torch >= 2.12; older torch keeps them)."""
-    import inspect
-
-    run = schedule.step if train else schedule.eval
-    if "return_outputs" in inspect.signature(schedule.step).parameters:
+    if _step_takes_return_outputs(type(schedule)):
         kwargs["return_outputs"] = False
-    return run(*args, **kwargs)
+    return (schedule.step if train else schedule.eval)(*args, **kwargs)

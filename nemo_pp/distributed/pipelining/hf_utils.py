@@ -163,12 +163,17 @@ def create_pipeline_forward_causal_lm() -> Callable:
     return forward
 
 
+@functools.cache
+def _model_output_class() -> type:
+    from transformers.utils import ModelOutput
+
+    return ModelOutput
+
+
 def _as_tensor(out):
     """The tensor a stage passes on: ``logits`` or ``last_hidden_state`` of a ``ModelOutput``;
     tensors and tuples unchanged."""
-    from transformers.utils import ModelOutput
-
-    if not isinstance(out, ModelOutput):
+    if not isinstance(out, _model_output_class()):
         return out
     for key in ("logits", "last_hidden_state"):
         value = out.get(key)
