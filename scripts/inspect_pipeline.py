@@ -25,7 +25,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from nemo_pp.config import ConfigError, parse_cli
     from nemo_pp.distributed.pipelining.visualize import bubble_fraction, save_schedule_png, schedule_actions
-    from nemo_pp.training.preflight import preflight_check
+    from nemo_pp.training.preflight import planning_seq_len, preflight_check
     from nemo_pp.training.schema import load_recipe_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     save_schedule_png(actions, known.png, title=title)
     print(f"schedule picture: {known.png}")
 
-    seq_len = known.seq_len or d.pipeline.pp_seq_len or (cfg.get("dataset") or {}).get("seq_length")
+    seq_len = known.seq_len or planning_seq_len(cfg)
     if not seq_len:
         print("cost and memory plan: pass --seq-len (no pp_seq_len or dataset.seq_length in the config)")
         return 0

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 
 from nemo_pp.distributed.mesh import ParallelSizes, resolve_parallel_sizes
 from nemo_pp.distributed.pipelining.plan import PipelinePlan
@@ -93,9 +94,7 @@ def _check_sequence_lengths(cfg, text_cfg) -> None:
     if limit is None:
         return
     for key in ("dataset.seq_length", "validation_dataset.seq_length", "distributed.pipeline.pp_seq_len"):
-        section, _, leaf = key.rpartition(".")
-        node = _select(cfg, section)
-        value = node.get(leaf) if node is not None else None
+        value = OmegaConf.select(cfg, key)
         if value is not None and int(value) > int(limit):
             raise ValueError(
                 f"{key}={value} exceeds the model's max_position_embeddings={limit}; "
@@ -103,8 +102,10 @@ def _check_sequence_lengths(cfg, text_cfg) -> None:
             )
 
 
-def _cost_seq_len(cfg) -> int:
-    return cfg.distributed.pipeline.pp_seq_len or (cfg.get("dataset") or {}).get("seq_length") or 1024
+def planning_seq_len(cfg) -> int | None:
+    """Tokens per sample the plan weighs stages at: ``distributed.pipeline.pp_seq_len``,
+    else ``dataset.seq_length`` (None when neither is set)."""
+    return cfg.distributed.pipeline.pp_seq_len or OmegaConf.select(cfg, "dataset.seq_length")
 
 
 def profile_pipeline_costs(cfg, run_plan: RunPlan, device, is_main: bool):
@@ -123,17 +124,10 @@ def profile_pipeline_costs(cfg, run_plan: RunPlan, device, is_main: bool):
     costs = [None]
     if is_main:
         config = AutoConfig.from_pretrained(run_plan.model_path)
-        costs[0] = profile_costs(config, run_plan.pipeline.microbatch_size, _cost_seq_len(cfg), device=device)
+        costs[0] = profile_costs(config, run_plan.pipeline.microbatch_size, planning_seq_len(cfg) or 1024, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(costs, src=0)
     return costs[0]
-
-
-def _select(cfg, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node.get(part) if node is not None else None
-    return node
 
 
 def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_costs=None) -> RunPlan:
@@ -250,7 +244,7 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
         model, pp_size=sizes.pp, pp_schedule=p.pp_schedule, pp_schedule_csv=p.pp_schedule_csv,
         pp_microbatch_size=microbatch_size, pp_batch_size=local_bs, layers_per_stage=p.layers_per_stage,
         round_virtual_stages_to_pp_multiple=p.round_virtual_stages_to_pp_multiple,
-        module_fqns_per_model_part=p.module_fqns_per_model_part, split=p.split, seq_len=_cost_seq_len(cfg),
+        module_fqns_per_model_part=p.module_fqns_per_model_part, split=p.split, seq_len=planning_seq_len(cfg),
         piece_costs=piece_costs, max_stage_params=p.max_stage_params,
     )
     validate_hf_model_for_pipeline_support(model, p.patch_inner_model, p.patch_causal_lm_model, pipeline.num_stages)
