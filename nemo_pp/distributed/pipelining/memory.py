@@ -85,17 +85,9 @@ def _fused_sdpa(query, key, value, *args, **kwargs):
 def saved_activation_bytes(part: nn.Module, inputs: torch.Tensor, loss_fn=None, labels=None) -> int:
     """Bytes autograd keeps for backward after one forward of ``part`` on meta ``inputs``
     (``[mb, S] int64`` ids or ``[mb, S, H]`` hidden states), parameters excluded."""
-    params = {id(p) for p in part.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        if _owner(t) not in params:
-            saved[_owner(t)] = _owner_bytes(t)
-        return t
-
     # no mask tensor: it would need data on the meta device; SDPA then runs causal
     masks = {"full_attention": None, "sliding_attention": None}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _counting_fused_attention():
+    with _counting_saved_tensors(part) as saved:
         out = part(inputs, causal_mask_mapping=masks)
         if loss_fn is not None:
             loss_fn(out, labels)
@@ -103,11 +95,23 @@ def saved_activation_bytes(part: nn.Module, inputs: torch.Tensor, loss_fn=None, 
 
 
 @contextlib.contextmanager
-def _counting_fused_attention():
+def _counting_saved_tensors(module: nn.Module):
+    """Yield ``{owner id: bytes}`` of every tensor autograd saves inside the block, the
+    module's parameters (and views of them) excluded, attention counted as a fused kernel
+    keeps it."""
+    params = {id(p) for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if _owner(t) not in params:
+            saved[_owner(t)] = _owner_bytes(t)
+        return t
+
     original = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _fused_sdpa
     try:
-        yield
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield saved
     finally:
         F.scaled_dot_product_attention = original
 
@@ -221,14 +225,6 @@ def _layer_bytes(part: nn.Module, layer: nn.Module, hidden: torch.Tensor) -> int
     rotary = getattr(inner, "rotary_emb", None)
     position_ids = torch.arange(hidden.shape[1], device="meta").unsqueeze(0)
     embeddings = rotary(hidden, position_ids) if rotary is not None else None
-    params = {id(p) for p in layer.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        if _owner(t) not in params:
-            saved[_owner(t)] = _owner_bytes(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _counting_fused_attention():
+    with _counting_saved_tensors(layer) as saved:
         layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=position_ids)
     return sum(saved.values())
