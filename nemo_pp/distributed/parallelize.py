@@ -9,8 +9,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from .pipelining.hf_utils import iter_decoder_layers
-from .pipelining.split import find_layer_stack
+from .pipelining.split import decoder_layers
 
 
 def checkpoint_decoder_layers(model: nn.Module, required: bool = True) -> int:
@@ -34,12 +33,11 @@ def checkpoint_decoder_layers(model: nn.Module, required: bool = True) -> int:
             ``distributed.activation_checkpointing``).
     """
     try:
-        _, stack = find_layer_stack(model)
+        layers = decoder_layers(model)
     except ValueError as exc:
         if not required:
             return 0
         raise ValueError(f"distributed.activation_checkpointing: {exc}") from None
-    layers = [layer for _, layer in iter_decoder_layers(stack)]
     for layer in layers:
         if not getattr(layer.forward, "_nemo_pp_checkpointed", False):
             forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
@@ -91,8 +89,11 @@ class FSDP2Parallelizer:
             kwargs["mp_policy"] = self.mp_policy
             # what the stage computes in and sends to the next: its static P2P shapes use it
             model._nemo_pp_activation_dtype = self.mp_policy.output_dtype or self.mp_policy.param_dtype
-        inner = getattr(model, "model", model)
-        for _, layer in iter_decoder_layers(getattr(inner, "layers", None)):
+        try:
+            layers = decoder_layers(model)
+        except ValueError:  # a stage without layers (lm_head alone): the part is one FSDP unit
+            layers = []
+        for layer in layers:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
         for module in model.modules():

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hf_utils import iter_decoder_layers, make_stage_emit_tensor, patch_hf_model_for_pp
+from .hf_utils import make_stage_emit_tensor, patch_hf_model_for_pp
 from .plan import PipelinePlan
-from .split import copy_pruned, find_layer_stack
+from .split import copy_pruned, decoder_layers
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def memory_plan(
         labels = torch.zeros(mb, seq_len, dtype=torch.long, device="meta")
         act = saved_activation_bytes(part, x, loss_fn if last else None, labels)
         try:
-            layers = [layer for _, layer in iter_decoder_layers(find_layer_stack(part)[1])]
+            layers = decoder_layers(part)
         except ValueError:  # a stage without decoder layers (lm_head alone)
             layers = []
         one_layer = 0

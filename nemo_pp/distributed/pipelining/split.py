@@ -203,6 +203,20 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return shallowest[0]
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a model or stage, in order (the layer stack of
+    :func:`find_layer_stack`).
+
+    Raises:
+        ValueError: no layer stack.
+    """
+    return [layer for _, layer in _modules_of(find_layer_stack(model)[1])]
+
+
+def _modules_of(stack: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(k, m) for k, m in stack._modules.items() if m is not None]
+
+
 def auto_stage_module_names(model: nn.Module, num_stages: int, counts: Sequence[int] | None = None) -> list[list[str]]:
     """Module FQNs of every stage, read from the model's module tree.
 
