@@ -115,7 +115,6 @@ class FinetuneRecipe:
             print(self.ap.debug_summary(), flush=True)
         self.tied = is_tied(model)  # exported once, as the embedding
         self.tied_head_fqn = tied_param_fqns(model)[1] if self.tied else None
-        del model
         self.optimizers = [instantiate(cfg.optimizer, params=part.parameters()) for part in self.parts]
         self.total_steps = self.plan.total_steps(len(self.train_loader))
         self.lr_schedulers = [
@@ -125,8 +124,48 @@ class FinetuneRecipe:
             self.ap, self.dist.device, dp_group=self.mesh.dp.get_group() if self.mesh.sizes.dp > 1 else None,
             max_grad_norm=cfg.clip_grad_norm.max_norm,
         )
-        self.metrics = JSONLLogger(self.out_dir / "metrics.jsonl", enabled=self.is_main)
+        self.checkpointer = self._build_checkpointer(model)
+        del model
+        # where training starts: step, epoch and samples of that epoch already seen (global)
+        self.start = (0, 0, 0)
+        if self.plan.resume_from is not None:
+            start = time.perf_counter()
+            state = self.checkpointer.load(self.plan.resume_from)
+            self.start = (int(state["step"]), int(state["epoch"]), int(state.get("samples_in_epoch", 0)))
+            if self.is_main:
+                print(f"resumed from {self.plan.resume_from} (written at layout {state.get('layout')}): step "
+                      f"{self.start[0]}, epoch {self.start[1]} [{time.perf_counter() - start:.1f} s]", flush=True)
+        self.metrics = JSONLLogger(self.out_dir / "metrics.jsonl", enabled=self.is_main,
+                                   append=self.plan.resume_from is not None)
         return self
+
+    def _build_checkpointer(self, model):
+        from nemo_pp.checkpoint.checkpointer import Checkpointer
+        from nemo_pp.distributed.pipelining.tied import tied_param_fqns
+
+        ck = self.cfg.checkpoint
+        every = ck.save_consolidated == "every"
+        sizes = self.plan.sizes
+        return Checkpointer(
+            ck.checkpoint_dir, self.parts, self.optimizers, self.lr_schedulers,
+            model_save_format=ck.model_save_format, is_async=ck.is_async,
+            max_recent_checkpoints=ck.max_recent_checkpoints,
+            tied=tied_param_fqns(model) if self.tied else None,
+            export_consolidated=(lambda folder: self._export(folder)) if every else None,
+            layout_info={"pp": sizes.pp, "dp_replicate": sizes.dp_replicate, "dp_shard": sizes.dp_shard,
+                         "cp": sizes.cp, "tp": sizes.tp, "pp_schedule": self.plan.pipeline.schedule,
+                         "num_stages": self.plan.pipeline.num_stages},
+            timeout_s=60 * self.cfg.dist_env.timeout_minutes,
+        )
+
+    def _export(self, folder: Path) -> Path:
+        """The consolidated Hugging Face folder of the current weights (collective)."""
+        from nemo_pp.checkpoint.hf_export import save_consolidated_hf
+
+        return save_consolidated_hf(
+            folder, self.parts, self.model_config, self.tokenizer, tied=self.tied, tied_head_fqn=self.tied_head_fqn,
+            pp_rank=self.mesh.pp_rank, pp_size=self.plan.sizes.pp, is_writer=self.mesh.dp_rank == 0,
+        )
 
     # -------------------------------------------------------------------- run
     def _validate(self, step: int, tag: str) -> float | None:
@@ -141,64 +180,102 @@ class FinetuneRecipe:
         return loss
 
     def _step_batches(self):
-        """Yield lists of ``grad_acc_steps`` batches, one list per optimizer step."""
+        """Yield lists of ``grad_acc_steps`` batches, one list per optimizer step, from
+        where the run starts (``self.start``); ``self.position`` is (epoch, samples of
+        that epoch consumed by the whole data-parallel group) after the list yielded."""
         acc = self.plan.grad_acc_steps
-        step = 0
-        if self.total_steps == 0:
-            return
-        for epoch in range(self.plan.num_epochs):
-            self.train_loader.sampler.set_epoch(epoch)
+        step, first_epoch, consumed = self.start
+        samples_per_step = acc * self.plan.local_batch_size * self.plan.sizes.dp
+        for epoch in range(first_epoch, self.plan.num_epochs):
+            if step >= self.total_steps:
+                return
+            self.train_loader.sampler.set_epoch(epoch, consumed if epoch == first_epoch else 0)
+            in_epoch = consumed if epoch == first_epoch else 0
             group = []
             for batch in self.train_loader:
                 group.append(batch)
                 if len(group) == acc:
+                    in_epoch += samples_per_step
+                    self.position = (epoch, in_epoch)
                     yield group
                     group = []
                     step += 1
                     if step >= self.total_steps:
                         return
 
+    def _save_checkpoint(self, step: int) -> None:
+        epoch, in_epoch = self.position
+        start = time.perf_counter()
+        path = self.checkpointer.save(
+            epoch, step, {"step": step, "epoch": epoch, "samples_in_epoch": in_epoch}, config_to_yaml(self.cfg)
+        )
+        seconds = time.perf_counter() - start
+        self.metrics.log({"event": "checkpoint", "step": step, "path": str(path), "blocking_s": seconds,
+                          "async": self.cfg.checkpoint.is_async})
+        if self.is_main:
+            how = "written in the background" if self.cfg.checkpoint.is_async else "saved"
+            tqdm.write(f"checkpoint {how}: {path} [{seconds:.1f} s blocking]")
+
     def run(self) -> dict:
-        from nemo_pp.checkpoint.hf_export import save_consolidated_hf
         from nemo_pp.training.metrics import format_step, peak_memory_bytes
+        from nemo_pp.training.preemption import PreemptionWatcher
 
         cfg = self.cfg
+        ck_on = cfg.checkpoint.enabled
+        ck_every = cfg.step_scheduler.get("ckpt_every_steps")
         wall_start = time.perf_counter()
-        val_before = self._validate(0, "before training")
-        bar = tqdm(total=self.total_steps, desc="train", unit="step", disable=not self.is_main, dynamic_ncols=True)
-        step, train_tokens, train_seconds, record = 0, 0, 0.0, {}
+        step = self.start[0]
+        self.position = self.start[1:]
+        val_before = self._validate(step, "before training")
+        bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", disable=not self.is_main,
+                   dynamic_ncols=True)
+        train_tokens, train_seconds, record, saved_at, preempted = 0, 0.0, {}, None, False
         val_every = cfg.step_scheduler.get("val_every_steps")
-        for batches in self._step_batches():
-            out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
-            step += 1
-            global_tokens = out["tokens"]  # summed over dp ranks; pp ranks of a group share them
-            train_tokens += global_tokens
-            train_seconds += out["step_time_s"]
-            record = {
-                "event": "train", "step": step, "total_steps": self.total_steps, "loss": out["loss"],
-                "grad_norm": out["grad_norm"], "lr": self.lr_schedulers[0].get_last_lr()[0],
-                "tokens": global_tokens, "num_label_tokens": out["num_label_tokens"],
-                "tokens_per_s": global_tokens / out["step_time_s"], "step_time_s": out["step_time_s"],
-                "peak_memory_bytes": peak_memory_bytes(self.dist.device),
-            }
-            self.metrics.log(record)
+        with PreemptionWatcher(self.dist.device) as watcher:
+            for batches in self._step_batches():
+                out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
+                step += 1
+                global_tokens = out["tokens"]  # summed over dp ranks; pp ranks of a group share them
+                train_tokens += global_tokens
+                train_seconds += out["step_time_s"]
+                record = {
+                    "event": "train", "step": step, "total_steps": self.total_steps, "loss": out["loss"],
+                    "grad_norm": out["grad_norm"], "lr": self.lr_schedulers[0].get_last_lr()[0],
+                    "tokens": global_tokens, "num_label_tokens": out["num_label_tokens"],
+                    "tokens_per_s": global_tokens / out["step_time_s"], "step_time_s": out["step_time_s"],
+                    "peak_memory_bytes": peak_memory_bytes(self.dist.device),
+                }
+                self.metrics.log(record)
+                if self.is_main:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    if step % cfg.logging.log_every_steps == 0 or step == self.total_steps:
+                        tqdm.write(format_step(record))
+                self.checkpointer.poll()
+                preempted = ck_on and watcher.requested()
+                if ck_on and (preempted or (ck_every and step % ck_every == 0)):
+                    self._save_checkpoint(step)
+                    saved_at = step
+                if preempted:
+                    break
+                if val_every and step % val_every == 0 and step < self.total_steps:
+                    self._validate(step, "periodic")
+            bar.close()
+            if ck_on and not preempted and saved_at != step and step > self.start[0]:
+                self._save_checkpoint(step)  # the end of training is always resumable
+            self.checkpointer.close()
+        if preempted:
             if self.is_main:
-                bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if step % cfg.logging.log_every_steps == 0 or step == self.total_steps:
-                    tqdm.write(format_step(record))
-            if val_every and step % val_every == 0 and step < self.total_steps:
-                self._validate(step, "periodic")
-        bar.close()
-        val_after = self._validate(step, "after training") if step > 0 else val_before
+                print(f"stopped by signal after step {step}; checkpoint {self.cfg.checkpoint.checkpoint_dir}: run the "
+                      "same command to resume", flush=True)
+            summary = {"event": "summary", "steps": step, "preempted": True, "final_train_loss": record.get("loss")}
+            self.metrics.log(summary)
+            return summary
+        val_after = self._validate(step, "after training") if step > self.start[0] else val_before
 
         export_dir = None
-        if cfg.checkpoint.save_consolidated:
-            export_dir = self.out_dir / "hf_model"
-            save_consolidated_hf(
-                export_dir, self.parts, self.model_config, self.tokenizer, tied=self.tied, tied_head_fqn=self.tied_head_fqn,
-                pp_rank=self.mesh.pp_rank, pp_size=self.plan.sizes.pp, is_writer=self.mesh.dp_rank == 0,
-            )
+        if cfg.checkpoint.save_consolidated in ("final", "every"):
+            export_dir = self._export(self.out_dir / "hf_model")
         summary = {
             "event": "summary", "steps": step, "wall_time_s": time.perf_counter() - wall_start,
             "train_tokens": train_tokens, "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),

@@ -2,11 +2,52 @@
 
 from __future__ import annotations
 
+import itertools
+
 from torch.utils.data import DataLoader, DistributedSampler
 
 
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch part-way through, at a position
+    given in samples of the whole data-parallel group.
+
+    ``DistributedSampler`` permutes the data set with the seed and epoch, cuts it to a
+    multiple of ``num_replicas`` and gives rank r the positions r, r + dp, r + 2 dp, ...
+    So the first ``n * dp`` positions of the permutation are exactly what the dp ranks read
+    in their first ``n`` samples each, whatever dp is: a position counted in global
+    samples resumes the same order at another data-parallel size.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, consumed_samples: int = 0) -> None:
+        """Start epoch ``epoch`` after its first ``consumed_samples`` samples (global count).
+
+        Raises:
+            ValueError: ``consumed_samples`` is not a multiple of the data-parallel size,
+                or exceeds the epoch.
+        """
+        if consumed_samples % self.num_replicas or consumed_samples > self.total_size:
+            raise ValueError(
+                f"cannot resume the data at sample {consumed_samples} of epoch {epoch} with {self.num_replicas} "
+                f"data-parallel ranks: it must be a multiple of the dp size, at most {self.total_size}; resume "
+                "with a data-parallel size that divides the checkpoint's global batch"
+            )
+        super().set_epoch(epoch)
+        self.start = consumed_samples // self.num_replicas
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
 def build_dataloader(dataset, batch_size: int, dp_size: int, dp_rank: int, shuffle: bool, seed: int, collate_fn, num_workers: int = 0) -> DataLoader:
-    """A ``DataLoader`` over ``dataset`` sharded by data-parallel rank.
+    """A ``DataLoader`` over ``dataset`` sharded by data-parallel rank
+    (a :class:`ResumableDistributedSampler`, so a run can resume mid-epoch).
 
     Partial batches are dropped: a pipeline schedule splits every batch into a fixed
     number of microbatches.
@@ -14,7 +55,7 @@ def build_dataloader(dataset, batch_size: int, dp_size: int, dp_rank: int, shuff
     Raises:
         ValueError: the shard holds less than one batch.
     """
-    sampler = DistributedSampler(dataset, num_replicas=dp_size, rank=dp_rank, shuffle=shuffle, seed=seed, drop_last=True)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=dp_size, rank=dp_rank, shuffle=shuffle, seed=seed, drop_last=True)
     if len(sampler) < batch_size:
         raise ValueError(
             f"the data set has {len(dataset)} samples, {len(sampler)} per data-parallel rank: fewer than one batch "

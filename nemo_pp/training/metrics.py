@@ -19,14 +19,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class JSONLLogger:
-    """Appends one JSON object per record to ``path`` (only where ``enabled``)."""
+    """Appends one JSON object per record to ``path`` (only where ``enabled``); the file
+    starts empty unless ``append`` (a resumed run continues its log)."""
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, append: bool = False):
         self.enabled = enabled
         self.path = Path(path)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            if not append:
+                self.path.write_text("")
 
     def log(self, record: dict) -> None:
         if self.enabled:

@@ -156,6 +156,7 @@ class StepSchedulerConfig:
     num_epochs: int = setting(1, ge=1)
     max_steps: Optional[int] = setting(None, ge=0, hint="0 evaluates only; null: as many as the epochs hold")
     val_every_steps: Optional[int] = setting(None, ge=1)
+    ckpt_every_steps: Optional[int] = setting(None, ge=1, hint="null: a checkpoint at the end only")
 
 
 @dataclass
@@ -175,10 +176,22 @@ class LoggingConfig:
     log_every_steps: int = setting(1, ge=1)
 
 
+_CONSOLIDATED = {"final": "final", "every": "every", "True": "final", "true": "final", "False": "false", "false": "false"}
+
+
 @dataclass
 class CheckpointConfig:
+    """NeMo AutoModel's checkpoint keys (docs/architecture.md, "Checkpoints")."""
+
+    enabled: bool = False
     checkpoint_dir: str = "outputs/finetune"
-    save_consolidated: bool = True
+    model_save_format: str = setting("torch_save", choices=("torch_save", "safetensors"))
+    save_consolidated: Optional[str] = setting(
+        "final", choices=_CONSOLIDATED, hint="final: a Hugging Face folder at the end; every: in each checkpoint too"
+    )
+    is_async: bool = False
+    restore_from: Optional[str] = setting(None, hint="null: the latest complete checkpoint in checkpoint_dir, if any")
+    max_recent_checkpoints: Optional[int] = setting(None, ge=1, hint="null: keep all")
 
 
 @dataclass

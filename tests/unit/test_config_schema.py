@@ -73,7 +73,7 @@ def test_real_config_loads_typed(monkeypatch):
         "clip_grad_norm.max_norm": (float, 1.0),
         "dist_env.timeout_minutes": (float, 10.0),  # a default (10 in the old defaults) typed float
         "logging.log_every_steps": (int, 1),
-        "checkpoint.save_consolidated": (bool, True),
+        "checkpoint.save_consolidated": (str, "final"),  # YAML `true` is stored as "final"
     }
     for key, (typ, value) in checks.items():
         got = OmegaConf.select(cfg, key)
@@ -126,7 +126,7 @@ def test_defaults_are_the_recipe_defaults():
         "dataloader": {"batch_size": 1, "shuffle": True, "num_workers": 0, "pad_seq_len_divisible": None},
         "step_scheduler": {
             "global_batch_size": None, "local_batch_size": None, "num_epochs": 1, "max_steps": None,
-            "val_every_steps": None,
+            "val_every_steps": None, "ckpt_every_steps": None,
         },
         "optimizer": {
             "_target_": "torch.optim.AdamW", "lr": 1.0e-5, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.0,
@@ -134,7 +134,10 @@ def test_defaults_are_the_recipe_defaults():
         "lr_scheduler": {"lr_warmup_steps": 0, "lr_decay_style": "cosine", "min_lr": 0.0},
         "clip_grad_norm": {"max_norm": 1.0},
         "logging": {"log_every_steps": 1},
-        "checkpoint": {"checkpoint_dir": "outputs/finetune", "save_consolidated": True},
+        "checkpoint": {
+            "enabled": False, "checkpoint_dir": "outputs/finetune", "model_save_format": "torch_save",
+            "save_consolidated": "final", "is_async": False, "restore_from": None, "max_recent_checkpoints": None,
+        },
     }  # fmt: skip
 
 

@@ -1,0 +1,311 @@
+"""Periodic, crash-safe, reshardable training checkpoints (torch.distributed.checkpoint).
+
+One checkpoint is the folder ``checkpoint_dir/epoch_E_step_S/``::
+
+    model/               model tensors by FQN: DCP shards (torch_save) or safetensors
+    model/consolidated/  a Hugging Face folder (checkpoint.save_consolidated: every)
+    optim/               optimizer tensor state by FQN (DCP)
+    rng/rank_NNNNN.pt    each rank's RNG states (weights-only torch.save)
+    trainer_state.json   step, epoch, data position, LR scheduler, the parallel layout
+    config.yaml          the resolved config of the run that wrote it
+    complete.json        written last: the manifest; without it the folder is never used
+
+Every rank writes its share into a temporary folder; rank 0 renames it and writes the
+marker once all shares are on disk (:mod:`nemo_pp.checkpoint.layout`). With
+``is_async`` the tensors are copied to CPU memory and written by a background thread
+(``torch.distributed.checkpoint.async_save``) while training goes on; rank 0 finishes
+the checkpoint when its write completes, at a later step boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import Future
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from nemo_pp.checkpoint import layout
+from nemo_pp.checkpoint.layout import CorruptCheckpointError
+from nemo_pp.checkpoint.safe_metadata import read_metadata
+from nemo_pp.checkpoint.state import (
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    rng_state,
+    set_rng_state,
+    set_scheduler_state,
+)
+
+__all__ = ["Checkpointer", "TRAINER_STATE"]
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def _merge(states: Sequence[dict]) -> dict:
+    merged: dict = {}
+    for s in states:
+        merged.update(s)
+    return merged
+
+
+def _all_ranks_raise(error: str | None) -> None:
+    """Raise the first error any rank found, on every rank (so none waits on the others)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise CorruptCheckpointError(error)
+
+
+class Checkpointer:
+    """Saves and loads this rank's share of a training checkpoint (collective calls).
+
+    Args:
+        checkpoint_dir: ``checkpoint.checkpoint_dir``.
+        parts: this rank's model parts (stage modules).
+        optimizers, lr_schedulers: one per part.
+        model_save_format: ``torch_save`` (DCP shards) or ``safetensors``.
+        is_async: write in the background (``dcp.async_save``).
+        max_recent_checkpoints: complete checkpoints kept (None: all).
+        tied: (embedding FQN, head FQN) of a tied embedding, else None.
+        export_consolidated: ``fn(folder)`` writing a Hugging Face folder (collective);
+            called into ``model/consolidated`` of each checkpoint when given.
+        layout_info: the parallel layout, recorded in each checkpoint.
+        timeout_s: timeout of the background writes' process groups.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        parts: Sequence[torch.nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+        lr_schedulers: Sequence,
+        model_save_format: str = "torch_save",
+        is_async: bool = False,
+        max_recent_checkpoints: int | None = None,
+        tied: tuple[str, str] | None = None,
+        export_consolidated: Callable[[Path], None] | None = None,
+        layout_info: dict | None = None,
+        timeout_s: float = 600.0,
+    ):
+        if model_save_format not in ("torch_save", "safetensors"):
+            raise ValueError(f"checkpoint.model_save_format must be torch_save or safetensors, got {model_save_format!r}")
+        self.dir = Path(checkpoint_dir)
+        self.parts, self.optimizers, self.lr_schedulers = list(parts), list(optimizers), list(lr_schedulers)
+        self.model_save_format = model_save_format
+        self.is_async = is_async
+        self.keep = max_recent_checkpoints
+        self.tied = tied
+        self.export_consolidated = export_consolidated
+        self.layout_info = dict(layout_info or {})
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.is_main = self.rank == 0
+        self._pending: tuple[Path, Path, list[Future]] | None = None
+        self._started_cleanup = False
+        self._groups = None
+        if is_async and dist.is_initialized():
+            # the background writes' collectives need their own groups: they run while the
+            # training loop uses the default one (one group per concurrent save)
+            self._groups = [dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) for _ in range(2)]
+        #: seconds the training loop was blocked by the last save (staging only, when async)
+        self.last_blocking_s = 0.0
+
+    # ------------------------------------------------------------------ save
+    def save(self, epoch: int, step: int, trainer_state: dict, config_yaml: str) -> Path:
+        """Write the checkpoint of the state after ``step`` optimizer steps (collective).
+
+        Args:
+            trainer_state: JSON-able ``{"step", "epoch", "samples_in_epoch", ...}``; the
+                LR scheduler state, layout and format are added.
+            config_yaml: the resolved config, stored as ``config.yaml``.
+
+        Returns:
+            The final folder (still being written when async: see :meth:`wait`).
+        """
+        start = time.perf_counter()
+        self.wait()  # one save in flight at a time
+        if not self._started_cleanup:
+            self._started_cleanup = True
+            if self.is_main:
+                for path in layout.remove_incomplete(self.dir):
+                    logger.warning("removed %s, left by a save that did not finish", path)
+            self._barrier()
+        name = layout.checkpoint_name(epoch, step)
+        temp, final = layout.temp_dir_for(self.dir, name), self.dir / name
+        (temp / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), temp / "rng" / f"rank_{self.rank:05d}.pt")
+        if self.is_main:
+            state = {
+                **trainer_state, "model_save_format": self.model_save_format,
+                "lr_scheduler": self.lr_schedulers[0].state_dict() if self.lr_schedulers else None,
+                "layout": self.layout_info, "torch_version": torch.__version__,
+            }
+            layout.write_atomic(temp / TRAINER_STATE, json.dumps(state, indent=1, default=_jsonable))
+            layout.write_atomic(temp / "config.yaml", config_yaml)
+        if self.export_consolidated is not None:
+            self.export_consolidated(temp / "model" / "consolidated")
+        model = _merge(model_state(self.parts))
+        optim = _merge(optimizer_state(self.parts, self.optimizers, self.tied))
+        if self.is_async:
+            futures = [
+                dcp.async_save(model, storage_writer=self._model_writer(temp / "model"), process_group=self._group(0)),
+                dcp.async_save(optim, checkpoint_id=str(temp / "optim"), process_group=self._group(1)),
+            ]
+            self._pending = (temp, final, futures)
+        else:
+            dcp.save(model, storage_writer=self._model_writer(temp / "model"))
+            dcp.save(optim, checkpoint_id=str(temp / "optim"))
+            self._barrier()  # every rank's rng file is written
+            if self.is_main:
+                self._finish(temp, final)
+            self._barrier()
+        self.last_blocking_s = time.perf_counter() - start
+        return final
+
+    def _group(self, i: int):
+        return self._groups[i] if self._groups else None
+
+    def _model_writer(self, folder: Path):
+        if self.model_save_format == "safetensors":
+            from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+            return HuggingFaceStorageWriter(str(folder), save_distributed=True)
+        return dcp.FileSystemWriter(str(folder))
+
+    def _finish(self, temp: Path, final: Path) -> None:
+        layout.mark_complete(temp, final)
+        for old in layout.prune_checkpoints(self.dir, self.keep, protect=final):
+            logger.info("removed old checkpoint %s (checkpoint.max_recent_checkpoints=%s)", old, self.keep)
+
+    def poll(self) -> bool:
+        """Finish an async save whose write is done (rank 0; no communication). Returns
+        True when nothing is in flight any more on this rank."""
+        if self._pending is None:
+            return True
+        temp, final, futures = self._pending
+        if not all(f.done() for f in futures):
+            return False
+        for f in futures:
+            f.result()  # raises the write's error
+        if self.is_main:
+            self._finish(temp, final)
+        self._pending = None
+        return True
+
+    def wait(self) -> None:
+        """Block until an async save is written and finished (collective when one is in flight)."""
+        if self._pending is None:
+            return
+        for f in self._pending[2]:
+            f.result()
+        self.poll()
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Finish what is in flight and release the background process groups."""
+        self.wait()
+        for group in self._groups or []:
+            dist.destroy_process_group(group)
+        self._groups = None
+
+    # ------------------------------------------------------------------ load
+    def load(self, folder: str | Path, restore_rng: bool = True) -> dict:
+        """Load the checkpoint ``folder`` into the parts, optimizers and LR schedulers
+        (collective), whatever parallel layout wrote it.
+
+        The caller has checked the folder (:func:`check_checkpoint`) on every rank.
+
+        Returns:
+            The trainer state (``step``, ``epoch``, ``samples_in_epoch``, ``layout``, ...).
+
+        Raises:
+            CorruptCheckpointError: the optimizer state does not match this optimizer
+                (raised on every rank), or torch could not read a file.
+        """
+        folder = Path(folder)
+        state = json.loads((folder / TRAINER_STATE).read_text())
+        models = model_state(self.parts)
+        optims = optimizer_state(self.parts, self.optimizers, None)
+        optim_meta = read_metadata(folder / "optim")
+        missing = sorted(k for k in _merge(optims) if k not in optim_meta.state_dict_metadata)
+        _all_ranks_raise(
+            f"the optimizer state in {folder / 'optim'} lacks {len(missing)} entries of this optimizer "
+            f"(e.g. {', '.join(missing[:3])}): it was written with another optimizer or model; resume with the "
+            "same optimizer._target_, or start fresh" if missing else None
+        )
+        fmt = state.get("model_save_format", "torch_save")
+        reader = None
+        if fmt == "safetensors":
+            from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+            reader = HuggingFaceStorageReader(str(folder / "model"))
+        try:
+            merged = _merge(models)
+            dcp.load(merged, checkpoint_id=str(folder / "model"), storage_reader=reader)
+            for m in models:  # a load may replace values (safetensors): take them back per part
+                m.update({k: merged[k] for k in m})
+            load_model_state(self.parts, models)
+            merged = _merge(optims)
+            dcp.load(merged, checkpoint_id=str(folder / "optim"))
+            for o in optims:
+                o.update({k: merged[k] for k in o})
+        except dcp.CheckpointException as exc:
+            raise CorruptCheckpointError(f"cannot load the checkpoint {folder}: {exc}") from None
+        load_optimizer_state(self.parts, self.optimizers, optims)
+        if state.get("lr_scheduler") is not None:
+            set_scheduler_state(self.lr_schedulers, self.optimizers, state["lr_scheduler"])
+        rng_file = folder / "rng" / f"rank_{self.rank:05d}.pt"
+        if restore_rng and state.get("layout") == self.layout_info and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        elif restore_rng:
+            logger.info("checkpoint written with layout %s, resuming at %s: RNG states start fresh",
+                        state.get("layout"), self.layout_info)
+        return state
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def check_checkpoint(folder: str | Path, expected_shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Everything that can be checked of checkpoint ``folder`` before any weight is read:
+    the marker and every file's size, the indexes (safely unpickled), the trainer state,
+    and that the model tensors match ``expected_shapes`` (``{FQN: shape}``).
+
+    Returns:
+        The trainer state.
+
+    Raises:
+        CorruptCheckpointError: naming the file or the mismatch.
+    """
+    from nemo_pp.checkpoint.safe_metadata import check_model_compatible
+
+    folder = Path(folder)
+    layout.verify_manifest(folder)
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_text())
+        step, epoch = int(state["step"]), int(state["epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{folder / TRAINER_STATE} is missing or unreadable ({exc})") from None
+    if step < 0 or epoch < 0:
+        raise CorruptCheckpointError(f"{folder / TRAINER_STATE} holds step {step}, epoch {epoch}")
+    check_model_compatible(folder / "model", expected_shapes, state.get("model_save_format", "torch_save"))
+    read_metadata(folder / "optim")
+    return state

@@ -1,0 +1,242 @@
+"""Where checkpoints live and which of them may be resumed from: names, the completion
+marker, retention and the resolution of ``checkpoint.restore_from``.
+
+Pure filesystem code (no torch, no process group), so every rank can run it and get
+the same answer.
+
+A checkpoint is written into ``checkpoint_dir/.tmp-epoch_E_step_S/``, renamed to
+``checkpoint_dir/epoch_E_step_S/`` when every rank has written its files, and only then
+given its completion marker ``complete.json`` (a manifest of every file and its size,
+written atomically, last). A folder without the marker (a save killed half way, a
+rename that crashed) is never resumed from; a file shorter than the manifest says is a
+truncated checkpoint and a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "MARKER",
+    "CheckpointRef",
+    "CorruptCheckpointError",
+    "checkpoint_name",
+    "complete_checkpoints",
+    "mark_complete",
+    "prune_checkpoints",
+    "remove_incomplete",
+    "resolve_restore_from",
+    "temp_dir_for",
+    "verify_manifest",
+    "write_atomic",
+]
+
+#: The completion marker: a JSON manifest ``{"files": {relative path: bytes}}``, written last.
+MARKER = "complete.json"
+_NAME = re.compile(r"^epoch_(\d+)_step_(\d+)$")
+_TEMP_PREFIX = ".tmp-"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint is incomplete, truncated, unreadable or from another model; the message names the file."""
+
+
+@dataclass(frozen=True, order=True)
+class CheckpointRef:
+    """A complete checkpoint folder; orders by step, then epoch."""
+
+    step: int
+    epoch: int
+    path: Path
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """``epoch_{epoch}_step_{step}``: NeMo AutoModel's folder name (``step`` = optimizer steps done)."""
+    return f"epoch_{epoch}_step_{step}"
+
+
+def temp_dir_for(checkpoint_dir: str | os.PathLike, name: str) -> Path:
+    """The folder a checkpoint is written into before its rename to ``checkpoint_dir/name``."""
+    return Path(checkpoint_dir) / f"{_TEMP_PREFIX}{name}"
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename,
+    flushed to disk first, so a reader sees the old file or the whole new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
+
+
+def mark_complete(temp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Finish a checkpoint that every rank has written: rename ``temp`` to ``final``, then
+    write the marker (manifest of every file and its size) into it, last.
+
+    A crash before the rename leaves a temporary folder; one between rename and marker a
+    folder without the marker: neither is ever resumed from.
+
+    Raises:
+        FileExistsError: ``final`` exists already (a checkpoint of this step was completed).
+    """
+    temp, final = Path(temp), Path(final)
+    if final.exists():
+        raise FileExistsError(f"checkpoint {final} exists already; remove it or use another checkpoint.checkpoint_dir")
+    manifest = _manifest(temp)
+    os.rename(temp, final)
+    _fsync_dir(final.parent)
+    write_atomic(final / MARKER, json.dumps({"files": manifest}, indent=1))
+    _fsync_dir(final)
+    return final
+
+
+def verify_manifest(folder: str | os.PathLike) -> None:
+    """Check that ``folder`` is a complete checkpoint whose files all have the sizes its marker lists.
+
+    Raises:
+        CorruptCheckpointError: no marker (incomplete), an unreadable marker, or a
+            missing or truncated file (named).
+    """
+    folder = Path(folder)
+    marker = folder / MARKER
+    if not marker.is_file():
+        raise CorruptCheckpointError(
+            f"{folder} is not a complete checkpoint (no {MARKER}: its save did not finish); "
+            "pick another with checkpoint.restore_from, or set it to null for the latest complete one"
+        )
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{marker} is unreadable ({exc}); the checkpoint {folder} cannot be trusted") from None
+    for rel, size in files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise CorruptCheckpointError(f"checkpoint file {path} is missing; the checkpoint {folder} is damaged")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CorruptCheckpointError(
+                f"checkpoint file {path} has {actual} bytes, its manifest {MARKER} says {size}: the file is "
+                f"truncated or was changed; resume from another checkpoint (checkpoint.restore_from)"
+            )
+
+
+def complete_checkpoints(checkpoint_dir: str | os.PathLike) -> list[CheckpointRef]:
+    """The complete checkpoints (named ``epoch_E_step_S``, marker present) in ``checkpoint_dir``, oldest first."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    refs = []
+    for child in root.iterdir():
+        m = _NAME.match(child.name)
+        if m and child.is_dir() and (child / MARKER).is_file():
+            refs.append(CheckpointRef(step=int(m.group(2)), epoch=int(m.group(1)), path=child))
+    return sorted(refs)
+
+
+def resolve_restore_from(checkpoint_dir: str | os.PathLike, restore_from: str | None) -> Path | None:
+    """The checkpoint to resume from, by ``checkpoint.restore_from``.
+
+    * ``None``: the latest complete checkpoint in ``checkpoint_dir``, or None (a fresh run);
+    * ``"LATEST"``: the same, but an error when there is none;
+    * a path (absolute, or relative to ``checkpoint_dir`` when it is not found as given):
+      that checkpoint, which must be complete.
+
+    Raises:
+        CorruptCheckpointError: ``LATEST`` with no complete checkpoint, a path that is
+            missing or not complete.
+    """
+    if restore_from is None or str(restore_from).upper() == "LATEST":
+        refs = complete_checkpoints(checkpoint_dir)
+        if refs:
+            return refs[-1].path
+        if restore_from is None:
+            return None
+        raise CorruptCheckpointError(
+            f"checkpoint.restore_from=LATEST but {checkpoint_dir} holds no complete checkpoint; "
+            "set checkpoint.restore_from: null to start fresh"
+        )
+    path = Path(restore_from)
+    if not path.exists() and (Path(checkpoint_dir) / path).exists():
+        path = Path(checkpoint_dir) / path
+    if not path.is_dir():
+        raise CorruptCheckpointError(f"checkpoint.restore_from={restore_from}: no such checkpoint folder")
+    verify_manifest(path)
+    return path
+
+
+def _remove(folder: Path) -> None:
+    # the marker goes first: a removal cut short must not leave a "complete" folder behind
+    (folder / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def prune_checkpoints(checkpoint_dir: str | os.PathLike, keep: int | None, protect: Path | None = None) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints (None: keep all), never ``protect``.
+
+    Returns:
+        The folders removed.
+    """
+    if keep is None:
+        return []
+    refs = complete_checkpoints(checkpoint_dir)
+    removed = []
+    for ref in refs[: max(0, len(refs) - keep)]:
+        if protect is not None and ref.path.resolve() == Path(protect).resolve():
+            continue
+        _remove(ref.path)
+        removed.append(ref.path)
+    return removed
+
+
+def remove_incomplete(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """Delete what crashed saves left: temporary folders and checkpoint folders without a marker.
+
+    Call it on one rank, before the first save of a run (no save of this run is in flight).
+
+    Returns:
+        The folders removed.
+    """
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for child in root.iterdir():
+        stale = child.name.startswith(_TEMP_PREFIX) or (_NAME.match(child.name) and not (child / MARKER).is_file())
+        if stale and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed

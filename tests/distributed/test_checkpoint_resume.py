@@ -1,0 +1,167 @@
+"""Exact resume: the real recipe (``recipes/finetune.py`` ``main``) on forked gloo ranks,
+a tiny tied Llama with the SmolLM2 tokenizer, SQuAD from the prepared assets.
+
+Each case trains 6 steps straight, then 3 steps stopped by SIGTERM (sent to one rank
+only: the ranks agree, checkpoint at the step boundary and exit cleanly) and the same
+command again, which resumes. Losses of steps 4-6 and the exported weights must equal
+the straight run's; a checkpoint written at pp 2 must resume at pp 1 and pp 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.launcher import run_ranks
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "configs" / "smollm2_135m_squad_pp2.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(real_assets, tmp_path_factory):
+    """A tiny tied Llama (8 layers, SmolLM2's vocabulary and tokenizer) saved as an HF folder."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import tiny_model
+
+    smollm2, squad = real_assets
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
+    tiny_model("llama", tied=True, layers=8, vocab=len(tokenizer), hidden=32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, squad
+
+
+def _overrides(model: Path, squad: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--config", CONFIG,
+        f"--model.pretrained_model_name_or_path={model}",
+        f"--dataset.path_or_dataset={squad}", f"--validation_dataset.path_or_dataset={squad}",
+        "--dataset.seq_length=32", "--validation_dataset.seq_length=32",
+        "--validation_dataset.limit_dataset_samples=4",
+        "--dataloader.pad_seq_len_divisible=8",
+        "--optimizer.lr=1e-3", "--lr_scheduler.lr_warmup_steps=1",
+        f"--checkpoint.checkpoint_dir={out}", "--checkpoint.enabled=true",
+        "--checkpoint.save_consolidated=final", "--step_scheduler.ckpt_every_steps=3",
+        *extra,
+    ]
+
+
+def _run_recipe(rank, world, argv, sigterm_after_step=None, sigterm_rank=1):
+    """``recipes/finetune.py main(argv)`` on this rank; optionally SIGTERM one rank after a step."""
+    import importlib.util
+
+    os.environ["TQDM_DISABLE"] = "1"
+    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    if sigterm_after_step is not None and rank == sigterm_rank % world:
+        from nemo_pp.training.engine import TrainEngine
+
+        original, calls = TrainEngine.train_step, [0]
+
+        def train_step(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            calls[0] += 1
+            if calls[0] == sigterm_after_step:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; the watcher notes it
+            return out
+
+        TrainEngine.train_step = train_step
+    return recipe.main(argv)
+
+
+def _launch(world, argv, **kw):
+    codes = run_ranks(_run_recipe, world, argv, *kw.values(), timeout=240)
+    assert codes == [0] * world, codes
+
+
+def _losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["event"] == "train"}
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _stopped_and_resumed(model, squad, base: Path, world: int, extra: tuple) -> Path:
+    """3 steps stopped by SIGTERM on rank 1, then the same command again (it resumes)."""
+    out = base / "resumed"
+    argv = _overrides(model, squad, out, *extra)
+    _launch(world, argv, sigterm_after_step=3)
+    assert [c.name for c in sorted(out.glob("epoch_*"))] == [_step3_name(out)]
+    assert max(_losses(out)) == 3 and not (out / "hf_model").exists()  # stopped after step 3, no export
+    _launch(world, argv)
+    return out
+
+
+def _step3_name(out: Path) -> str:
+    return next(out.glob("epoch_*_step_3")).name
+
+
+CASES = {
+    # two epochs of 3 steps: the checkpoint lands exactly on the epoch boundary
+    "pp2-1f1b-epoch-boundary": (2, ("--dataset.limit_dataset_samples=12", "--step_scheduler.num_epochs=2",
+                                    "--step_scheduler.max_steps=null", "--dataloader.batch_size=4",
+                                    "--step_scheduler.global_batch_size=4")),
+    # 4 stages on 2 ranks (virtual stages), resumed mid-epoch
+    "pp2-interleaved": (2, ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6",
+                            "--distributed.pipeline.pp_schedule=interleaved1f1b", "--dataloader.batch_size=4",
+                            "--step_scheduler.global_batch_size=4")),
+    # FSDP2 over 2 data-parallel ranks under a 2-stage pipeline: sharded DTensor state
+    "pp2-dp2-fsdp2": (4, ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6",
+                          "--dataloader.batch_size=2", "--step_scheduler.global_batch_size=4")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_equals_straight_run(tiny_assets, tmp_path, case):
+    model, squad = tiny_assets
+    world, extra = CASES[case]
+    straight = tmp_path / "straight"
+    _launch(world, _overrides(model, squad, straight, *extra))
+    resumed = _stopped_and_resumed(model, squad, tmp_path, world, extra)
+
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    wa, wb = _weights(straight / "hf_model"), _weights(resumed / "hf_model")
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=name)
+    # the straight run changed the weights: equality above is not of two untrained models
+    assert not torch.equal(wa["model.layers.0.mlp.up_proj.weight"], _weights(model)["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("pp_size", [1, 4])
+def test_pp2_checkpoint_resumes_at_another_pp_size(tiny_assets, tmp_path, pp_size):
+    """The checkpoint of a pp 2 run (after 3 steps) resumes at pp 1 and pp 4: the next
+    losses equal the uninterrupted pp 2 run's."""
+    model, squad = tiny_assets
+    extra = ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6", "--dataloader.batch_size=4",
+             "--step_scheduler.global_batch_size=4")
+    straight = tmp_path / "straight"
+    _launch(2, _overrides(model, squad, straight, *extra))
+    other = tmp_path / f"pp{pp_size}"
+    other.mkdir()
+    shutil.copytree(straight / _step3_name(straight), other / _step3_name(straight))
+    _launch(pp_size, _overrides(model, squad, other, *extra, f"--distributed.pp_size={pp_size}"))
+
+    a, b = _losses(straight), _losses(other)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
