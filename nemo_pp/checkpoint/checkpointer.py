@@ -58,6 +58,17 @@ def _merge(states: Sequence[dict]) -> dict:
     return merged
 
 
+def _unaliased(state: dict) -> dict:
+    """``state`` with a copy for each tensor that shares memory with an earlier one
+    (safetensors refuses aliases: a tied embedding held by one stage)."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        ptr = (value.to_local() if hasattr(value, "to_local") else value).data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
 def _all_ranks_raise(error: str | None) -> None:
     """Raise the first error any rank found, on every rank (so none waits on the others)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -156,6 +167,8 @@ class Checkpointer:
         if self.export_consolidated is not None:
             self.export_consolidated(temp / "model" / "consolidated")
         model = _merge(model_state(self.parts))
+        if self.model_save_format == "safetensors":
+            model = _unaliased(model)
         optim = _merge(optimizer_state(self.parts, self.optimizers, self.tied))
         if self.is_async:
             futures = [
@@ -240,7 +253,14 @@ class Checkpointer:
         folder = Path(folder)
         state = json.loads((folder / TRAINER_STATE).read_text())
         models = model_state(self.parts)
+        for opt in self.optimizers:
+            # torch creates the state to load into by a zero step, only where no grad is set
+            opt.zero_grad(set_to_none=True)
         optims = optimizer_state(self.parts, self.optimizers, None)
+        if any(opt.param_groups and not opt.state for opt in self.optimizers):
+            raise CorruptCheckpointError(
+                f"the optimizer {type(self.optimizers[0]).__name__} keeps no state to load from {folder / 'optim'}"
+            )
         optim_meta = read_metadata(folder / "optim")
         missing = sorted(k for k in _merge(optims) if k not in optim_meta.state_dict_metadata)
         _all_ranks_raise(

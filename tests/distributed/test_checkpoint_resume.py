@@ -120,10 +120,15 @@ CASES = {
     # 4 stages on 2 ranks (virtual stages), resumed mid-epoch
     "pp2-interleaved": (2, ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6",
                             "--distributed.pipeline.pp_schedule=interleaved1f1b", "--dataloader.batch_size=4",
-                            "--step_scheduler.global_batch_size=4")),
+                            "--step_scheduler.global_batch_size=4", "--checkpoint.save_consolidated=every")),
     # FSDP2 over 2 data-parallel ranks under a 2-stage pipeline: sharded DTensor state
     "pp2-dp2-fsdp2": (4, ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6",
-                          "--dataloader.batch_size=2", "--step_scheduler.global_batch_size=4")),
+                          "--dataloader.batch_size=2", "--step_scheduler.global_batch_size=4",
+                          "--checkpoint.max_recent_checkpoints=1")),
+    # the model as safetensors, both files written by background threads
+    "pp2-safetensors-async": (2, ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6",
+                                  "--dataloader.batch_size=4", "--step_scheduler.global_batch_size=4",
+                                  "--checkpoint.model_save_format=safetensors", "--checkpoint.is_async=true")),
 }
 
 
@@ -146,6 +151,22 @@ def test_resume_equals_straight_run(tiny_assets, tmp_path, case):
     # the straight run changed the weights: equality above is not of two untrained models
     assert not torch.equal(wa["model.layers.0.mlp.up_proj.weight"], _weights(model)["model.layers.0.mlp.up_proj.weight"])
 
+    kept = [c.name for c in sorted(straight.glob("epoch_*"))]
+    if "--checkpoint.max_recent_checkpoints=1" in extra:
+        assert kept == ["epoch_0_step_6"]
+    else:
+        assert len(kept) == 2
+    if "--checkpoint.save_consolidated=every" in extra:
+        # each checkpoint carries a Hugging Face folder of its weights; transformers loads it, tie intact
+        from transformers import AutoModelForCausalLM
+
+        consolidated = straight / "epoch_0_step_6" / "model" / "consolidated"
+        for name, tensor in _weights(consolidated).items():
+            torch.testing.assert_close(tensor, wa[name], rtol=0, atol=0)
+        hf = AutoModelForCausalLM.from_pretrained(consolidated)
+        assert hf.lm_head.weight is hf.model.embed_tokens.weight
+        torch.testing.assert_close(hf.lm_head.weight.detach(), wa["model.embed_tokens.weight"], rtol=0, atol=0)
+
 
 @pytest.mark.parametrize("pp_size", [1, 4])
 def test_pp2_checkpoint_resumes_at_another_pp_size(tiny_assets, tmp_path, pp_size):
@@ -165,3 +186,57 @@ def test_pp2_checkpoint_resumes_at_another_pp_size(tiny_assets, tmp_path, pp_siz
     assert sorted(b) == [4, 5, 6]
     for step in (4, 5, 6):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+def _crash_while_saving_step_6(argv):
+    """The recipe on one process, SIGKILLed once the step-6 checkpoint's optimizer shards
+    are on disk but before its index, rename and marker."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive a fork
+    original = dcp.FileSystemWriter.write_data
+
+    def write_data(self, plan, planner):
+        future = original(self, plan, planner)
+        if "step_6" in str(self.path) and str(self.path).endswith("optim"):
+            future.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return future
+
+    dcp.FileSystemWriter.write_data = write_data
+    _run_recipe(0, 1, argv)
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny_assets, tmp_path, capfd):
+    import multiprocessing as mp
+
+    model, squad = tiny_assets
+    out = tmp_path / "run"
+    argv = _overrides(model, squad, out, "--distributed.pp_size=1", "--dataset.limit_dataset_samples=32",
+                      "--step_scheduler.max_steps=6", "--dataloader.batch_size=4",
+                      "--step_scheduler.global_batch_size=4")
+    proc = mp.get_context("fork").Process(target=_crash_while_saving_step_6, args=(argv,))
+    proc.start()
+    proc.join(240)
+    assert proc.exitcode == -signal.SIGKILL
+    assert (out / ".tmp-epoch_0_step_6" / "optim").is_dir() and not (out / "epoch_0_step_6").exists()
+    crashed = _losses(out)
+    assert sorted(crashed) == [1, 2, 3, 4, 5, 6]  # trained to the end, died while saving
+
+    _launch(1, argv)  # the same command: resumes from step 3, the last complete checkpoint
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in records if r["event"] == "train"][6:]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for r in resumed:
+        assert abs(r["loss"] - crashed[r["step"]]) <= 1e-6
+    assert not (out / ".tmp-epoch_0_step_6").exists() and (out / "epoch_0_step_6" / "complete.json").is_file()
+
+    # a truncated file of the checkpoint to resume: a clear error naming it, before any step
+    shard = next((out / "epoch_0_step_6" / "optim").glob("*.distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    capfd.readouterr()
+    assert run_ranks(_run_recipe, 1, argv, timeout=240) == [2]
+    err = capfd.readouterr().err
+    assert f"{shard} has 100 bytes" in err and "truncated" in err, err[-2000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == len(records)  # nothing ran
