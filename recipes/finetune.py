@@ -4,10 +4,13 @@
         [--distributed.pipeline.pp_schedule gpipe] [--step_scheduler.max_steps 5] ...
 
 Read top to bottom: ``setup()`` checks the whole config and plans the run (on every
-rank, before any weight is loaded), then builds mesh, model, pipeline, data and
-optimizer; ``run()`` trains with gradient accumulation, validates before and after,
-logs each step and exports a consolidated Hugging Face folder. ``max_steps: 0`` builds,
-validates and exports without training.
+rank, before any weight is loaded; the checkpoint to resume from included), then builds
+mesh, model, pipeline, data and optimizer and loads that checkpoint; ``run()`` trains
+with gradient accumulation, validates before and after, logs each step, writes a
+checkpoint every ``step_scheduler.ckpt_every_steps`` steps, at the end and on SIGTERM, and
+exports a consolidated Hugging Face folder. ``max_steps: 0`` builds, validates and
+exports without training. Running the same command again resumes from the latest
+complete checkpoint (``checkpoint.enabled: true``, ``checkpoint.restore_from: null``).
 """
 
 from __future__ import annotations
@@ -133,8 +136,10 @@ class FinetuneRecipe:
             state = self.checkpointer.load(self.plan.resume_from)
             self.start = (int(state["step"]), int(state["epoch"]), int(state.get("samples_in_epoch", 0)))
             if self.is_main:
+                left = "" if self.start[0] < self.total_steps else "; nothing left to train (a new run needs another checkpoint.checkpoint_dir)"
                 print(f"resumed from {self.plan.resume_from} (written at layout {state.get('layout')}): step "
-                      f"{self.start[0]}, epoch {self.start[1]} [{time.perf_counter() - start:.1f} s]", flush=True)
+                      f"{self.start[0]} of {self.total_steps}, epoch {self.start[1]} "
+                      f"[{time.perf_counter() - start:.1f} s]{left}", flush=True)
         self.metrics = JSONLLogger(self.out_dir / "metrics.jsonl", enabled=self.is_main,
                                    append=self.plan.resume_from is not None)
         return self
@@ -231,7 +236,7 @@ class FinetuneRecipe:
                    dynamic_ncols=True)
         train_tokens, train_seconds, record, saved_at, preempted = 0, 0.0, {}, None, False
         val_every = cfg.step_scheduler.get("val_every_steps")
-        with PreemptionWatcher(self.dist.device) as watcher:
+        with PreemptionWatcher(self.dist.device, enabled=ck_on) as watcher:
             for batches in self._step_batches():
                 out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
                 step += 1
@@ -252,7 +257,7 @@ class FinetuneRecipe:
                     if step % cfg.logging.log_every_steps == 0 or step == self.total_steps:
                         tqdm.write(format_step(record))
                 self.checkpointer.poll()
-                preempted = ck_on and watcher.requested()
+                preempted = watcher.requested()
                 if ck_on and (preempted or (ck_every and step % ck_every == 0)):
                     self._save_checkpoint(step)
                     saved_at = step

@@ -33,7 +33,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "recipes/finetune.py",
                    "--config", args.config, "--distributed.pipeline.pp_schedule", schedule,
                    "--step_scheduler.max_steps", str(args.steps), "--validation_dataset", "null",
-                   "--checkpoint.save_consolidated", "false", f"--checkpoint.checkpoint_dir={out}", *extra]
+                   "--checkpoint.save_consolidated", "false", "--checkpoint.enabled", "false", f"--checkpoint.checkpoint_dir={out}", *extra]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={"TQDM_DISABLE": "1", **__import__("os").environ})
             if proc.returncode != 0:
                 print(f"{schedule:<18} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")

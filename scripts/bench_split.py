@@ -32,7 +32,7 @@ def run(nproc: int, threads: int, steps: int, *overrides: str) -> tuple[float, f
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "recipes/finetune.py",
                "--config", CONFIG, "--step_scheduler.max_steps", str(steps), "--validation_dataset", "null",
-               "--checkpoint.save_consolidated", "false", f"--checkpoint.checkpoint_dir={out}", *overrides]
+               "--checkpoint.save_consolidated", "false", "--checkpoint.enabled", "false", f"--checkpoint.checkpoint_dir={out}", *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:

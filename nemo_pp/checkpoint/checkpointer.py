@@ -217,12 +217,14 @@ class Checkpointer:
         return True
 
     def wait(self) -> None:
-        """Block until an async save is written and finished (collective when one is in flight)."""
-        if self._pending is None:
-            return
-        for f in self._pending[2]:
-            f.result()
-        self.poll()
+        """Block until an async save is written and finished (collective when ``is_async``:
+        a rank whose own write is done still waits for rank 0 to finish the checkpoint)."""
+        if not self.is_async:
+            return  # a sync save is finished when save() returns
+        if self._pending is not None:
+            for f in self._pending[2]:
+                f.result()
+            self.poll()
         self._barrier()
 
     def _barrier(self) -> None:

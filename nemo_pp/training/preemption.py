@@ -25,11 +25,14 @@ class PreemptionWatcher:
     Args:
         device: where the agreement flag lives (the default process group's device).
         signals: the signals that request a stop.
+        enabled: False leaves the signals' handlers alone (nothing could be saved, so a
+            stop signal must still stop the process) and :meth:`requested` is always False.
     """
 
-    def __init__(self, device: torch.device, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, device: torch.device, signals: tuple[int, ...] = (signal.SIGTERM,), enabled: bool = True):
         self.device = device
-        self.signals = signals
+        self.signals = signals if enabled else ()
+        self.enabled = enabled
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -47,7 +50,9 @@ class PreemptionWatcher:
         self._previous.clear()
 
     def requested(self) -> bool:
-        """True on every rank when any rank received a stop signal (collective)."""
+        """True on every rank when any rank received a stop signal (collective when enabled)."""
+        if not self.enabled:
+            return False
         flag = torch.tensor([0 if self.received is None else 1], device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

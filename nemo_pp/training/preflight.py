@@ -141,8 +141,9 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
     Args:
         cfg: the typed recipe config (``load_recipe_config``).
         world_size: processes of the run.
-        check_checkpoint: check the checkpoint's tensor names against the model (False
-            to plan from a config folder that holds no weights).
+        check_checkpoint: check the model's safetensors names against the model and the
+            training checkpoint to resume (False: plan from a config folder that holds no
+            weights, resuming nothing).
         piece_costs: measured piece costs for ``split: profile`` (see
             :func:`profile_pipeline_costs`); without them that split uses the FLOP model.
 
@@ -151,6 +152,8 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
             more stages than layers, a sequence length beyond the model's positions,
             refused pipeline options.
         FileNotFoundError: missing local model or data set (names the asset command).
+        CorruptCheckpointError (a ValueError): the checkpoint to resume is incomplete,
+            truncated, unsafe, of another model, or at a data position this dp size cannot split.
         NotImplementedError: tp/cp sizes this version does not implement.
     """
     from transformers import AutoConfig
@@ -255,7 +258,7 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
     validate_hf_model_for_pipeline_support(model, p.patch_inner_model, p.patch_causal_lm_model, pipeline.num_stages)
     if d.activation_checkpointing:
         checkpoint_decoder_layers(model)  # a throwaway meta model: raises, naming the key, without layers
-    resume_from, resume_state = _checkpoint_to_resume(cfg, model, sizes.dp)
+    resume_from, resume_state = _checkpoint_to_resume(cfg, model, sizes.dp) if check_checkpoint else (None, None)
     return RunPlan(
         sizes=sizes, pipeline=pipeline, model_path=str(model_path), meta_build=meta_build,
         activation_checkpointing=d.activation_checkpointing, mp_policy=mp_policy, local_batch_size=local_bs,
