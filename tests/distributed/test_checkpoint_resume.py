@@ -168,19 +168,29 @@ def test_resume_equals_straight_run(tiny_assets, tmp_path, case):
         torch.testing.assert_close(hf.lm_head.weight.detach(), wa["model.embed_tokens.weight"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("pp_size", [1, 4])
-def test_pp2_checkpoint_resumes_at_another_pp_size(tiny_assets, tmp_path, pp_size):
-    """The checkpoint of a pp 2 run (after 3 steps) resumes at pp 1 and pp 4: the next
-    losses equal the uninterrupted pp 2 run's."""
+OTHER_LAYOUTS = {
+    "pp1": (1, ("--distributed.pp_size=1",)),
+    "pp4": (4, ("--distributed.pp_size=4",)),
+    # the same global batch over 2 data-parallel ranks: FSDP2 shards what pp 2 x dp 1 wrote whole
+    "pp2-dp2-fsdp2": (4, ("--dataloader.batch_size=2",)),
+}
+
+
+@pytest.mark.parametrize("layout", list(OTHER_LAYOUTS))
+def test_pp2_checkpoint_resumes_at_another_layout(tiny_assets, tmp_path, layout):
+    """The checkpoint of a pp 2 run (after 3 steps) resumes at pp 1, pp 4 and pp 2 x dp 2:
+    the next losses equal the uninterrupted pp 2 run's."""
     model, squad = tiny_assets
     extra = ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6", "--dataloader.batch_size=4",
              "--step_scheduler.global_batch_size=4")
     straight = tmp_path / "straight"
-    _launch(2, _overrides(model, squad, straight, *extra))
-    other = tmp_path / f"pp{pp_size}"
+    # written in the background while steps 4-6 train: the checkpoint must be the state after step 3
+    _launch(2, _overrides(model, squad, straight, *extra, "--checkpoint.is_async=true"))
+    other = tmp_path / layout
     other.mkdir()
     shutil.copytree(straight / _step3_name(straight), other / _step3_name(straight))
-    _launch(pp_size, _overrides(model, squad, other, *extra, f"--distributed.pp_size={pp_size}"))
+    world, changes = OTHER_LAYOUTS[layout]
+    _launch(world, _overrides(model, squad, other, *extra, *changes))
 
     a, b = _losses(straight), _losses(other)
     assert sorted(b) == [4, 5, 6]
