@@ -108,14 +108,12 @@ def mark_complete(temp: str | os.PathLike, final: str | os.PathLike) -> Path:
     write the marker (manifest of every file and its size) into it, last.
 
     A crash before the rename leaves a temporary folder; one between rename and marker a
-    folder without the marker: neither is ever resumed from.
-
-    Raises:
-        FileExistsError: ``final`` exists already (a checkpoint of this step was completed).
+    folder without the marker: neither is ever resumed from. An existing ``final`` (a run
+    restored from an older checkpoint reaches this step again) is replaced.
     """
     temp, final = Path(temp), Path(final)
     if final.exists():
-        raise FileExistsError(f"checkpoint {final} exists already; remove it or use another checkpoint.checkpoint_dir")
+        _remove(final)
     manifest = _manifest(temp)
     os.rename(temp, final)
     _fsync_dir(final.parent)

@@ -65,13 +65,15 @@ def test_prune_keeps_the_newest_and_removes_the_marker_first(tmp_path):
     assert layout.prune_checkpoints(tmp_path, keep=1, protect=tmp_path / "epoch_0_step_3") == []
 
 
-def test_marker_is_written_after_the_rename_and_refuses_to_overwrite(tmp_path):
+def test_marker_lists_every_file_and_a_new_save_of_the_same_step_replaces_the_old(tmp_path):
     final = _fake_checkpoint(tmp_path, 0, 5)
     manifest = json.loads((final / layout.MARKER).read_text())
     assert manifest == {"files": {"model/data": 100}}
-    temp = _fake_checkpoint(tmp_path, 0, 5, complete=False)
-    with pytest.raises(FileExistsError):
-        layout.mark_complete(temp, final)
+    (final / "stale").write_text("from the first run")
+    temp = _fake_checkpoint(tmp_path, 0, 5, complete=False)  # restored from an older checkpoint, step 5 again
+    assert layout.mark_complete(temp, final) == final
+    assert not (final / "stale").exists() and not temp.exists()
+    layout.verify_manifest(final)
 
 
 def test_truncated_or_missing_file_is_named(tmp_path):
