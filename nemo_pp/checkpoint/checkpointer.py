@@ -44,7 +44,7 @@ from nemo_pp.checkpoint.state import (
     set_scheduler_state,
 )
 
-__all__ = ["Checkpointer", "TRAINER_STATE"]
+__all__ = ["Checkpointer", "TRAINER_STATE", "check_checkpoint"]
 
 logger = logging.getLogger(__name__)
 

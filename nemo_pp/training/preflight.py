@@ -40,7 +40,6 @@ class RunPlan:
         grad_acc_steps: batches accumulated per optimizer step.
         num_epochs / max_steps: the step budget (``max_steps`` 0: evaluate only).
         resume_from: the checkpoint folder to resume from (checked), or None.
-        resume_state: its trainer state (``step``, ``epoch``, ``samples_in_epoch``, ...).
     """
 
     sizes: ParallelSizes
@@ -54,7 +53,6 @@ class RunPlan:
     num_epochs: int
     max_steps: int | None
     resume_from: Path | None = None
-    resume_state: dict | None = None
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run: ``max_steps`` or what the epochs hold.
@@ -258,16 +256,16 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
     validate_hf_model_for_pipeline_support(model, p.patch_inner_model, p.patch_causal_lm_model, pipeline.num_stages)
     if d.activation_checkpointing:
         checkpoint_decoder_layers(model)  # a throwaway meta model: raises, naming the key, without layers
-    resume_from, resume_state = _checkpoint_to_resume(cfg, model, sizes.dp) if check_checkpoint else (None, None)
+    resume_from = _checkpoint_to_resume(cfg, model, sizes.dp) if check_checkpoint else None
     return RunPlan(
         sizes=sizes, pipeline=pipeline, model_path=str(model_path), meta_build=meta_build,
         activation_checkpointing=d.activation_checkpointing, mp_policy=mp_policy, local_batch_size=local_bs,
         grad_acc_steps=gbs // per_step, num_epochs=ss.num_epochs, max_steps=ss.get("max_steps"),
-        resume_from=resume_from, resume_state=resume_state,
+        resume_from=resume_from,
     )
 
 
-def _checkpoint_to_resume(cfg, model, dp: int) -> tuple[Path | None, dict | None]:
+def _checkpoint_to_resume(cfg, model, dp: int) -> Path | None:
     """``checkpoint.restore_from`` resolved (null: the latest complete checkpoint when
     checkpointing is enabled) and checked against ``model`` (meta tensors) and the data-parallel size.
 
@@ -280,10 +278,10 @@ def _checkpoint_to_resume(cfg, model, dp: int) -> tuple[Path | None, dict | None
 
     ck = cfg.checkpoint
     if ck.restore_from is None and not ck.enabled:
-        return None, None
+        return None
     path = resolve_restore_from(ck.checkpoint_dir, ck.restore_from)
     if path is None:
-        return None, None
+        return None
     state = check_checkpoint(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     samples = int(state.get("samples_in_epoch", 0))
     if samples % dp:
@@ -291,4 +289,4 @@ def _checkpoint_to_resume(cfg, model, dp: int) -> tuple[Path | None, dict | None
             f"{path} stopped {samples} samples into epoch {state['epoch']}, which {dp} data-parallel ranks cannot "
             "split evenly; resume with a data-parallel size that divides it"
         )
-    return path, state
+    return path
