@@ -169,7 +169,7 @@ class FinetuneRecipe:
 
         return save_consolidated_hf(
             folder, self.parts, self.model_config, self.tokenizer, tied=self.tied, tied_head_fqn=self.tied_head_fqn,
-            pp_rank=self.mesh.pp_rank, pp_size=self.plan.sizes.pp, is_writer=self.mesh.dp_rank == 0,
+            pp_rank=self.mesh.pp_rank, pp_size=self.plan.sizes.pp, is_writer=self.mesh.writes_stage_files,
         )
 
     # -------------------------------------------------------------------- run

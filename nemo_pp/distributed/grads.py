@@ -27,6 +27,35 @@ def divide_grads(modules: Iterable[nn.Module], divisor: float) -> None:
                 p.grad.div_(divisor)
 
 
+def _same_layout_groups(items: list, tensor_of=lambda t: t) -> dict:
+    """``items`` by the (mesh, placements) of ``tensor_of(item)`` for DTensors, None for
+    plain tensors: torch's foreach kernels refuse a mix of the two, or of DTensors on
+    different meshes (TP weights next to replicated norms, FSDP2 x TP)."""
+    groups: dict = {}
+    for item in items:
+        t = tensor_of(item)
+        key = (t.device_mesh, tuple(t.placements)) if hasattr(t, "device_mesh") else None
+        groups.setdefault(key, []).append(item)
+    return groups
+
+
+def _local_total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The norm of ``grads`` over this pp rank's stages. DTensor grads (FSDP2, TP) are
+    grouped by mesh and placements, and each group's norm is reduced over its mesh. Plain
+    grads are whole on every rank that holds them (a norm weight under TP), so they are
+    counted once."""
+    norms = []
+    for group in _same_layout_groups(grads).values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=norm_type)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        norms.append(norm.float())
+    if len(norms) == 1:
+        return norms[0]
+    stacked = torch.stack([n.to(norms[0].device) for n in norms])
+    return stacked.max() if math.isinf(norm_type) else stacked.pow(norm_type).sum().pow(1.0 / norm_type)
+
+
 def clip_grad_norm_across_stages(
     parameters: Iterable[nn.Parameter],
     max_norm: float | None,
@@ -53,10 +82,7 @@ def clip_grad_norm_across_stages(
     grads = [p.grad for p in params if id(p) not in excluded]
     norm_type = float(norm_type)
     if grads:
-        total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
-        if hasattr(total, "full_tensor"):
-            total = total.full_tensor()
-        total = total.float()
+        total = _local_total_norm(grads, norm_type)
     else:
         device = params[0].grad.device if params else torch.device("cpu")
         total = torch.zeros((), device=device)
@@ -68,5 +94,6 @@ def clip_grad_norm_across_stages(
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
             total = total ** (1.0 / norm_type)
     if max_norm is not None and not math.isinf(max_norm) and params:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        for group in _same_layout_groups(params, lambda p: p.grad).values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

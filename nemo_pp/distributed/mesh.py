@@ -110,6 +110,13 @@ class MeshBundle:
     def dp_rank(self) -> int:
         return self.dp.get_local_rank()
 
+    @property
+    def writes_stage_files(self) -> bool:
+        """True on one rank per pp rank (dp, cp and tp rank 0): it writes that stage's
+        files when every rank holds (or has gathered) the same tensors."""
+        w = self.world
+        return self.dp_rank == 0 and w.get_local_rank("cp") == 0 and w.get_local_rank("tp") == 0
+
 
 def build_device_mesh(device_type: str, sizes: ParallelSizes) -> MeshBundle:
     """Create the 5D mesh for ``device_type`` ("cpu" -> gloo groups, "cuda" -> nccl)."""

@@ -1,5 +1,6 @@
-"""Per-stage parallelization (``ParallelizeFnProtocol`` callables): activation
-checkpointing of the decoder layers, then FSDP2 over the data-parallel ranks."""
+"""Per-stage parallelization (``ParallelizeFnProtocol`` callables), in torchtitan's order:
+tensor parallelism over the ``tp`` axis, activation checkpointing of the decoder layers,
+then FSDP2 (or HSDP) over the data-parallel ranks."""
 
 from __future__ import annotations
 
@@ -101,4 +102,28 @@ class FSDP2Parallelizer:
                 module.set_gradient_divide_factor(1.0)
                 # plain SUM collectives: a factor without this becomes PREMUL_SUM, which gloo lacks
                 module.set_force_sum_reduction_for_comms(True)
+        return model
+
+
+class TensorParallelizer:
+    """Shards a stage over the mesh's ``tp`` axis (:func:`nemo_pp.distributed.tensor_parallel.tensor_parallelize`)."""
+
+    def __init__(self, mesh_bundle):
+        self.mesh_bundle = mesh_bundle
+
+    def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, **_):
+        from .tensor_parallel import tensor_parallelize
+
+        return tensor_parallelize(model, self.mesh_bundle.world["tp"])
+
+
+class ComposedParallelizer:
+    """Applies parallelize_fns in order (e.g. tensor parallel, then FSDP2)."""
+
+    def __init__(self, *steps):
+        self.steps = [s for s in steps if s is not None]
+
+    def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, **kwargs):
+        for step in self.steps:
+            step(model, world_mesh, moe_mesh, **kwargs)
         return model

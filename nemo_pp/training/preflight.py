@@ -70,13 +70,22 @@ class RunPlan:
         return min(steps, self.max_steps) if self.max_steps is not None else steps
 
     def parallelize_fn(self, mesh):
-        """Per stage: activation checkpointing when asked, then FSDP2 over the data-parallel
-        ranks when there are several; None when neither applies."""
-        from nemo_pp.distributed.parallelize import ActivationCheckpointing, FSDP2Parallelizer
+        """Per stage: tensor parallelism when tp > 1, activation checkpointing when asked,
+        then FSDP2 over the data-parallel ranks when there are several; None when nothing applies."""
+        from nemo_pp.distributed.parallelize import (
+            ActivationCheckpointing,
+            ComposedParallelizer,
+            FSDP2Parallelizer,
+            TensorParallelizer,
+        )
 
         if self.sizes.dp > 1:
-            return FSDP2Parallelizer(mesh, not self.pipeline.split_backward, self.activation_checkpointing, self.mp_policy)
-        return ActivationCheckpointing() if self.activation_checkpointing else None
+            rest = FSDP2Parallelizer(mesh, not self.pipeline.split_backward, self.activation_checkpointing, self.mp_policy)
+        else:
+            rest = ActivationCheckpointing() if self.activation_checkpointing else None
+        if self.sizes.tp == 1:
+            return rest
+        return ComposedParallelizer(TensorParallelizer(mesh), rest)
 
     def describe(self) -> str:
         s = self.sizes
@@ -148,17 +157,18 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
     Raises:
         ValueError: parallel sizes vs world size, batch arithmetic, schedule constraints,
             more stages than layers, a sequence length beyond the model's positions,
-            refused pipeline options.
+            refused pipeline options, a tp_size the model's heads / sizes cannot split.
         FileNotFoundError: missing local model or data set (names the asset command).
         CorruptCheckpointError (a ValueError): the checkpoint to resume is incomplete,
             truncated, unsafe, of another model, or at a data position this dp size cannot split.
-        NotImplementedError: tp/cp sizes this version does not implement.
+        NotImplementedError: cp sizes and sequence parallelism, which this version does not implement.
     """
     from transformers import AutoConfig
 
     from nemo_pp.assets import missing_asset_message, missing_local_path
     from nemo_pp.config import instantiate
     from nemo_pp.distributed.parallelize import checkpoint_decoder_layers
+    from nemo_pp.distributed.tensor_parallel import check_tensor_parallel
     from nemo_pp.distributed.pipelining.functional import check_grad_sync_options
     from nemo_pp.distributed.pipelining.hf_utils import validate_hf_model_for_pipeline_support
     from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
@@ -175,8 +185,11 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
                 "sharding strategy for SDPA); set distributed.cp_size: 1 or run on GPUs"
             )
         raise NotImplementedError("distributed.cp_size > 1 is not implemented in this version of nemo_pp; set it to 1")
-    if sizes.tp > 1:
-        raise NotImplementedError("distributed.tp_size > 1 is not implemented in this version of nemo_pp; set it to 1")
+    if d.sequence_parallel:
+        raise NotImplementedError(
+            "distributed.sequence_parallel: true is not implemented in this version of nemo_pp (tensor parallelism "
+            "runs with whole sequences on every tp rank); set it to false"
+        )
 
     model_path = cfg.model.get("pretrained_model_name_or_path")
     if model_path is None:
@@ -254,6 +267,7 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
         piece_costs=piece_costs, max_stage_params=p.max_stage_params,
     )
     validate_hf_model_for_pipeline_support(model, p.patch_inner_model, p.patch_causal_lm_model, pipeline.num_stages)
+    check_tensor_parallel(model, sizes.tp)
     if d.activation_checkpointing:
         checkpoint_decoder_layers(model)  # a throwaway meta model: raises, naming the key, without layers
     resume_from = _checkpoint_to_resume(cfg, model, sizes.dp) if check_checkpoint else None

@@ -20,7 +20,10 @@ def is_tied(model: nn.Module) -> bool:
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     if get_in is None or get_out is None:
         return False
-    emb, head = get_in(), get_out()
+    try:  # a pipeline stage may lack the module or the base model holding it
+        emb, head = get_in(), get_out()
+    except AttributeError:
+        return False
     return emb is not None and head is not None and head.weight is emb.weight
 
 
@@ -88,6 +91,11 @@ class TiedEmbeddingSync:
     @torch.no_grad()
     def sync_grads(self) -> None:
         """Make both copies' ``.grad`` the sum of the two (call after backward, before clipping)."""
+        for p in (self.embed, self.head):
+            # a DTensor grad may come out of backward in another layout than its parameter
+            # (a vocab-parallel embedding's grad is Replicate): the copies' shards must match
+            if p is not None and p.grad is not None and hasattr(p.grad, "placements") and p.grad.placements != p.placements:
+                p.grad = p.grad.redistribute(placements=p.placements)
         if self.embed is not None and self.head is not None:
             total = _local(self.embed.grad) + _local(self.head.grad)
             _local(self.embed.grad).copy_(total)

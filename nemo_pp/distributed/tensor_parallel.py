@@ -1,0 +1,145 @@
+"""Tensor parallelism of one pipeline stage with torch's ``parallelize_module`` (DTensor).
+
+The plan of a decoder layer comes from the model: transformers ships one per family as
+``config.base_model_tp_plan`` (``{"layers.*.self_attn.q_proj": "colwise", ...}``, Megatron-LM's
+split: q/k/v and gate/up column-wise, o/down row-wise; Shoeybi et al., 2019). Its
+strings map to torch's styles (:data:`STYLES`). On top of it nemo_pp shards the input
+embedding over the vocabulary (``RowwiseParallel``: each rank looks up its vocabulary
+slice, the partial sums are all-reduced) and ``lm_head`` column-wise with the logits
+gathered (``ColwiseParallel(output_layouts=Replicate())``), so any loss function sees
+ordinary ``[B, S, V]`` logits.
+
+Attention needs no change: HF reshapes q/k/v with ``view(..., -1, head_dim)``, so a rank
+holding ``heads / tp`` heads computes them locally. Norms stay replicated; their inputs are
+whole on every rank, so their gradients are equal everywhere.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+__all__ = ["STYLES", "check_tensor_parallel", "layer_tp_plan", "tensor_parallelize"]
+
+#: transformers' plan strings -> torch parallel styles (local tensors in and out).
+STYLES = {
+    "colwise": lambda: ColwiseParallel(),
+    "rowwise": lambda: RowwiseParallel(),
+    "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+    "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate()),
+}
+
+#: nemo_pp's plan where a model ships none: the Llama names most HF decoders share.
+DEFAULT_LAYER_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def layer_tp_plan(model: nn.Module) -> dict[str, str]:
+    """The decoder's plan (patterns relative to the base model, e.g. ``layers.*.mlp.up_proj``):
+    the model's ``base_model_tp_plan``, else :data:`DEFAULT_LAYER_PLAN` when the model has
+    those modules.
+
+    Raises:
+        ValueError: no plan fits the model, or the plan uses a style nemo_pp does not map
+            (the model type and the entry are named).
+    """
+    config = _text_config(model.config)
+    kind = getattr(config, "model_type", type(model).__name__)
+    plan = dict(getattr(config, "base_model_tp_plan", None) or {})
+    if not plan:
+        names = {name.split(".", 1)[1] if "." in name else name for name, _ in model.named_modules()}
+        if any(fnmatch.fnmatch(n, pat) for n in names for pat in DEFAULT_LAYER_PLAN):
+            plan = dict(DEFAULT_LAYER_PLAN)
+        else:
+            raise ValueError(
+                f"distributed.tp_size > 1: model type '{kind}' ships no tensor-parallel plan (base_model_tp_plan) and "
+                "has none of the Llama-style projections nemo_pp's plan shards; set distributed.tp_size: 1"
+            )
+    unknown = {k: v for k, v in plan.items() if v not in STYLES}
+    if unknown:
+        key, style = next(iter(unknown.items()))
+        raise ValueError(
+            f"distributed.tp_size > 1: model type '{kind}' asks for '{style}' at {key}, a tensor-parallel style "
+            f"nemo_pp does not implement (it maps {', '.join(STYLES)}); set distributed.tp_size: 1"
+        )
+    return plan
+
+
+def check_tensor_parallel(model: nn.Module, tp: int) -> None:
+    """Refuse a ``tp`` the model's shapes cannot split evenly, naming the config field.
+
+    Raises:
+        ValueError: heads, kv heads, hidden, intermediate or vocabulary size not divisible
+            by ``tp``, or no usable plan (:func:`layer_tp_plan`).
+    """
+    if tp == 1:
+        return
+    config = _text_config(model.config)
+    for field in ("num_key_value_heads", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size"):
+        value = getattr(config, field, None)
+        if value is not None and value % tp:
+            divisors = [d for d in range(2, value + 1) if value % d == 0][:6]
+            raise ValueError(
+                f"distributed.tp_size={tp} does not divide the model's {field}={value}; use a tp_size that "
+                f"divides it (e.g. {', '.join(map(str, divisors))}) or distributed.tp_size: 1"
+            )
+    layer_tp_plan(model)
+
+
+def _base_prefix(model: nn.Module) -> str:
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return f"{prefix}." if prefix and getattr(model, prefix, None) is not None else ""
+
+
+def _embedding(model: nn.Module, getter: str) -> nn.Module | None:
+    try:  # a pipeline stage may have dropped the module, or the base model it lives in
+        return getattr(model, getter)()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def tensor_parallelize(model: nn.Module, tp_mesh) -> nn.Module:
+    """Shard ``model`` (a whole model or one pipeline stage) over the 1D ``tp_mesh``.
+
+    Decoder projections follow :func:`layer_tp_plan`, the input embedding is vocab-parallel,
+    ``lm_head`` column-wise with gathered logits. A tied embedding held by this stage
+    stays one parameter (both styles shard the vocabulary dimension).
+    """
+    from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
+
+    tied = is_tied(model)
+    tied_fqns = tied_param_fqns(model) if tied else None
+    prefix = _base_prefix(model)
+    plan = {}
+    patterns = layer_tp_plan(model)
+    for name, module in model.named_modules():
+        rel = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        style = next((s for pat, s in patterns.items() if fnmatch.fnmatchcase(rel, pat)), None)
+        if style is not None and isinstance(module, nn.Linear):
+            plan[name] = STYLES[style]()
+    emb, head = _embedding(model, "get_input_embeddings"), _embedding(model, "get_output_embeddings")
+    names = {id(m): n for n, m in model.named_modules()}
+    if emb is not None and id(emb) in names:
+        plan[names[id(emb)]] = RowwiseParallel(input_layouts=Replicate())
+    if head is not None and id(head) in names:
+        plan[names[id(head)]] = ColwiseParallel(output_layouts=Replicate())
+    parallelize_module(model, tp_mesh, plan)
+    if tied:  # each style registered its own Parameter: make the head use the embedding's again
+        embed_owner, _, embed_name = tied_fqns[0].rpartition(".")
+        head_owner, _, head_name = tied_fqns[1].rpartition(".")
+        setattr(model.get_submodule(head_owner), head_name, getattr(model.get_submodule(embed_owner), embed_name))
+    return model
