@@ -61,6 +61,10 @@ def test_good_config_derives_the_plan(cfg_file):
         (["model.pretrained_model_name_or_path=/nonexistent/model"], 2, FileNotFoundError, "python -m nemo_pp.assets"),
         (["dataset.path_or_dataset=/nonexistent/squad"], 2, FileNotFoundError, "dataset.path_or_dataset"),
         (["distributed.cp_size=2"], 4, ValueError, "no CPU implementation"),
+        # tiny llama: 4 heads, 2 kv heads, vocab 128
+        (["distributed.tp_size=4"], 8, ValueError, r"tp_size=4 does not divide the model's num_key_value_heads=2"),
+        (["distributed.tp_size=2", "distributed.sequence_parallel=true"], 4, NotImplementedError,
+         "distributed.sequence_parallel"),
     ],
 )
 def test_bad_input_names_key_and_fix(cfg_file, overrides, world, error, message):
@@ -96,3 +100,21 @@ def test_pp1_plan_is_one_stage_and_max_steps_0_is_an_evaluate_only_run(cfg_file)
     assert plan.pipeline.num_stages == 1 and plan.pipeline.stage_ids == ((0,),)
     assert plan.total_steps(batches_per_epoch=0) == 0  # even an empty epoch: nothing to train
     assert "stage 0 (pp_rank 0)" in plan.describe()
+
+
+def test_tp_plans_where_the_heads_divide(cfg_file):
+    plan = check(cfg_file, "distributed.tp_size=2", world=4)
+    assert (plan.sizes.pp, plan.sizes.tp, plan.sizes.dp) == (2, 2, 1)
+    assert type(plan.parallelize_fn(None)).__name__ == "ComposedParallelizer"
+
+
+def test_smollm2_tp_2_refused_naming_kv_heads_and_tp_3_planned(real_assets, tmp_path):
+    """SmolLM2-135M has 9 heads and 3 kv heads: tp 3 splits them, tp 2 cannot."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "smollm2_135m_squad_pp2.yaml"
+    overrides = [f"checkpoint.checkpoint_dir={tmp_path}"]
+    with pytest.raises(ValueError, match=r"tp_size=2 does not divide the model's num_key_value_heads=3.*e.g. 3"):
+        check(config, *overrides, "distributed.tp_size=2", world=4)
+    plan = check(config, *overrides, "distributed.tp_size=3", world=6)
+    assert (plan.sizes.pp, plan.sizes.tp) == (2, 3)
