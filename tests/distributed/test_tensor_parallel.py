@@ -102,6 +102,8 @@ LAYOUTS = {
     "pp2-tp2-qwen2": (4, 2, 2, 1, "qwen2", False),
     "pp2-dp2-tp2": (8, 2, 2, 1, "llama", True),
     "pp2-hsdp2x2": (8, 2, 1, 2, "qwen2", True),
+    # HSDP x TP: 3D DTensors (dp_replicate, dp_shard, tp) through the one-stage pipeline
+    "hsdp2x2-tp2": (8, 1, 2, 2, "llama", False),
 }
 
 
