@@ -27,6 +27,21 @@ def divide_grads(modules: Iterable[nn.Module], divisor: float) -> None:
                 p.grad.div_(divisor)
 
 
+def align_grad_placements(params: Iterable[nn.Parameter]) -> None:
+    """Give every DTensor gradient its parameter's placements.
+
+    Tensor-parallel backward can leave a gradient in another layout than its parameter:
+    a vocab-parallel embedding's comes out ``Replicate``, a sequence-parallel norm's
+    ``Partial``. Redistributing once after backward (a local slice for ``Replicate ->
+    Shard``, an all-reduce for ``Partial -> Replicate``) makes the tied-copy sum, clipping
+    and the optimizer see one layout per parameter.
+    """
+    for p in params:
+        g = p.grad
+        if g is not None and hasattr(g, "placements") and hasattr(p, "placements") and g.placements != p.placements:
+            p.grad = g.redistribute(device_mesh=p.device_mesh, placements=p.placements)
+
+
 def _same_layout_groups(items: list, tensor_of=lambda t: t) -> dict:
     """``items`` by the (mesh, placements) of ``tensor_of(item)`` for DTensors, None for
     plain tensors: torch's foreach kernels refuse a mix of the two, or of DTensors on

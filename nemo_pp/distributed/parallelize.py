@@ -108,13 +108,14 @@ class FSDP2Parallelizer:
 class TensorParallelizer:
     """Shards a stage over the mesh's ``tp`` axis (:func:`nemo_pp.distributed.tensor_parallel.tensor_parallelize`)."""
 
-    def __init__(self, mesh_bundle):
+    def __init__(self, mesh_bundle, sequence_parallel: bool = False):
         self.mesh_bundle = mesh_bundle
+        self.sequence_parallel = sequence_parallel
 
     def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, **_):
         from .tensor_parallel import tensor_parallelize
 
-        return tensor_parallelize(model, self.mesh_bundle.world["tp"])
+        return tensor_parallelize(model, self.mesh_bundle.world["tp"], self.sequence_parallel)
 
 
 class ComposedParallelizer:

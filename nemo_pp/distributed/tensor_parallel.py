@@ -19,10 +19,16 @@ from __future__ import annotations
 import fnmatch
 
 from torch import nn
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
-__all__ = ["STYLES", "check_tensor_parallel", "layer_tp_plan", "tensor_parallelize"]
+__all__ = ["SEQUENCE_PARALLEL_PLAN", "STYLES", "check_tensor_parallel", "layer_tp_plan", "tensor_parallelize"]
 
 #: transformers' plan strings -> torch parallel styles (local tensors in and out).
 STYLES = {
@@ -112,32 +118,62 @@ def _embedding(model: nn.Module, getter: str) -> nn.Module | None:
         return None
 
 
-def tensor_parallelize(model: nn.Module, tp_mesh) -> nn.Module:
+#: Sequence parallelism (Korthikanti et al., 2022): what runs on [B, S/tp, H] shards.
+#: Norms compute on their sequence shard; attention and MLP all-gather their input; the
+#: row-wise projections reduce-scatter their output back to sequence shards.
+SEQUENCE_PARALLEL_PLAN = {
+    "layers.*.input_layernorm": lambda: SequenceParallel(),
+    "layers.*.post_attention_layernorm": lambda: SequenceParallel(),
+    "norm": lambda: SequenceParallel(),
+    # HF's decoder layer calls self_attn(hidden_states=...) and mlp(hidden_states)
+    "layers.*.self_attn": lambda: PrepareModuleInput(
+        input_kwarg_layouts={"hidden_states": Shard(1)}, desired_input_kwarg_layouts={"hidden_states": Replicate()}
+    ),
+    "layers.*.mlp": lambda: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+}
+
+
+def tensor_parallelize(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.Module:
     """Shard ``model`` (a whole model or one pipeline stage) over the 1D ``tp_mesh``.
 
     Decoder projections follow :func:`layer_tp_plan`, the input embedding is vocab-parallel,
     ``lm_head`` column-wise with gathered logits. A tied embedding held by this stage
     stays one parameter (both styles shard the vocabulary dimension).
+
+    With ``sequence_parallel`` the hidden states between layers and between pipeline
+    stages are ``[B, S/tp, H]`` sequence shards (:data:`SEQUENCE_PARALLEL_PLAN`); the
+    model and its decoder get ``_nemo_pp_sequence_shards = tp`` so positions, the causal
+    mask and the static stage shapes use the whole length.
     """
     from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
 
     tied = is_tied(model)
     tied_fqns = tied_param_fqns(model) if tied else None
     prefix = _base_prefix(model)
+    sp = sequence_parallel
+    seq_out = {"output_layouts": Shard(1)} if sp else {}
     plan = {}
     patterns = layer_tp_plan(model)
     for name, module in model.named_modules():
         rel = name[len(prefix):] if prefix and name.startswith(prefix) else name
         style = next((s for pat, s in patterns.items() if fnmatch.fnmatchcase(rel, pat)), None)
         if style is not None and isinstance(module, nn.Linear):
-            plan[name] = STYLES[style]()
+            plan[name] = RowwiseParallel(**seq_out) if sp and style == "rowwise" else STYLES[style]()
+        if sp:
+            sp_style = next((s for pat, s in SEQUENCE_PARALLEL_PLAN.items() if fnmatch.fnmatchcase(rel, pat)), None)
+            if sp_style is not None:
+                plan[name] = sp_style()
     emb, head = _embedding(model, "get_input_embeddings"), _embedding(model, "get_output_embeddings")
     names = {id(m): n for n, m in model.named_modules()}
     if emb is not None and id(emb) in names:
-        plan[names[id(emb)]] = RowwiseParallel(input_layouts=Replicate())
+        plan[names[id(emb)]] = RowwiseParallel(input_layouts=Replicate(), **seq_out)
     if head is not None and id(head) in names:
-        plan[names[id(head)]] = ColwiseParallel(output_layouts=Replicate())
+        plan[names[id(head)]] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
     parallelize_module(model, tp_mesh, plan)
+    if sp:
+        for module in (model, getattr(model, prefix[:-1], None) if prefix else None):
+            if module is not None:
+                module._nemo_pp_sequence_shards = tp_mesh.size()
     if tied:  # each style registered its own Parameter: make the head use the embedding's again
         embed_owner, _, embed_name = tied_fqns[0].rpartition(".")
         head_owner, _, head_name = tied_fqns[1].rpartition(".")

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_pp.distributed._torch_compat import run_schedule
-from nemo_pp.distributed.grads import divide_grads
+from nemo_pp.distributed.grads import align_grad_placements, divide_grads
 
 IGNORE_INDEX = -100
 
@@ -93,6 +93,7 @@ class TrainEngine:
             # FSDP reduce-scatters once per optimizer step (after the last batch) when deferring
             self.ap.set_grad_sync(i == len(batches) - 1 or not self.ap.defer_fsdp_grad_sync)
             loss_sum += self._forward(batch, train=True)
+        align_grad_placements(p for part in self.parts for p in part.parameters())
         divide_grads(self.parts, float(tokens.clamp(min=1)))
         self.ap.sync_tied_grads()
         grad_norm = self.ap.clip_grad_norm(self.max_grad_norm)

@@ -36,6 +36,7 @@ class RunPlan:
             own stages' tensors (``model._target_`` is NeMoAutoModelForCausalLM.from_pretrained).
         activation_checkpointing: decoder layers recompute their activations in backward.
         mp_policy: FSDP2's ``MixedPrecisionPolicy`` (compute dtype over fp32 master weights), or None.
+        sequence_parallel: under tp > 1, activations between layers and stages are sequence shards.
         local_batch_size: samples per ``schedule.step`` on one data-parallel rank.
         grad_acc_steps: batches accumulated per optimizer step.
         num_epochs / max_steps: the step budget (``max_steps`` 0: evaluate only).
@@ -53,6 +54,7 @@ class RunPlan:
     num_epochs: int
     max_steps: int | None
     resume_from: Path | None = None
+    sequence_parallel: bool = False
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run: ``max_steps`` or what the epochs hold.
@@ -85,7 +87,7 @@ class RunPlan:
             rest = ActivationCheckpointing() if self.activation_checkpointing else None
         if self.sizes.tp == 1:
             return rest
-        return ComposedParallelizer(TensorParallelizer(mesh), rest)
+        return ComposedParallelizer(TensorParallelizer(mesh, self.sequence_parallel), rest)
 
     def describe(self) -> str:
         s = self.sizes
@@ -161,7 +163,7 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
         FileNotFoundError: missing local model or data set (names the asset command).
         CorruptCheckpointError (a ValueError): the checkpoint to resume is incomplete,
             truncated, unsafe, of another model, or at a data position this dp size cannot split.
-        NotImplementedError: cp sizes and sequence parallelism, which this version does not implement.
+        NotImplementedError: cp sizes this version does not implement.
     """
     from transformers import AutoConfig
 
@@ -186,10 +188,15 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
             )
         raise NotImplementedError("distributed.cp_size > 1 is not implemented in this version of nemo_pp; set it to 1")
     if d.sequence_parallel:
-        raise NotImplementedError(
-            "distributed.sequence_parallel: true is not implemented in this version of nemo_pp (tensor parallelism "
-            "runs with whole sequences on every tp rank); set it to false"
-        )
+        pad = cfg.dataloader.pad_seq_len_divisible
+        if sizes.tp == 1:
+            raise ValueError("distributed.sequence_parallel: true shards sequences over tp ranks; set distributed.tp_size > 1 "
+                             "or sequence_parallel: false")
+        if pad is None or pad % sizes.tp:
+            raise ValueError(
+                f"distributed.sequence_parallel: every batch's sequence length must divide by tp_size={sizes.tp}; set "
+                f"dataloader.pad_seq_len_divisible to a multiple of {sizes.tp} (it is {pad})"
+            )
 
     model_path = cfg.model.get("pretrained_model_name_or_path")
     if model_path is None:
@@ -275,7 +282,7 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
         sizes=sizes, pipeline=pipeline, model_path=str(model_path), meta_build=meta_build,
         activation_checkpointing=d.activation_checkpointing, mp_policy=mp_policy, local_batch_size=local_bs,
         grad_acc_steps=gbs // per_step, num_epochs=ss.num_epochs, max_steps=ss.get("max_steps"),
-        resume_from=resume_from,
+        resume_from=resume_from, sequence_parallel=d.sequence_parallel,
     )
 
 

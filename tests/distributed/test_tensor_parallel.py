@@ -41,7 +41,7 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir):
+def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir, sp=False):
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
     from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, TensorParallelizer
@@ -55,12 +55,17 @@ def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir):
     steps = _batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
     expected = _reference(ref, steps)
 
-    steps_fn = [TensorParallelizer(mesh) if tp > 1 else None, FSDP2Parallelizer(mesh) if dp > 1 else None]
+    steps_fn = [TensorParallelizer(mesh, sp) if tp > 1 else None, FSDP2Parallelizer(mesh) if dp > 1 else None]
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b" if pp > 1 else "gpipe", pp_batch_size=4,
                       device=torch.device("cpu")).build(model, loss_fn=sum_ce, parallelize_fn=ComposedParallelizer(*steps_fn))
     if tp > 1:  # really sharded: some parameter is a DTensor over the tp axis
         assert any("tp" in (getattr(p, "device_mesh", None) and p.device_mesh.mesh_dim_names or ())
                    for part in ap.parts for p in part.parameters())
+    if sp:  # norms compute on sequence shards: their weights became (replicated) DTensors
+        assert all(getattr(part, "_nemo_pp_sequence_shards", 1) == tp for part in ap.parts)
+        from nemo_pp.distributed.pipelining.split import decoder_layers
+
+        assert all(hasattr(layer.input_layernorm.weight, "placements") for part in ap.parts for layer in decoder_layers(part))
     opts = [torch.optim.AdamW(p.parameters(), lr=LR, weight_decay=0.1) for p in ap.parts]
     engine = TrainEngine(ap, torch.device("cpu"), dp_group=mesh.dp.get_group() if dp > 1 else None, max_grad_norm=MAX_NORM)
     for step, per_dp in enumerate(steps):
@@ -111,3 +116,13 @@ LAYOUTS = {
 def test_layout_matches_the_unsplit_model(tmp_path, layout):
     world, pp, tp, rep, arch, tied = LAYOUTS[layout]
     run_ranks(_run, world, pp, tp, rep, arch, tied, str(tmp_path / "export"), timeout=300)
+
+
+SP_LAYOUTS = ["tp2", "pp2-tp2-tied", "pp2-tp2-qwen2", "pp2-dp2-tp2"]
+
+
+@pytest.mark.parametrize("layout", SP_LAYOUTS)
+def test_sequence_parallel_layout_matches_the_unsplit_model(tmp_path, layout):
+    """The same, with hidden states as [B, S/tp, H] sequence shards between layers and stages."""
+    world, pp, tp, rep, arch, tied = LAYOUTS[layout]
+    run_ranks(_run, world, pp, tp, rep, arch, tied, str(tmp_path / "export"), True, timeout=300)

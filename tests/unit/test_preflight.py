@@ -63,8 +63,9 @@ def test_good_config_derives_the_plan(cfg_file):
         (["distributed.cp_size=2"], 4, ValueError, "no CPU implementation"),
         # tiny llama: 4 heads, 2 kv heads, vocab 128
         (["distributed.tp_size=4"], 8, ValueError, r"tp_size=4 does not divide the model's num_key_value_heads=2"),
-        (["distributed.tp_size=2", "distributed.sequence_parallel=true"], 4, NotImplementedError,
-         "distributed.sequence_parallel"),
+        (["distributed.tp_size=2", "distributed.sequence_parallel=true"], 4, ValueError,
+         "set dataloader.pad_seq_len_divisible to a multiple of 2"),
+        (["distributed.sequence_parallel=true"], 2, ValueError, "set distributed.tp_size > 1"),
     ],
 )
 def test_bad_input_names_key_and_fix(cfg_file, overrides, world, error, message):

@@ -98,11 +98,14 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callab
                     "stage may take input_ids"
                 )
         hidden = inputs_embeds
+        # under sequence parallelism a rank holds S/tp positions; masks and rotary need all S
+        shards = getattr(self, "_nemo_pp_sequence_shards", 1)
+        whole = hidden if shards == 1 else hidden[:, :1].expand(-1, hidden.shape[1] * shards, -1)
         if position_ids is None:
-            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            position_ids = torch.arange(whole.shape[1], device=hidden.device).unsqueeze(0)
         if causal_mask_mapping is None:
-            causal_mask_mapping = _build_mask_mapping(self.config, hidden, attention_mask, position_ids)
-        position_embeddings = self.rotary_emb(hidden, position_ids) if getattr(self, "rotary_emb", None) is not None else None
+            causal_mask_mapping = _build_mask_mapping(self.config, whole, attention_mask, position_ids)
+        position_embeddings = self.rotary_emb(whole, position_ids) if getattr(self, "rotary_emb", None) is not None else None
         layer_types = getattr(self.config, "layer_types", None)
         for idx, layer in iter_decoder_layers(getattr(self, "layers", None)):
             attn_type = layer_types[idx] if layer_types else "full_attention"

@@ -58,8 +58,8 @@ def _precompute_stage_shapes(
     shape-inference forward and no serial point-to-point chain.
 
     Shapes per microbatch: first stage input ``[mb, S] int64``; other inputs and
-    non-last outputs ``[mb, S, H]``; last output ``[mb, S, V]`` (or ``[mb, S, H]`` when
-    the stage has no ``lm_head``). Float tensors get ``tensor_dtype`` or the stage's
+    non-last outputs ``[mb, S, H]`` (``[mb, S/tp, H]`` under sequence parallelism); last
+    output ``[mb, S, V]`` (or hidden states when the stage has no ``lm_head``). Float tensors get ``tensor_dtype`` or the stage's
     parameter dtype.
 
     Args:
@@ -72,12 +72,15 @@ def _precompute_stage_shapes(
     hidden, vocab = _get_hidden_and_vocab_size(model_config)
     for stage in stages:
         dtype = _stage_float_dtype(stage, tensor_dtype)
+        # sequence parallelism: hidden states travel as [mb, S/tp, H] shards (logits are gathered)
+        shard_len = seq_len // getattr(stage.submod, "_nemo_pp_sequence_shards", 1)
         if stage.is_first:
             inputs = (torch.empty(microbatch_size, seq_len, dtype=torch.int64, device="meta"),)
         else:
-            inputs = (torch.empty(microbatch_size, seq_len, hidden, dtype=dtype, device="meta", requires_grad=True),)
-        width = vocab if (stage.is_last and _stage_emits_logits(stage)) else hidden
-        outputs = (torch.empty(microbatch_size, seq_len, width, dtype=dtype, device="meta", requires_grad=True),)
+            inputs = (torch.empty(microbatch_size, shard_len, hidden, dtype=dtype, device="meta", requires_grad=True),)
+        logits = stage.is_last and _stage_emits_logits(stage)
+        outputs = (torch.empty(microbatch_size, seq_len if logits else shard_len, vocab if logits else hidden,
+                               dtype=dtype, device="meta", requires_grad=True),)
         set_static_stage_meta(stage, inputs, outputs)
 
 

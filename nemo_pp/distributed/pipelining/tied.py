@@ -91,11 +91,10 @@ class TiedEmbeddingSync:
     @torch.no_grad()
     def sync_grads(self) -> None:
         """Make both copies' ``.grad`` the sum of the two (call after backward, before clipping)."""
-        for p in (self.embed, self.head):
-            # a DTensor grad may come out of backward in another layout than its parameter
-            # (a vocab-parallel embedding's grad is Replicate): the copies' shards must match
-            if p is not None and p.grad is not None and hasattr(p.grad, "placements") and p.grad.placements != p.placements:
-                p.grad = p.grad.redistribute(placements=p.placements)
+        from nemo_pp.distributed.grads import align_grad_placements
+
+        # the copies' shards must match: a vocab-parallel embedding's grad comes out Replicate
+        align_grad_placements([p for p in (self.embed, self.head) if p is not None])
         if self.embed is not None and self.head is not None:
             total = _local(self.embed.grad) + _local(self.head.grad)
             _local(self.embed.grad).copy_(total)
