@@ -183,11 +183,14 @@ def test_sigkilled_rank_then_same_command_resumes_to_the_same_final_loss(real_as
 
 
 @pytest.mark.e2e
-def test_pp2_x_tp3_on_six_processes_trains_and_exports(real_assets, tmp_path):
-    """SmolLM2's 9 heads and 3 kv heads split over tp 3 inside each of 2 stages."""
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_pp2_x_tp3_on_six_processes_trains_and_exports(real_assets, tmp_path, sequence_parallel):
+    """SmolLM2's 9 heads and 3 kv heads split over tp 3 inside each of 2 stages; with
+    sequence parallelism the stages exchange [B, S/3, H] shards (sequences padded to 48)."""
     out = tmp_path / "run"
+    sp = ["--distributed.sequence_parallel=true", "--dataloader.pad_seq_len_divisible=48"] if sequence_parallel else []
     proc = run_recipe(
-        6, "--distributed.tp_size=3", f"--checkpoint.checkpoint_dir={out}", "--step_scheduler.max_steps=3",
+        6, "--distributed.tp_size=3", *sp, f"--checkpoint.checkpoint_dir={out}", "--step_scheduler.max_steps=3",
         "--step_scheduler.global_batch_size=2", "--dataloader.batch_size=2", "--dataset.seq_length=64",
         "--dataset.limit_dataset_samples=64", "--validation_dataset.limit_dataset_samples=2",
     )
