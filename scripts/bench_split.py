@@ -15,31 +15,15 @@ the real steps are somewhat shorter).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "configs/smollm2_135m_squad_pp2.yaml"
+from bench_common import CONFIG, timed_recipe_run
 
 
 def run(nproc: int, threads: int, steps: int, *overrides: str) -> tuple[float, float]:
     """Median step seconds and tokens/s over steps 2.. of the real recipe."""
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "recipes/finetune.py",
-               "--config", CONFIG, "--step_scheduler.max_steps", str(steps), "--validation_dataset", "null",
-               "--checkpoint.save_consolidated", "false", "--checkpoint.enabled", "false", f"--checkpoint.checkpoint_dir={out}", *overrides]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
-        train = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
-        train = [r for r in train if r.get("event") == "train"][1:]
-        return statistics.median(r["step_time_s"] for r in train), statistics.median(r["tokens_per_s"] for r in train)
+    r = timed_recipe_run(nproc, steps, *overrides, config=CONFIG, threads=threads)
+    return r["step_s"], r["tokens_per_s"]
 
 
 _PIECES = {}

@@ -12,15 +12,12 @@ step is skipped) and the last loss, which must agree across layouts.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_common import timed_recipe_run
+
 LAYOUTS = [("pp2 x tp1", 2, 2, 1), ("pp1 x tp2", 2, 1, 2), ("pp2 x tp2", 4, 2, 2)]
 
 
@@ -49,26 +46,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         make_model(model, args.hidden, args.layers)
-        print(f"Llama hidden {args.hidden}, {args.layers} layers, vocab 49152; batch 8 x 256 tokens per step")
+        print(f"Llama hidden {args.hidden}, {args.layers} layers, vocab 49152; the config's batch (main job: 8 x 256 tokens)")
         print(f"{'layout':<12}{'procs':>6}{'median step s':>15}{'tokens/s':>10}{'loss':>9}")
         for name, procs, pp, tp in LAYOUTS:
-            out = Path(tmp) / name.replace(" ", "")
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "recipes/finetune.py",
-                   "--config", args.config, f"--model.pretrained_model_name_or_path={model}",
-                   f"--distributed.pp_size={pp}", f"--distributed.tp_size={tp}",
-                   "--step_scheduler.max_steps", str(args.steps), "--validation_dataset", "null",
-                   "--checkpoint.save_consolidated", "false", "--checkpoint.enabled", "false",
-                   f"--checkpoint.checkpoint_dir={out}", *extra]
-            env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                print(f"{name:<12} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+            try:
+                r = timed_recipe_run(procs, args.steps, f"--model.pretrained_model_name_or_path={model}",
+                                     f"--distributed.pp_size={pp}", f"--distributed.tp_size={tp}", *extra,
+                                     config=args.config, threads=1)
+            except RuntimeError as exc:
+                print(f"{name:<12} failed: {exc}")
                 continue
-            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            train = [r for r in records if r.get("event") == "train"][1:]
-            step = statistics.median(r["step_time_s"] for r in train)
-            tps = statistics.median(r["tokens_per_s"] for r in train)
-            print(f"{name:<12}{procs:>6}{step:>15.2f}{tps:>10.0f}{train[-1]['loss']:>9.4f}", flush=True)
+            print(f"{name:<12}{procs:>6}{r['step_s']:>15.2f}{r['tokens_per_s']:>10.0f}{r['loss']:>9.4f}", flush=True)
     return 0
 
 

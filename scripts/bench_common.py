@@ -1,0 +1,45 @@
+"""What the benchmarks share: one timed run of the real recipe under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/smollm2_135m_squad_pp2.yaml"
+
+
+def timed_recipe_run(nproc: int, steps: int, *overrides: str, config: str = CONFIG, threads: int | None = None) -> dict:
+    """Run ``recipes/finetune.py`` on ``nproc`` processes for ``steps`` optimizer steps
+    without validation, checkpoints or export.
+
+    Returns:
+        ``{"step_s": median seconds per optimizer step, "tokens_per_s": median, "loss": last}``
+        over steps 2.. (the first builds the receive buffers).
+
+    Raises:
+        RuntimeError: the run failed (the end of its stderr is the message).
+    """
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "recipes/finetune.py",
+               "--config", config, "--step_scheduler.max_steps", str(steps), "--validation_dataset", "null",
+               "--checkpoint.save_consolidated", "false", "--checkpoint.enabled", "false",
+               f"--checkpoint.checkpoint_dir={out}", *overrides]
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+        records = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if r.get("event") == "train"][1:]
+        return {
+            "step_s": statistics.median(r["step_time_s"] for r in train),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
+            "loss": train[-1]["loss"],
+        }
