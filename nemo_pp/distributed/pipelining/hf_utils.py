@@ -13,6 +13,7 @@ use the forwards below, which return plain tensors:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import types
 from typing import Callable
@@ -54,12 +55,31 @@ def _build_mask_mapping(config, hidden: torch.Tensor, attention_mask, position_i
         past_key_values=None,
         position_ids=position_ids,
     )
-    mapping = {"full_attention": create_causal_mask(**kwargs)}
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        from transformers.masking_utils import create_sliding_window_causal_mask
+    from transformers.masking_utils import create_sliding_window_causal_mask
 
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        # no per-layer types but a window (Mistral): every layer attends within it
+        return {"full_attention": create_sliding_window_causal_mask(**kwargs)}
+    mapping = {"full_attention": create_causal_mask(**kwargs)}
+    if "sliding_attention" in (layer_types or ()):
         mapping["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
     return mapping
+
+
+@functools.cache
+def _takes_layer_type(rotary_class: type) -> bool:
+    return "layer_type" in inspect.signature(rotary_class.forward).parameters
+
+
+def _rotary_embeddings(rotary, hidden: torch.Tensor, position_ids: torch.Tensor, layer_types) -> dict | tuple | None:
+    """``rotary(hidden, position_ids)``, or one per attention type where the rotary module
+    takes a ``layer_type`` (Gemma 3: local and global layers use different bases)."""
+    if rotary is None:
+        return None
+    if _takes_layer_type(type(rotary)):
+        return {t: rotary(hidden, position_ids, t) for t in dict.fromkeys(layer_types or ("full_attention",))}
+    return rotary(hidden, position_ids)
 
 
 def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callable:
@@ -90,6 +110,10 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callab
                 raise ValueError(f"{model_class_name} stage got neither input_ids nor inputs_embeds")
             if getattr(self, "embed_tokens", None) is not None and not input_ids.is_floating_point():
                 inputs_embeds = self.embed_tokens(input_ids)
+                # a family's own decoder scales its embeddings here (Granite: config.embedding_multiplier)
+                multiplier = getattr(self.config, "embedding_multiplier", None)
+                if multiplier not in (None, 1, 1.0):
+                    inputs_embeds = inputs_embeds * multiplier
             elif input_ids.is_floating_point():
                 inputs_embeds = input_ids
             else:
@@ -105,14 +129,14 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel") -> Callab
             position_ids = torch.arange(whole.shape[1], device=hidden.device).unsqueeze(0)
         if causal_mask_mapping is None:
             causal_mask_mapping = _build_mask_mapping(self.config, whole, attention_mask, position_ids)
-        position_embeddings = self.rotary_emb(whole, position_ids) if getattr(self, "rotary_emb", None) is not None else None
         layer_types = getattr(self.config, "layer_types", None)
+        rotary = _rotary_embeddings(getattr(self, "rotary_emb", None), whole, position_ids, layer_types)
         for idx, layer in iter_decoder_layers(getattr(self, "layers", None)):
             attn_type = layer_types[idx] if layer_types else "full_attention"
             out = layer(
                 hidden,
                 attention_mask=causal_mask_mapping.get(attn_type, causal_mask_mapping["full_attention"]),
-                position_embeddings=position_embeddings,
+                position_embeddings=rotary[attn_type] if isinstance(rotary, dict) else rotary,
                 position_ids=position_ids,
                 past_key_values=None,
                 use_cache=False,
@@ -161,9 +185,27 @@ def create_pipeline_forward_causal_lm() -> Callable:
                 hidden = hidden[:, -logits_to_keep:, :]
         else:
             hidden = hidden[:, logits_to_keep, :]
-        return self.lm_head(hidden)
+        return scale_logits(self.lm_head(hidden), self.config)
 
     return forward
+
+
+def scale_logits(logits: torch.Tensor, config) -> torch.Tensor:
+    """What causal-LM wrappers do to ``lm_head``'s output, read from config fields (the
+    patched forward replaces the wrapper's): divide by ``logits_scaling`` (Granite),
+    multiply by ``logit_scale`` (Cohere), soft-cap by ``final_logit_softcapping`` as
+    ``cap * tanh(logits / cap)`` (Gemma 2 and 3)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scaling = getattr(cfg, "logits_scaling", None)
+    if scaling not in (None, 1, 1.0):
+        logits = logits / scaling
+    scale = getattr(cfg, "logit_scale", None)
+    if scale not in (None, 1, 1.0):
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 @functools.cache
@@ -252,9 +294,13 @@ def validate_hf_model_for_pipeline_support(
     Unlike NeMo AutoModel, tied word embeddings are SUPPORTED (see
     ``nemo_pp.distributed.pipelining.tied``). Refused, naming the key to change: an
     encoder-decoder model; a model that is not a transformers ``PreTrainedModel`` with its
-    decoder layers at ``model.layers`` (Llama-style) while a patch flag is on; and, with
+    decoder layers at ``model.layers`` (Llama-style) while a patch flag is on; with
     more than one stage, an unpatched HF decoder (``patch_inner_model: false``), whose own
-    forward cannot run a pruned stage (it slices ``self.layers``).
+    forward cannot run a pruned stage (it slices ``self.layers``); and an MoE model whose
+    config asks for the router's load-balancing loss (``output_router_logits``), which the
+    stages do not carry. Family-specific steps read from config fields (embedding
+    multiplier, logit scaling and soft-capping, sliding windows, per-type rotary) are
+    applied; the families proven are listed in ``tests/distributed/test_family_matrix.py``.
     """
     from transformers import PreTrainedModel
 
@@ -275,4 +321,13 @@ def validate_hf_model_for_pipeline_support(
         raise ValueError(
             f"distributed.pipeline.patch_inner_model: false keeps {type(inner).__name__}'s own forward, which cannot "
             f"run a stage of a {num_stages}-stage split (it slices self.layers); set it to true"
+        )
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "output_router_logits", False):
+        # HF adds router_aux_loss_coef * load-balancing loss to its training loss; the stages
+        # pass hidden states only, so that term would silently go missing
+        raise ValueError(
+            f"model type '{getattr(text, 'model_type', type(model).__name__)}' has output_router_logits: true, whose "
+            "load-balancing loss the pipeline stages do not carry; load the model with output_router_logits=False "
+            "(model.output_router_logits: false in the YAML)"
         )
