@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from nemo_pp.checkpoint import layout
+from nemo_pp.config import write_text_atomic
 from nemo_pp.checkpoint.layout import CorruptCheckpointError
 from nemo_pp.checkpoint.safe_metadata import read_metadata
 from nemo_pp.checkpoint.state import (
@@ -162,8 +163,8 @@ class Checkpointer:
                 "lr_scheduler": self.lr_schedulers[0].state_dict() if self.lr_schedulers else None,
                 "layout": self.layout_info, "torch_version": torch.__version__,
             }
-            layout.write_atomic(temp / TRAINER_STATE, json.dumps(state, indent=1, default=_jsonable))
-            layout.write_atomic(temp / "config.yaml", config_yaml)
+            write_text_atomic(temp / TRAINER_STATE, json.dumps(state, indent=1, default=_jsonable))
+            write_text_atomic(temp / "config.yaml", config_yaml)
         if self.export_consolidated is not None:
             self.export_consolidated(temp / "model" / "consolidated")
         model = _merge(model_state(self.parts))

@@ -1,7 +1,7 @@
 """Where checkpoints live and which of them may be resumed from: names, the completion
 marker, retention and the resolution of ``checkpoint.restore_from``.
 
-Pure filesystem code (no torch, no process group), so every rank can run it and get
+Filesystem code only (no torch, no process group), so every rank can run it and get
 the same answer.
 
 A checkpoint is written into ``checkpoint_dir/.tmp-epoch_E_step_S/``, renamed to
@@ -18,9 +18,10 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from nemo_pp.config import write_text_atomic
 
 __all__ = [
     "MARKER",
@@ -34,7 +35,6 @@ __all__ = [
     "resolve_restore_from",
     "temp_dir_for",
     "verify_manifest",
-    "write_atomic",
 ]
 
 #: The completion marker: a JSON manifest ``{"files": {relative path: bytes}}``, written last.
@@ -64,22 +64,6 @@ def checkpoint_name(epoch: int, step: int) -> str:
 def temp_dir_for(checkpoint_dir: str | os.PathLike, name: str) -> Path:
     """The folder a checkpoint is written into before its rename to ``checkpoint_dir/name``."""
     return Path(checkpoint_dir) / f"{_TEMP_PREFIX}{name}"
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename,
-    flushed to disk first, so a reader sees the old file or the whole new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -117,7 +101,7 @@ def mark_complete(temp: str | os.PathLike, final: str | os.PathLike) -> Path:
     manifest = _manifest(temp)
     os.rename(temp, final)
     _fsync_dir(final.parent)
-    write_atomic(final / MARKER, json.dumps({"files": manifest}, indent=1))
+    write_text_atomic(final / MARKER, json.dumps({"files": manifest}, indent=1))
     _fsync_dir(final)
     return final
 

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .instantiate import instantiate
 from .keys import get_dotted_keys
 from .loader import load_config
-from .save import config_to_yaml, save_config
+from .save import config_to_yaml, save_config, write_text_atomic
 from .targets import ALLOWLIST_ENV_VAR, DEFAULT_ALLOWED_PREFIXES, validate_targets
 
 __all__ = [
@@ -32,5 +32,6 @@ __all__ = [
     "load_config",
     "parse_cli",
     "save_config",
+    "write_text_atomic",
     "validate_targets",
 ]

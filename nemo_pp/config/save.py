@@ -12,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
 
-__all__ = ["config_to_yaml", "save_config"]
+__all__ = ["config_to_yaml", "save_config", "write_text_atomic"]
 
 
 def config_to_yaml(cfg: DictConfig | Mapping) -> str:
@@ -27,6 +27,32 @@ def config_to_yaml(cfg: DictConfig | Mapping) -> str:
         return OmegaConf.to_yaml(cfg, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot resolve config value '{getattr(exc, 'full_key', '?')}': {exc}") from exc
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, flushed to
+    disk, then renamed over ``path``: a reader (or a crash) sees the old file or the whole
+    new one, never half. Parent folders are created.
+
+    Returns:
+        The path written.
+
+    Raises:
+        OSError: the file cannot be written (the temporary file is removed).
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
 
 
 def save_config(cfg: DictConfig | Mapping, path: str | os.PathLike) -> Path:
@@ -44,15 +70,4 @@ def save_config(cfg: DictConfig | Mapping, path: str | os.PathLike) -> Path:
         ConfigError: an interpolation cannot be resolved (nothing is written).
         OSError: the file cannot be written.
     """
-    text = config_to_yaml(cfg)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_text_atomic(path, config_to_yaml(cfg))
