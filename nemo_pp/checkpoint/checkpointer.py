@@ -33,6 +33,7 @@ import torch.distributed.checkpoint as dcp
 
 from nemo_pp.checkpoint import layout
 from nemo_pp.config import write_text_atomic
+from nemo_pp.distributed.init import first_error_of_all_ranks
 from nemo_pp.checkpoint.layout import CorruptCheckpointError
 from nemo_pp.checkpoint.safe_metadata import read_metadata
 from nemo_pp.checkpoint.state import (
@@ -68,16 +69,6 @@ def _unaliased(state: dict) -> dict:
         out[key] = value.clone() if ptr in seen else value
         seen.add(ptr)
     return out
-
-
-def _all_ranks_raise(error: str | None) -> None:
-    """Raise the first error any rank found, on every rank (so none waits on the others)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors: list = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e is not None), None)
-    if error is not None:
-        raise CorruptCheckpointError(error)
 
 
 class Checkpointer:
@@ -266,11 +257,13 @@ class Checkpointer:
             )
         optim_meta = read_metadata(folder / "optim")
         missing = sorted(k for k in _merge(optims) if k not in optim_meta.state_dict_metadata)
-        _all_ranks_raise(
+        error = first_error_of_all_ranks(
             f"the optimizer state in {folder / 'optim'} lacks {len(missing)} entries of this optimizer "
             f"(e.g. {', '.join(missing[:3])}): it was written with another optimizer or model; resume with the "
             "same optimizer._target_, or start fresh" if missing else None
         )
+        if error is not None:
+            raise CorruptCheckpointError(error)
         fmt = state.get("model_save_format", "torch_save")
         reader = None
         if fmt == "safetensors":

@@ -83,6 +83,7 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool):
     import torch.distributed as dist
 
     from nemo_pp.config import instantiate
+    from nemo_pp.distributed.init import first_error_of_all_ranks
 
     def attempt():
         try:
@@ -104,10 +105,7 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool):
         error = first[0]
     if error is None and not is_main:
         dataset, error = attempt()
-    if distributed:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e is not None), None)
+    error = first_error_of_all_ranks(error)
     if error is not None:
         raise ValueError(error)
     return dataset
