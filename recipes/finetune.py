@@ -25,7 +25,7 @@ import datasets
 import transformers
 from tqdm import tqdm
 
-from nemo_pp.config import ConfigError, config_to_yaml, instantiate, parse_cli, save_config
+from nemo_pp.config import ConfigError, config_to_yaml, instantiate, parse_cli, write_text_atomic
 from nemo_pp.training.preflight import RunPlan, preflight_check
 from nemo_pp.training.schema import load_recipe_config
 
@@ -71,10 +71,10 @@ class FinetuneRecipe:
                 print(f"split: profile: fwd+bwd per microbatch: embedding {costs.embedding:.3f} s, layer "
                       f"{costs.layers[0]:.3f} s, head + loss {costs.head:.3f} s", flush=True)
         self.out_dir = Path(cfg.checkpoint.checkpoint_dir)
+        self.config_yaml = config_to_yaml(cfg)  # resolved once: saved here and into every checkpoint
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
-            print(f"Resolved config (saved to {self.out_dir / 'config.yaml'}):\n{config_to_yaml(cfg)}", flush=True)
+            write_text_atomic(self.out_dir / "config.yaml", self.config_yaml)
+            print(f"Resolved config (saved to {self.out_dir / 'config.yaml'}):\n{self.config_yaml}", flush=True)
             print(self.plan.describe(), flush=True)
 
         # 3. tokenizer, data (each dp rank its own shard; pp ranks of a group read the same)
@@ -117,7 +117,7 @@ class FinetuneRecipe:
         if self.is_main:
             print(self.ap.debug_summary(), flush=True)
         self.tied = is_tied(model)  # exported once, as the embedding
-        self.tied_head_fqn = tied_param_fqns(model)[1] if self.tied else None
+        self.tied_fqns = tied_param_fqns(model) if self.tied else None  # (embedding, head)
         self.optimizers = [instantiate(cfg.optimizer, params=part.parameters()) for part in self.parts]
         self.total_steps = self.plan.total_steps(len(self.train_loader))
         self.lr_schedulers = [
@@ -127,8 +127,8 @@ class FinetuneRecipe:
             self.ap, self.dist.device, dp_group=self.mesh.dp.get_group() if self.mesh.sizes.dp > 1 else None,
             max_grad_norm=cfg.clip_grad_norm.max_norm,
         )
-        self.checkpointer = self._build_checkpointer(model)
         del model
+        self.checkpointer = self._build_checkpointer()
         # where training starts: step, epoch and samples of that epoch already seen (global)
         self.start = (0, 0, 0)
         if self.plan.resume_from is not None:
@@ -144,22 +144,20 @@ class FinetuneRecipe:
                                    append=self.plan.resume_from is not None)
         return self
 
-    def _build_checkpointer(self, model):
+    def _build_checkpointer(self):
+        import dataclasses
+
         from nemo_pp.checkpoint.checkpointer import Checkpointer
-        from nemo_pp.distributed.pipelining.tied import tied_param_fqns
 
         ck = self.cfg.checkpoint
-        every = ck.save_consolidated == "every"
-        sizes = self.plan.sizes
+        pipe = self.plan.pipeline
         return Checkpointer(
             ck.checkpoint_dir, self.parts, self.optimizers, self.lr_schedulers,
             model_save_format=ck.model_save_format, is_async=ck.is_async,
-            max_recent_checkpoints=ck.max_recent_checkpoints,
-            tied=tied_param_fqns(model) if self.tied else None,
-            export_consolidated=(lambda folder: self._export(folder)) if every else None,
-            layout_info={"pp": sizes.pp, "dp_replicate": sizes.dp_replicate, "dp_shard": sizes.dp_shard,
-                         "cp": sizes.cp, "tp": sizes.tp, "pp_schedule": self.plan.pipeline.schedule,
-                         "num_stages": self.plan.pipeline.num_stages},
+            max_recent_checkpoints=ck.max_recent_checkpoints, tied=self.tied_fqns,
+            export_consolidated=self._export if ck.save_consolidated == "every" else None,
+            layout_info={**dataclasses.asdict(self.plan.sizes), "pp_schedule": pipe.schedule,
+                         "num_stages": pipe.num_stages},
             timeout_s=60 * self.cfg.dist_env.timeout_minutes,
         )
 
@@ -168,7 +166,8 @@ class FinetuneRecipe:
         from nemo_pp.checkpoint.hf_export import save_consolidated_hf
 
         return save_consolidated_hf(
-            folder, self.parts, self.model_config, self.tokenizer, tied=self.tied, tied_head_fqn=self.tied_head_fqn,
+            folder, self.parts, self.model_config, self.tokenizer, tied=self.tied,
+            tied_head_fqn=self.tied_fqns[1] if self.tied else None,
             pp_rank=self.mesh.pp_rank, pp_size=self.plan.sizes.pp, is_writer=self.mesh.writes_stage_files,
         )
 
@@ -212,7 +211,7 @@ class FinetuneRecipe:
         epoch, in_epoch = self.position
         start = time.perf_counter()
         path = self.checkpointer.save(
-            epoch, step, {"step": step, "epoch": epoch, "samples_in_epoch": in_epoch}, config_to_yaml(self.cfg)
+            epoch, step, {"step": step, "epoch": epoch, "samples_in_epoch": in_epoch}, self.config_yaml
         )
         seconds = time.perf_counter() - start
         self.metrics.log({"event": "checkpoint", "step": step, "path": str(path), "blocking_s": seconds,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
@@ -121,8 +120,6 @@ class Checkpointer:
             # the background writes' collectives need their own groups: they run while the
             # training loop uses the default one (one group per concurrent save)
             self._groups = [dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) for _ in range(2)]
-        #: seconds the training loop was blocked by the last save (staging only, when async)
-        self.last_blocking_s = 0.0
 
     # ------------------------------------------------------------------ save
     def save(self, epoch: int, step: int, trainer_state: dict, config_yaml: str) -> Path:
@@ -136,7 +133,6 @@ class Checkpointer:
         Returns:
             The final folder (still being written when async: see :meth:`wait`).
         """
-        start = time.perf_counter()
         self.wait()  # one save in flight at a time
         if not self._started_cleanup:
             self._started_cleanup = True
@@ -175,7 +171,6 @@ class Checkpointer:
             if self.is_main:
                 self._finish(temp, final)
             self._barrier()
-        self.last_blocking_s = time.perf_counter() - start
         return final
 
     def _group(self, i: int):
@@ -193,20 +188,16 @@ class Checkpointer:
         for old in layout.prune_checkpoints(self.dir, self.keep, protect=final):
             logger.info("removed old checkpoint %s (checkpoint.max_recent_checkpoints=%s)", old, self.keep)
 
-    def poll(self) -> bool:
-        """Finish an async save whose write is done (rank 0; no communication). Returns
-        True when nothing is in flight any more on this rank."""
-        if self._pending is None:
-            return True
+    def poll(self) -> None:
+        """Finish an async save whose write is done (rank 0; no communication)."""
+        if self._pending is None or not all(f.done() for f in self._pending[2]):
+            return
         temp, final, futures = self._pending
-        if not all(f.done() for f in futures):
-            return False
         for f in futures:
             f.result()  # raises the write's error
         if self.is_main:
             self._finish(temp, final)
         self._pending = None
-        return True
 
     def wait(self) -> None:
         """Block until an async save is written and finished (collective when ``is_async``:

@@ -84,8 +84,8 @@ def optimizer_state(
             state[key] = value
         if tied is not None:
             emb, head = (f"state.{name}." for name in tied)
-            has_head = any(k.startswith(head) for k in state)
-            if not has_head and head[len("state."):-1] in part.state_dict():
+            holds_head = tied[1] in dict(part.named_parameters(remove_duplicate=False))
+            if holds_head and not any(k.startswith(head) for k in state):
                 state.update({head + k[len(emb):]: v for k, v in list(state.items()) if k.startswith(emb)})
         out.append(state)
     return out
