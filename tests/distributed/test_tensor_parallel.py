@@ -11,30 +11,8 @@ import torch.distributed as dist
 
 from tests.distributed.launcher import run_ranks
 from tests.distributed.test_pipeline_parity import sum_ce
-from tests.distributed.test_training_parity import LR, MAX_NORM, _batches
+from tests.distributed.test_training_parity import LR, MAX_NORM, _batches, reference_training
 from tests.tiny_models import tiny_model
-
-
-def _reference(model, steps):
-    """Per step: (token-mean loss, {FQN: clipped grad}); AdamW applied after each."""
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    out = []
-    for per_dp in steps:
-        flat = [b for group in per_dp for b in group]
-        tokens = sum(int((b["labels"] != -100).sum()) for b in flat)
-        loss = 0.0
-        for b in flat:
-            step_loss = sum_ce(model(input_ids=b["input_ids"]).logits, b["labels"])
-            step_loss.backward()
-            loss += float(step_loss)
-        for p in model.parameters():
-            p.grad.div_(tokens)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-        grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)}
-        out.append((loss / tokens, grads))
-        opt.step()
-        opt.zero_grad()
-    return out
 
 
 def _full(t):
@@ -53,7 +31,7 @@ def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir, sp=False):
     ref = tiny_model(arch, tied, layers=4)
     model = copy.deepcopy(ref)
     steps = _batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
-    expected = _reference(ref, steps)
+    expected = reference_training(ref, steps)
 
     steps_fn = [TensorParallelizer(mesh, sp) if tp > 1 else None, FSDP2Parallelizer(mesh) if dp > 1 else None]
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b" if pp > 1 else "gpipe", pp_batch_size=4,
@@ -70,7 +48,7 @@ def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir, sp=False):
     engine = TrainEngine(ap, torch.device("cpu"), dp_group=mesh.dp.get_group() if dp > 1 else None, max_grad_norm=MAX_NORM)
     for step, per_dp in enumerate(steps):
         out = engine.train_step(per_dp[dp_rank], [], [])  # no optimizer: the grads stay to be compared
-        loss, grads = expected[step]
+        loss, grads = expected[step]["loss"], expected[step]["grads"]
         assert abs(out["loss"] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, out["loss"], loss)
         for part in ap.parts:
             for name, p in part.named_parameters():

@@ -33,20 +33,28 @@ def _batches(n_steps, acc, dp, batch_size, seq_lens, vocab):
     return out
 
 
-def _reference_training(model, steps):
+def reference_training(model, steps) -> list[dict]:
+    """The unsplit model trained with AdamW on each step's global batch (all dp ranks,
+    all accumulated batches): per step the token-mean ``loss``, the global grad ``norm``
+    before clipping and the clipped ``grads`` by FQN."""
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    norms = []
+    out = []
     for per_dp in steps:
         flat = [b for group in per_dp for b in group]
         tokens = sum(int((b["labels"] != -100).sum()) for b in flat)
+        loss = 0.0
         for b in flat:
-            sum_ce(model(input_ids=b["input_ids"]).logits, b["labels"]).backward()
+            batch_loss = sum_ce(model(input_ids=b["input_ids"]).logits, b["labels"])
+            batch_loss.backward()
+            loss += float(batch_loss)
         for p in model.parameters():
             p.grad.div_(tokens)
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)))
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)}
+        out.append({"loss": loss / tokens, "norm": norm, "grads": grads})
         opt.step()
         opt.zero_grad()
-    return norms
+    return out
 
 
 def _count_reduce_scatters() -> list:
@@ -74,7 +82,7 @@ def _run_training(rank, world, pp, arch, tied, schedule, export_dir, activation_
     ref = tiny_model(arch, tied, layers=4)
     model = copy.deepcopy(ref)
     steps = _batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
-    ref_norms = _reference_training(ref, steps)
+    ref_norms = [r["norm"] for r in reference_training(ref, steps)]
 
     from nemo_pp.distributed.pipelining.schedules import SPLIT_BACKWARD_SCHEDULES, canonical_schedule_name
 
