@@ -42,6 +42,7 @@ class FinetuneRecipe:
     def setup(self) -> "FinetuneRecipe":
         from transformers import AutoTokenizer
 
+        from nemo_pp._peft.lora import matched_linear_modules
         from nemo_pp.datasets.utils import SFTCollator
         from nemo_pp.distributed.init import initialize_distributed, set_seed
         from nemo_pp.distributed.mesh import build_device_mesh
@@ -107,6 +108,12 @@ class FinetuneRecipe:
         else:
             model = instantiate(cfg.model)
         self.model_config = model.config
+        self.total_params = sum(p.numel() for p in model.parameters())  # unique: a tied embedding once
+        self.tied = is_tied(model)  # exported once, as the embedding
+        self.tied_fqns = tied_param_fqns(model) if self.tied else None  # (embedding, head)
+        # before the stages are adapted: does LoRA wrap the output projection?
+        self.head_adapted = self.tied and self.plan.peft is not None and (
+            self.tied_fqns[1].rsplit(".", 1)[0] in matched_linear_modules(model, self.plan.peft))
         loss_fn = instantiate(cfg.loss_fn)
         self.ap = instantiate(
             cfg.distributed.pipeline, world_mesh=self.mesh.world, pp_batch_size=self.plan.local_batch_size,
@@ -116,9 +123,13 @@ class FinetuneRecipe:
         self.parts = self.ap.parts
         if self.is_main:
             print(self.ap.debug_summary(), flush=True)
-        self.tied = is_tied(model)  # exported once, as the embedding
-        self.tied_fqns = tied_param_fqns(model) if self.tied else None  # (embedding, head)
-        self.optimizers = [instantiate(cfg.optimizer, params=part.parameters()) for part in self.parts]
+        # only what trains (LoRA: the adapters); a stage with nothing to train gets an empty group
+        self.optimizers = [
+            instantiate(cfg.optimizer, params=[{"params": [p for p in part.parameters() if p.requires_grad]}])
+            for part in self.parts
+        ]
+        if self.plan.peft is not None:
+            self._report_trainable()
         self.total_steps = self.plan.total_steps(len(self.train_loader))
         self.lr_schedulers = [
             build_lr_scheduler(opt, self.total_steps, **dict(cfg.lr_scheduler)) for opt in self.optimizers
@@ -144,6 +155,20 @@ class FinetuneRecipe:
                                    append=self.plan.resume_from is not None)
         return self
 
+    def _report_trainable(self) -> None:
+        """Print the trainable (adapter) and total parameter counts of the whole pipeline (collective over pp)."""
+        import torch
+        import torch.distributed as dist
+
+        counts = torch.tensor([sum(p.numel() for part in self.parts for p in part.parameters() if p.requires_grad)],
+                              dtype=torch.float64, device=self.dist.device)
+        if self.plan.sizes.pp > 1:
+            dist.all_reduce(counts, group=self.ap.pp_group)  # DTensor numel is global: no dp sum
+        if self.is_main:
+            total = self.total_params
+            print(f"LoRA: {int(counts.item()):,} trainable parameters of {total:,} ({100 * counts.item() / total:.2f} %; "
+                  f"rank {self.plan.peft.dim}, alpha {self.plan.peft.alpha})", flush=True)
+
     def _build_checkpointer(self):
         import dataclasses
 
@@ -158,16 +183,28 @@ class FinetuneRecipe:
             export_consolidated=self._export if ck.save_consolidated == "every" else None,
             layout_info={**dataclasses.asdict(self.plan.sizes), "pp_schedule": pipe.schedule,
                          "num_stages": pipe.num_stages},
+            trainable_only=self.plan.peft is not None,
             timeout_s=60 * self.cfg.dist_env.timeout_minutes,
         )
 
     def _export(self, folder: Path) -> Path:
-        """The consolidated Hugging Face folder of the current weights (collective)."""
+        """The consolidated Hugging Face folder of the current weights (collective); a
+        LoRA run's PEFT adapter folder instead."""
+        if self.plan.peft is not None:
+            from nemo_pp._peft.export import save_peft_adapter
+
+            return save_peft_adapter(folder, self.parts, self.plan.peft, self.plan.model_path,
+                                     is_writer=self.mesh.writes_stage_files)
+        return self._export_merged(folder)
+
+    def _export_merged(self, folder: Path) -> Path:
+        """A Hugging Face model folder (LoRA adapters merged into their weights; collective)."""
         from nemo_pp.checkpoint.hf_export import save_consolidated_hf
 
+        tied = self.tied and not self.head_adapted  # an adapted head no longer equals the embedding: both saved
         return save_consolidated_hf(
-            folder, self.parts, self.model_config, self.tokenizer, tied=self.tied,
-            tied_head_fqn=self.tied_fqns[1] if self.tied else None,
+            folder, self.parts, self.model_config, self.tokenizer, tied=tied,
+            tied_head_fqn=self.tied_fqns[1] if tied else None,
             pp_rank=self.mesh.pp_rank, pp_size=self.plan.sizes.pp, is_writer=self.mesh.writes_stage_files,
         )
 
@@ -279,7 +316,11 @@ class FinetuneRecipe:
 
         export_dir = None
         if cfg.checkpoint.save_consolidated in ("final", "every"):
-            export_dir = self._export(self.out_dir / "hf_model")
+            export_dir = self._export(self.out_dir / ("hf_adapter" if self.plan.peft is not None else "hf_model"))
+            if self.plan.peft is not None and cfg.checkpoint.save_merged_model:
+                merged = self._export_merged(self.out_dir / "hf_model")
+                if self.is_main:
+                    print(f"merged model (adapters folded into the weights): {merged}", flush=True)
         summary = {
             "event": "summary", "steps": step, "wall_time_s": time.perf_counter() - wall_start,
             "train_tokens": train_tokens, "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),

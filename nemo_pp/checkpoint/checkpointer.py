@@ -84,6 +84,7 @@ class Checkpointer:
         export_consolidated: ``fn(folder)`` writing a Hugging Face folder (collective);
             called into ``model/consolidated`` of each checkpoint when given.
         layout_info: the parallel layout, recorded in each checkpoint.
+        trainable_only: save and load only parameters that require grad (LoRA adapters).
         timeout_s: timeout of the background writes' process groups.
     """
 
@@ -99,6 +100,7 @@ class Checkpointer:
         tied: tuple[str, str] | None = None,
         export_consolidated: Callable[[Path], None] | None = None,
         layout_info: dict | None = None,
+        trainable_only: bool = False,
         timeout_s: float = 600.0,
     ):
         if model_save_format not in ("torch_save", "safetensors"):
@@ -111,6 +113,7 @@ class Checkpointer:
         self.tied = tied
         self.export_consolidated = export_consolidated
         self.layout_info = dict(layout_info or {})
+        self.trainable_only = trainable_only
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_main = self.rank == 0
         self._pending: tuple[Path, Path, list[Future]] | None = None
@@ -154,7 +157,7 @@ class Checkpointer:
             write_text_atomic(temp / "config.yaml", config_yaml)
         if self.export_consolidated is not None:
             self.export_consolidated(temp / "model" / "consolidated")
-        model = _merge(model_state(self.parts))
+        model = _merge(model_state(self.parts, self.trainable_only))
         if self.model_save_format == "safetensors":
             model = _unaliased(model)
         optim = _merge(optimizer_state(self.parts, self.optimizers, self.tied))
@@ -237,7 +240,7 @@ class Checkpointer:
         """
         folder = Path(folder)
         state = json.loads((folder / TRAINER_STATE).read_text())
-        models = model_state(self.parts)
+        models = model_state(self.parts, self.trainable_only)
         for opt in self.optimizers:
             # torch creates the state to load into by a zero step, only where no grad is set
             opt.zero_grad(set_to_none=True)
@@ -266,7 +269,7 @@ class Checkpointer:
             dcp.load(merged, checkpoint_id=str(folder / "model"), storage_reader=reader)
             for m in models:  # a load may replace values (safetensors): take them back per part
                 m.update({k: merged[k] for k in m})
-            load_model_state(self.parts, models)
+            load_model_state(self.parts, models, self.trainable_only)
             merged = _merge(optims)
             dcp.load(merged, checkpoint_id=str(folder / "optim"))
             for o in optims:

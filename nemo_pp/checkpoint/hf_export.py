@@ -26,17 +26,22 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def stage_state_dict(model_parts: Sequence[nn.Module], tied_head_fqn: str | None = None) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU tensors of this rank's parts, by original FQN, without
-    ``tied_head_fqn`` (the output-projection copy of a tied embedding)."""
+    ``tied_head_fqn`` (the output-projection copy of a tied embedding). LoRA adapters
+    are merged into their base weights (``nemo_pp._peft.export.merge_lora_weights``)."""
+    from nemo_pp._peft.export import merge_lora_weights
+
     out: dict[str, torch.Tensor] = {}
     for part in model_parts:
+        state: dict[str, torch.Tensor] = {}
         for name, p in part.named_parameters(remove_duplicate=False):
             if name == tied_head_fqn:
                 continue
-            out[name] = _full(p.detach()).cpu().contiguous()
+            state[name] = _full(p.detach()).cpu().contiguous()
         for name, b in part.named_buffers():
-            if "rotary_emb" in name or name in out:
+            if "rotary_emb" in name or name in state:
                 continue  # derived from the config, not stored by HF
-            out[name] = _full(b.detach()).cpu().contiguous()
+            state[name] = _full(b.detach()).cpu().contiguous()
+        out.update(merge_lora_weights(state, part))
     return out
 
 

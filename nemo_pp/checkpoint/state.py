@@ -45,15 +45,23 @@ __all__ = [
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def model_state(parts: Sequence[nn.Module]) -> list[dict[str, torch.Tensor]]:
-    """One ``{FQN: tensor}`` per model part (DTensors stay sharded); their union is what a rank saves."""
-    return [get_model_state_dict(part) for part in parts]
+def model_state(parts: Sequence[nn.Module], trainable_only: bool = False) -> list[dict[str, torch.Tensor]]:
+    """One ``{FQN: tensor}`` per model part (DTensors stay sharded); their union is what a rank saves.
+
+    Args:
+        trainable_only: only parameters that require grad (a LoRA run's adapters: the
+            frozen base weights are the pretrained ones, read again from the model folder).
+    """
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    return [get_model_state_dict(part, options=options) for part in parts]
 
 
-def load_model_state(parts: Sequence[nn.Module], states: Sequence[dict[str, torch.Tensor]]) -> None:
-    """Put ``states`` (as :func:`model_state` made them, filled by a load) into ``parts``."""
+def load_model_state(parts: Sequence[nn.Module], states: Sequence[dict[str, torch.Tensor]],
+                     trainable_only: bool = False) -> None:
+    """Put ``states`` (as :func:`model_state` made them, filled by a load) into ``parts``;
+    every tensor of a part must be there (its trainable ones with ``trainable_only``)."""
     for part, state in zip(parts, states):
-        set_model_state_dict(part, state, options=StateDictOptions(strict=True))
+        set_model_state_dict(part, state, options=StateDictOptions(strict=not trainable_only))
 
 
 def optimizer_state(

@@ -41,6 +41,8 @@ class RunPlan:
         grad_acc_steps: batches accumulated per optimizer step.
         num_epochs / max_steps: the step budget (``max_steps`` 0: evaluate only).
         resume_from: the checkpoint folder to resume from (checked), or None.
+        peft: the ``peft:`` section (:class:`~nemo_pp._peft.lora.PeftConfig`): LoRA
+            adapters on every stage, base weights frozen; None for full fine-tuning.
     """
 
     sizes: ParallelSizes
@@ -55,6 +57,7 @@ class RunPlan:
     max_steps: int | None
     resume_from: Path | None = None
     sequence_parallel: bool = False
+    peft: object | None = None
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run: ``max_steps`` or what the epochs hold.
@@ -72,8 +75,10 @@ class RunPlan:
         return min(steps, self.max_steps) if self.max_steps is not None else steps
 
     def parallelize_fn(self, mesh):
-        """Per stage: tensor parallelism when tp > 1, activation checkpointing when asked,
-        then FSDP2 over the data-parallel ranks when there are several; None when nothing applies."""
+        """Per stage: LoRA adapters when ``peft`` is set, tensor parallelism when tp > 1,
+        activation checkpointing when asked, then FSDP2 over the data-parallel ranks when
+        there are several; None when nothing applies."""
+        from nemo_pp._peft.lora import LoraParallelizer
         from nemo_pp.distributed.parallelize import (
             ActivationCheckpointing,
             ComposedParallelizer,
@@ -85,9 +90,10 @@ class RunPlan:
             rest = FSDP2Parallelizer(mesh, not self.pipeline.split_backward, self.activation_checkpointing, self.mp_policy)
         else:
             rest = ActivationCheckpointing() if self.activation_checkpointing else None
-        if self.sizes.tp == 1:
-            return rest
-        return ComposedParallelizer(TensorParallelizer(mesh, self.sequence_parallel), rest)
+        tp = TensorParallelizer(mesh, self.sequence_parallel) if self.sizes.tp > 1 else None
+        lora = LoraParallelizer(self.peft) if self.peft is not None else None
+        steps = [s for s in (lora, tp, rest) if s is not None]
+        return None if not steps else steps[0] if len(steps) == 1 else ComposedParallelizer(*steps)
 
     def describe(self) -> str:
         s = self.sizes
@@ -277,12 +283,13 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
     check_tensor_parallel(model, sizes.tp)
     if d.activation_checkpointing:
         checkpoint_decoder_layers(model)  # a throwaway meta model: raises, naming the key, without layers
+    peft = _check_peft(cfg, model, sizes)  # adapts the meta model: the checkpoint check expects its adapters
     resume_from = _checkpoint_to_resume(cfg, model, sizes.dp) if check_checkpoint else None
     return RunPlan(
         sizes=sizes, pipeline=pipeline, model_path=str(model_path), meta_build=meta_build,
         activation_checkpointing=d.activation_checkpointing, mp_policy=mp_policy, local_batch_size=local_bs,
         grad_acc_steps=gbs // per_step, num_epochs=ss.num_epochs, max_steps=ss.get("max_steps"),
-        resume_from=resume_from, sequence_parallel=d.sequence_parallel,
+        resume_from=resume_from, sequence_parallel=d.sequence_parallel, peft=peft,
     )
 
 
@@ -303,7 +310,9 @@ def _checkpoint_to_resume(cfg, model, dp: int) -> Path | None:
     path = resolve_restore_from(ck.checkpoint_dir, ck.restore_from)
     if path is None:
         return None
-    state = check_checkpoint(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    saved = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in frozen}  # LoRA: adapters only
+    state = check_checkpoint(path, saved)
     samples = int(state.get("samples_in_epoch", 0))
     if samples % dp:
         raise CorruptCheckpointError(
@@ -311,3 +320,35 @@ def _checkpoint_to_resume(cfg, model, dp: int) -> Path | None:
             "split evenly; resume with a data-parallel size that divides it"
         )
     return path
+
+
+def _check_peft(cfg, model, sizes):
+    """The ``peft:`` section built and checked against ``model`` (meta tensors), which it
+    then adapts; None without the section.
+
+    Raises:
+        ValueError: the section is not a PeftConfig, matches no linear module (the
+            model's linear module names listed), or is combined with tp > 1.
+    """
+    from nemo_pp._peft.lora import PeftConfig, apply_lora, matched_linear_modules
+    from nemo_pp.config import instantiate
+
+    if cfg.get("peft") is None:
+        return None
+    peft = instantiate(cfg.peft)
+    if not isinstance(peft, PeftConfig):
+        raise ValueError(f"peft._target_ must build a nemo_pp._peft.lora.PeftConfig, not a {type(peft).__name__}")
+    if sizes.tp > 1:
+        raise ValueError(
+            "peft with distributed.tp_size > 1 is not supported: the adapters of a tensor-parallel linear layer need "
+            "their own sharding plan, which nemo_pp does not have yet; set distributed.tp_size: 1 (LoRA composes with "
+            "pp, dp and HSDP) or train without peft"
+        )
+    if not matched_linear_modules(model, peft):
+        names = sorted({fqn.rsplit(".", 1)[-1] for fqn, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"peft: target_modules={peft.target_modules} exclude_modules={peft.exclude_modules} match no linear module "
+            f"of the model; its linear modules are named {names} (patterns may use *, e.g. '*.layers.0.*.q_proj')"
+        )
+    apply_lora(model, peft)
+    return peft

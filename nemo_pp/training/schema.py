@@ -54,6 +54,7 @@ class Rule:
         choices: the accepted values, or a mapping from accepted spelling to the value
             stored (`{"torch.bfloat16": "bfloat16", ...}`).
         target: a free-form section that must be a mapping with a `_target_`.
+        default_target: the `_target_` a mapping without one gets.
         kwargs: rules for some kwargs of a free-form section (`{"lr": Rule(ge=0)}`).
         hint: said after the rule in the error message.
     """
@@ -62,6 +63,7 @@ class Rule:
     gt: float | None = None
     choices: tuple | Mapping | None = None
     target: bool = False
+    default_target: str | None = None
     kwargs: "Mapping[str, Rule]" = field(default_factory=dict)
     hint: str = ""
 
@@ -192,6 +194,7 @@ class CheckpointConfig:
     is_async: bool = False
     restore_from: Optional[str] = setting(None, hint="null: the latest complete checkpoint in checkpoint_dir, if any")
     max_recent_checkpoints: Optional[int] = setting(None, ge=1, hint="null: keep all")
+    save_merged_model: bool = False  # a LoRA run: also export the base weights with the adapters merged (hf_model/)
 
 
 @dataclass
@@ -216,6 +219,7 @@ class FinetuneConfig:
     clip_grad_norm: ClipGradNormConfig = setting(factory=ClipGradNormConfig)
     logging: LoggingConfig = setting(factory=LoggingConfig)
     checkpoint: CheckpointConfig = setting(factory=CheckpointConfig)
+    peft: Optional[Any] = setting(None, target=True, default_target="nemo_pp._peft.lora.PeftConfig")
 
 
 def _unwrap_optional(tp: Any) -> tuple[bool, Any]:
@@ -293,6 +297,8 @@ def _fill(typed: DictConfig, node: Any, schema: type, prefix: str) -> None:
         elif inner is Any:  # free-form: replaced whole, never merged with the schema's default
             if value is None and not optional:
                 raise ConfigError(f"missing config section '{key}': nemo_pp needs it; add '{key}:' with a _target_ to the YAML")
+            if rule.default_target and isinstance(value, dict) and "_target_" not in value:
+                value = {"_target_": rule.default_target, **value}
             if rule.target and value is not None and not (isinstance(value, dict) and "_target_" in value):
                 raise _invalid(key, value, "a mapping with a _target_, e.g. {_target_: package.module.Class, ...}")
             for kwarg, sub in rule.kwargs.items():

@@ -129,6 +129,11 @@ CASES = {
     "pp2-safetensors-async": (2, ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6",
                                   "--dataloader.batch_size=4", "--step_scheduler.global_batch_size=4",
                                   "--checkpoint.model_save_format=safetensors", "--checkpoint.is_async=true")),
+    # LoRA: checkpoints hold the adapters only (the base weights are re-read from the model folder)
+    "pp2-lora": (2, ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6",
+                     "--dataloader.batch_size=4", "--step_scheduler.global_batch_size=4",
+                     "+peft._target_=nemo_automodel.components._peft.lora.PeftConfig", "+peft.dim=4",
+                     "+peft.alpha=8", "--checkpoint.save_merged_model=true")),
 }
 
 
@@ -151,6 +156,9 @@ def test_resume_equals_straight_run(tiny_assets, tmp_path, case):
     # the straight run changed the weights: equality above is not of two untrained models
     assert not torch.equal(wa["model.layers.0.mlp.up_proj.weight"], _weights(model)["model.layers.0.mlp.up_proj.weight"])
 
+    if any(e.startswith("+peft.") for e in extra):
+        _check_lora_outputs(straight, model, wa)
+
     kept = [c.name for c in sorted(straight.glob("epoch_*"))]
     if "--checkpoint.max_recent_checkpoints=1" in extra:
         assert kept == ["epoch_0_step_6"]
@@ -166,6 +174,24 @@ def test_resume_equals_straight_run(tiny_assets, tmp_path, case):
         hf = AutoModelForCausalLM.from_pretrained(consolidated)
         assert hf.lm_head.weight is hf.model.embed_tokens.weight
         torch.testing.assert_close(hf.lm_head.weight.detach(), wa["model.embed_tokens.weight"], rtol=0, atol=0)
+
+
+def _check_lora_outputs(out: Path, base: Path, merged: dict[str, torch.Tensor]) -> None:
+    """A LoRA run's checkpoint holds adapters only; its adapter folder, loaded by peft onto
+    the base model, computes what the merged export computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nemo_pp.checkpoint.safe_metadata import read_metadata, tensor_shapes
+
+    saved = tensor_shapes(read_metadata(out / "epoch_0_step_6" / "model", "torch_save"))
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), sorted(saved)[:5]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "hf_adapter")
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf_model")
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight  # the head has no adapter: the tie stays
+    ids = torch.arange(1, 17).reshape(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
 
 
 OTHER_LAYOUTS = {

@@ -36,8 +36,8 @@ def _batches(n_steps, acc, dp, batch_size, seq_lens, vocab):
 def reference_training(model, steps) -> list[dict]:
     """The unsplit model trained with AdamW on each step's global batch (all dp ranks,
     all accumulated batches): per step the token-mean ``loss``, the global grad ``norm``
-    before clipping and the clipped ``grads`` by FQN."""
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    before clipping and the clipped ``grads`` by FQN (of the parameters that train)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.1)
     out = []
     for per_dp in steps:
         flat = [b for group in per_dp for b in group]
@@ -48,9 +48,10 @@ def reference_training(model, steps) -> list[dict]:
             batch_loss.backward()
             loss += float(batch_loss)
         for p in model.parameters():
-            p.grad.div_(tokens)
+            if p.grad is not None:
+                p.grad.div_(tokens)
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
-        grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
         out.append({"loss": loss / tokens, "norm": norm, "grads": grads})
         opt.step()
         opt.zero_grad()

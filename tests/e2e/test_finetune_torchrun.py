@@ -16,8 +16,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 CONFIG = "configs/smollm2_135m_squad_pp2.yaml"
 
 
-def run_recipe(nproc: int, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = TORCHRUN + [f"--nproc_per_node={nproc}", "recipes/finetune.py", "--config", CONFIG, *overrides]
+def run_recipe(nproc: int, *overrides: str, timeout: float = 600, config: str = CONFIG) -> subprocess.CompletedProcess:
+    cmd = TORCHRUN + [f"--nproc_per_node={nproc}", "recipes/finetune.py", "--config", config, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -206,3 +206,46 @@ def test_pp2_x_tp3_on_six_processes_trains_and_exports(real_assets, tmp_path, se
     model = AutoModelForCausalLM.from_pretrained(out / "hf_model", dtype=torch.float32)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert not any(k.startswith("_") or "DTensor" in type(v).__name__ for k, v in model.state_dict().items())
+
+
+@pytest.mark.e2e
+def test_lora_config_trains_and_its_adapter_reloads_with_peft(real_assets, tmp_path):
+    """The shipped LoRA config as it is (2 processes, 2 stages), fewer steps: validation
+    loss falls, checkpoints hold only the adapters, and peft loads the adapter folder onto
+    the base model with the loss the run reported."""
+    out = tmp_path / "run"
+    proc = run_recipe(
+        2, f"--checkpoint.checkpoint_dir={out}", "--step_scheduler.max_steps=4", "--step_scheduler.ckpt_every_steps=2",
+        "--dataset.seq_length=96", "--dataset.limit_dataset_samples=64", "--validation_dataset.seq_length=96",
+        "--validation_dataset.limit_dataset_samples=8", config="configs/smollm2_135m_squad_pp2_lora.yaml",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "LoRA: 2,442,240 trainable parameters of 134,515,008" in proc.stdout
+    summary = read_metrics(out)[-1]
+    assert summary["val_loss_after"] < summary["val_loss_before"] - 0.5, summary
+
+    from safetensors import safe_open
+
+    with safe_open(str(out / "hf_adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert len(keys) == 30 * 7 * 2 and all(k.startswith("base_model.model.model.layers.") for k in keys)
+    ckpt = out / "epoch_0_step_4"
+    assert sum(f.stat().st_size for f in (ckpt / "model").glob("*.distcp")) < 2 * 4 * 2_442_240
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nemo_pp.datasets.llm.squad import SQuAD
+    from nemo_pp.datasets.utils import default_collater
+
+    smollm2, squad = real_assets
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32),
+                                      out / "hf_adapter")
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    val = SQuAD(str(squad), "validation", tokenizer=tok, seq_length=96, limit_dataset_samples=8)
+    b = default_collater([val[i] for i in range(8)], pad_seq_len_divisible=16, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1),
+                                             ignore_index=-100)
+    assert abs(float(loss) - summary["val_loss_after"]) < 1e-4, (float(loss), summary["val_loss_after"])

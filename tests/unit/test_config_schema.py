@@ -137,7 +137,9 @@ def test_defaults_are_the_recipe_defaults():
         "checkpoint": {
             "enabled": False, "checkpoint_dir": "outputs/finetune", "model_save_format": "torch_save",
             "save_consolidated": "final", "is_async": False, "restore_from": None, "max_recent_checkpoints": None,
+            "save_merged_model": False,
         },
+        "peft": None,
     }  # fmt: skip
 
 
@@ -281,9 +283,16 @@ def test_rejected_value_in_the_yaml_too(write_yaml):
 
 
 def test_unknown_top_level_section_from_override_is_refused(minimal):
-    msg = _error(minimal, "+peft={dim: 8}")
-    assert msg.startswith("unknown top-level section 'peft': nemo_pp does not read it (known sections: seed, ")
+    msg = _error(minimal, "+pefft={dim: 8}")
+    assert msg.startswith("unknown top-level section 'pefft': nemo_pp does not read it; did you mean 'peft'? "
+                          "(known sections: seed, ")
     assert "optimizer" in msg
+
+
+def test_peft_section_without_a_target_is_lora(minimal):
+    cfg = load_recipe_config(minimal, ["+peft={dim: 4}"])
+    assert cfg.peft == {"_target_": "nemo_pp._peft.lora.PeftConfig", "dim": 4}
+    assert _error(minimal, "+peft=8").startswith("invalid config value peft=8: must be a mapping with a _target_")
 
 
 def test_unknown_top_level_section_in_yaml_is_refused_with_suggestion(write_yaml):

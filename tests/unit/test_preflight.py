@@ -106,7 +106,7 @@ def test_pp1_plan_is_one_stage_and_max_steps_0_is_an_evaluate_only_run(cfg_file)
 def test_tp_plans_where_the_heads_divide(cfg_file):
     plan = check(cfg_file, "distributed.tp_size=2", world=4)
     assert (plan.sizes.pp, plan.sizes.tp, plan.sizes.dp) == (2, 2, 1)
-    assert type(plan.parallelize_fn(None)).__name__ == "ComposedParallelizer"
+    assert type(plan.parallelize_fn(None)).__name__ == "TensorParallelizer"  # nothing else to compose
 
 
 def test_smollm2_tp_2_refused_naming_kv_heads_and_tp_3_planned(real_assets, tmp_path):
@@ -119,3 +119,57 @@ def test_smollm2_tp_2_refused_naming_kv_heads_and_tp_3_planned(real_assets, tmp_
         check(config, *overrides, "distributed.tp_size=2", world=4)
     plan = check(config, *overrides, "distributed.tp_size=3", world=6)
     assert (plan.sizes.pp, plan.sizes.tp) == (2, 3)
+
+
+LORA = "+peft._target_=nemo_automodel.components._peft.lora.PeftConfig"
+
+
+def test_peft_section_planned_with_nemo_target_and_stage_adapters(cfg_file):
+    plan = check(cfg_file, LORA, "+peft.target_modules=[q_proj, '*.layers.3.mlp.down_proj']", "+peft.dim=4")
+    assert plan.peft.target_modules == ["q_proj", "*.layers.3.mlp.down_proj"] and plan.peft.scale == 8.0
+    from nemo_pp._peft.lora import apply_lora
+
+    stage = tiny_model("llama", layers=4)
+    assert apply_lora(stage, plan.peft) == 5  # 4 q_proj + one down_proj
+    assert {n for n, p in stage.named_parameters() if p.requires_grad} == {
+        f"model.layers.{i}.self_attn.q_proj.lora_{ab}.default.weight" for i in range(4) for ab in "AB"
+    } | {f"model.layers.3.mlp.down_proj.lora_{ab}.default.weight" for ab in "AB"}
+
+
+@pytest.mark.parametrize(
+    "overrides,world,message",
+    [
+        (["+peft.target_modules=[qkv_proj]"], 2, r"match no linear module of the model; its linear modules are named "
+                                                 r"\['down_proj', 'gate_proj', 'k_proj', 'lm_head'"),
+        (["+peft.target_modules=[q_proj]", "+peft.exclude_modules=[lm_head]"], 2,
+         "peft.target_modules and peft.exclude_modules exclude each other"),
+        (["+peft.match_all_linear=true", "+peft.target_modules=[q_proj]"], 2, "peft.match_all_linear: true adapts"),
+        (["+peft.dim=0"], 2, r"peft.dim must be an integer >= 1"),
+        (["+peft.dropout=0.1", "+peft.dropout_position=post"], 2, "set dropout_position: pre"),
+        (["+peft.use_dora=true"], 2, "peft.use_dora: true is not supported"),
+        (["+peft.dimm=4"], 2, "unexpected keyword argument 'dimm'"),
+        (["distributed.tp_size=2"], 4, r"peft with distributed.tp_size > 1 is not supported"),
+    ],
+)
+def test_bad_peft_section_names_the_key(cfg_file, overrides, world, message):
+    with pytest.raises((ValueError, ConfigError), match=message):
+        check(cfg_file, LORA, *overrides, world=world)
+
+
+def test_peft_target_must_build_a_peft_config(cfg_file):
+    with pytest.raises(ValueError, match=r"peft._target_ must build a nemo_pp._peft.lora.PeftConfig"):
+        check(cfg_file, "+peft._target_=torch.nn.Identity")
+
+
+@pytest.mark.parametrize(
+    "pattern,fqn,matches",
+    [("*.layers.0.*.q_proj", "model.layers.0.self_attn.q_proj", True),
+     ("*.layers.0.*.q_proj", "model.layers.10.self_attn.q_proj", False),
+     ("*_proj", "model.layers.3.mlp.down_proj", True),
+     ("*_proj", "lm_head", False),
+     ("model.layers.1.mlp.up_proj", "model.layers.1.mlp.up_proj", True)],
+)
+def test_lora_wildcards_follow_nemo(pattern, fqn, matches):
+    from nemo_pp._peft.lora import wildcard_match
+
+    assert wildcard_match(pattern, fqn) is matches

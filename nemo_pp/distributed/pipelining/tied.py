@@ -34,6 +34,18 @@ def tied_param_fqns(model: nn.Module) -> tuple[str, str]:
     return names[id(model.get_input_embeddings())] + ".weight", names[id(model.get_output_embeddings())] + ".weight"
 
 
+def _weight_of(part: nn.Module, fqn: str) -> nn.Parameter | None:
+    """The parameter ``fqn`` of ``part``, through the module that owns it, so a head that
+    LoRA wrapped (its weight now at ``lm_head.base_layer.weight``) is still found."""
+    module_fqn, _, name = fqn.rpartition(".")
+    try:
+        module = part.get_submodule(module_fqn)
+    except AttributeError:
+        return None
+    weight = getattr(module, name, None)
+    return weight if isinstance(weight, nn.Parameter) else None
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -67,11 +79,10 @@ class TiedEmbeddingSync:
     ):
         self.embed = self.head = None
         for part, sid in zip(model_parts, stage_ids):
-            params = dict(part.named_parameters())
             if sid == 0:
-                self.embed = params.get(embed_fqn)
+                self.embed = _weight_of(part, embed_fqn)
             if sid == num_stages - 1:
-                self.head = params.get(head_fqn)
+                self.head = _weight_of(part, head_fqn)
         # pp_mesh_tensor: [..., pp] global ranks, one row per pp group
         rows = pp_mesh_tensor.reshape(-1, pp_mesh_tensor.shape[-1])
         self.group = None
@@ -88,11 +99,18 @@ class TiedEmbeddingSync:
         """The copy to leave out of a global grad norm (the tied parameter counts once)."""
         return self.head
 
+    @property
+    def frozen(self) -> bool:
+        """The tied weight is not trained (LoRA freezes it on every rank alike): nothing to sum."""
+        return not any(p is not None and p.requires_grad for p in (self.embed, self.head))
+
     @torch.no_grad()
     def sync_grads(self) -> None:
         """Make both copies' ``.grad`` the sum of the two (call after backward, before clipping)."""
         from nemo_pp.distributed.grads import align_grad_placements
 
+        if self.frozen:
+            return
         # the copies' shards must match: a vocab-parallel embedding's grad comes out Replicate
         align_grad_placements([p for p in (self.embed, self.head) if p is not None])
         if self.embed is not None and self.head is not None:

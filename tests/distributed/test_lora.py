@@ -1,0 +1,146 @@
+"""LoRA under the pipeline: the adapters' losses, gradients and weights after AdamW steps
+equal a single-process ``peft`` model trained on the same global batches; the base weights
+(both copies of a tied embedding included) stay frozen; the adapter folder reloads with
+``peft.PeftModel.from_pretrained`` and the merged export with transformers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed.launcher import run_ranks
+from tests.distributed.test_pipeline_parity import sum_ce
+from tests.distributed.test_training_parity import LR, MAX_NORM, _batches, reference_training
+from tests.tiny_models import tiny_model
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def reference_peft_model(arch: str, tied: bool, peft_cfg):
+    """A tiny model, its untouched copy, and the single-process PEFT model of it with
+    nonzero ``lora_B`` (peft starts B at zero, which would leave A without gradient)."""
+    from peft import get_peft_model
+
+    from nemo_pp._peft.lora import matched_linear_modules
+
+    base = tiny_model(arch, tied, layers=4)
+    pristine = copy.deepcopy(base)
+    targets = matched_linear_modules(base, peft_cfg)
+    ref = get_peft_model(base, peft_cfg.lora_config(targets))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return pristine, ref
+
+
+class CopyAdapters:
+    """A parallelize_fn step between LoRA and FSDP2: the reference's adapter values."""
+
+    def __init__(self, ref):
+        self.values = {n[len(PEFT_PREFIX):]: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
+
+    def __call__(self, model, world_mesh=None, moe_mesh=None, **_):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(self.values[name])
+        return model
+
+
+def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nemo_pp._peft.export import save_peft_adapter
+    from nemo_pp._peft.lora import LoraParallelizer, PeftConfig, matched_linear_modules
+    from nemo_pp.checkpoint.hf_export import save_consolidated_hf
+    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer
+    from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.training.engine import TrainEngine
+
+    cfg = PeftConfig(**peft_kwargs)
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp))
+    dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
+    pristine, ref = reference_peft_model(arch, tied, cfg)
+    model = copy.deepcopy(pristine)
+    steps = _batches(2, 2, dp, 4, (16, 24), pristine.config.vocab_size)
+    chain = ComposedParallelizer(LoraParallelizer(cfg), CopyAdapters(ref), FSDP2Parallelizer(mesh) if dp > 1 else None)
+    expected = reference_training(ref, steps)
+
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4,
+                      device=torch.device("cpu")).build(model, loss_fn=sum_ce, parallelize_fn=chain)
+    trainable = {n for part in ap.parts for n, p in part.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable), sorted(trainable)
+    frozen_before = {n: _full(p).detach().clone() for part in ap.parts for n, p in part.named_parameters()
+                     if not p.requires_grad}
+    opts = [torch.optim.AdamW([{"params": [p for p in part.parameters() if p.requires_grad]}], lr=LR, weight_decay=0.1)
+            for part in ap.parts]
+    engine = TrainEngine(ap, torch.device("cpu"), dp_group=mesh.dp.get_group() if dp > 1 else None, max_grad_norm=MAX_NORM)
+    for step, per_dp in enumerate(steps):
+        out = engine.train_step(per_dp[dp_rank], [], [])  # no optimizer: the grads stay to be compared
+        want = expected[step]
+        assert abs(out["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"])), (step, out["loss"], want["loss"])
+        assert abs(out["grad_norm"] - want["norm"]) <= 1e-5 * max(1.0, want["norm"]), (out["grad_norm"], want["norm"])
+        for part in ap.parts:
+            for name, p in part.named_parameters():
+                if p.requires_grad:
+                    torch.testing.assert_close(_full(p.grad), want["grads"][PEFT_PREFIX + name], rtol=1e-4, atol=1e-6,
+                                               msg=lambda m: f"{name}: {m}")
+                else:
+                    assert p.grad is None, name  # frozen: no gradient computed, none communicated
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(_full(p).detach(), ref_params[PEFT_PREFIX + name].detach(), atol=2e-5,
+                                           rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            else:
+                assert torch.equal(_full(p).detach(), frozen_before[name]), f"frozen {name} changed"
+
+    adapter_dir, merged_dir = f"{out_dir}/adapter", f"{out_dir}/merged"
+    save_peft_adapter(adapter_dir, ap.parts, cfg, is_writer=mesh.writes_stage_files)
+    head_adapted = "lm_head" in matched_linear_modules(pristine, cfg)  # an adapted head no longer equals the embedding
+    save_consolidated_hf(merged_dir, ap.parts, pristine.config, tied=tied and not head_adapted, pp_rank=mesh.pp_rank,
+                         pp_size=pp, is_writer=mesh.writes_stage_files)
+    if rank == 0:
+        ids = steps[0][0][0]["input_ids"]
+        with torch.no_grad():
+            want = ref(input_ids=ids).logits
+            reloaded = PeftModel.from_pretrained(copy.deepcopy(pristine), adapter_dir)
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, want, atol=1e-5, rtol=1e-4)
+            merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+            torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=1e-4)
+    dist.barrier()
+    return True
+
+
+CASES = {
+    # name: (world, pp, schedule, arch, tied, peft kwargs)
+    "pp2-1f1b-tied-proj": (2, 2, "1f1b", "llama", True, {"target_modules": ["*_proj"], "dim": 4, "alpha": 8}),
+    # the tied output projection adapted too: its frozen copies stay equal, the merged export unties
+    "pp2-gpipe-all-linear": (2, 2, "gpipe", "llama", True, {"match_all_linear": True, "dim": 4, "alpha": 16}),
+    # a V schedule: stages 0 and 3 on one rank; some stages adapt nothing but the attention
+    "pp2-zbv-exclude": (2, 2, "zbv", "qwen2", False, {"exclude_modules": ["lm_head", "*.mlp.*"], "dim": 2, "alpha": 4}),
+    # FSDP2 over 2 dp ranks with frozen and trainable parameters in one layer
+    "pp2-dp2-fsdp2": (4, 2, "1f1b", "llama", True, {"target_modules": ["q_proj", "v_proj"], "dim": 4, "alpha": 8}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lora_matches_single_process_peft(tmp_path, case):
+    world, pp, schedule, arch, tied, peft_kwargs = CASES[case]
+    run_ranks(_run, world, pp, schedule, arch, tied, peft_kwargs, str(tmp_path), timeout=300)
