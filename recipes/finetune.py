@@ -51,7 +51,7 @@ class FinetuneRecipe:
         from nemo_pp.training.data import build_dataloader, build_dataset_main_first
         from nemo_pp.training.engine import TrainEngine
         from nemo_pp.training.lr_scheduler import build_lr_scheduler
-        from nemo_pp.training.metrics import JSONLLogger
+        from nemo_pp.training.loggers import build_metric_loggers
 
         cfg = self.cfg
         # 1. everything that can be checked without weights or communication, and the plan
@@ -151,8 +151,8 @@ class FinetuneRecipe:
                 print(f"resumed from {self.plan.resume_from} (written at layout {state.get('layout')}): step "
                       f"{self.start[0]} of {self.total_steps}, epoch {self.start[1]} "
                       f"[{time.perf_counter() - start:.1f} s]{left}", flush=True)
-        self.metrics = JSONLLogger(self.out_dir / "metrics.jsonl", enabled=self.is_main,
-                                   append=self.plan.resume_from is not None)
+        self.metrics = build_metric_loggers(cfg, self.out_dir, self.config_yaml, self.is_main,
+                                            append=self.plan.resume_from is not None)
         return self
 
     def _report_trainable(self) -> None:
@@ -311,6 +311,7 @@ class FinetuneRecipe:
                       "same command to resume", flush=True)
             summary = {"event": "summary", "steps": step, "preempted": True, "final_train_loss": record.get("loss")}
             self.metrics.log(summary)
+            self.metrics.close()
             return summary
         val_after = self._validate(step, "after training") if step > self.start[0] else val_before
 
@@ -328,6 +329,7 @@ class FinetuneRecipe:
             "final_train_loss": record.get("loss"), "export_dir": str(export_dir) if export_dir else None,
         }
         self.metrics.log(summary)
+        self.metrics.close()
         if self.is_main:
             print(
                 f"done: {step} steps in {summary['wall_time_s']:.0f} s, {summary['train_tokens_per_s']:.0f} train tok/s; "

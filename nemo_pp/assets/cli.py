@@ -1,4 +1,4 @@
-"""Command line: ``python -m nemo_pp.assets [--only {model,squad}] [--force]``."""
+"""Command line: ``python -m nemo_pp.assets [--only {model,squad,user_data}] [--force]``."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ from typing import Sequence
 from .paths import HOME_ENV, assets_home
 from .smollm2 import prepare_smollm2
 from .squad import prepare_squad
+from .user_data import prepare_bigbench_user_data, prepare_shakespeare
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m nemo_pp.assets [--only {model,squad}] [--force]``."""
+    """CLI: ``python -m nemo_pp.assets [--only {model,squad,user_data}] [--force]``."""
     parser = argparse.ArgumentParser(
         prog="python -m nemo_pp.assets",
         description=f"Prepare offline assets under ${HOME_ENV} (now {assets_home()}).",
     )
-    parser.add_argument("--only", choices=["model", "squad"], help="prepare just this one")
+    parser.add_argument("--only", choices=["model", "squad", "user_data"],
+                        help="prepare just this one (user_data: the instruction, chat and plain-text sets)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild even if complete (re-uses files in downloads/)")
     args = parser.parse_args(argv)
@@ -24,5 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare_smollm2(force=args.force)
     if args.only in (None, "squad"):
         prepare_squad(force=args.force)
+    if args.only in (None, "user_data"):
+        prepare_bigbench_user_data(force=args.force)
+        prepare_shakespeare(force=args.force)
     return 0
 

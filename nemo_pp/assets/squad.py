@@ -76,19 +76,34 @@ def read_tar_member(archive: Path, suffix: str) -> bytes:
     Raises:
         FileNotFoundError: no member matches.
     """
+    return read_tar_members(archive, [suffix])[suffix]
+
+
+def read_tar_members(archive: Path, suffixes: Sequence[str]) -> dict[str, bytes]:
+    """The first member ending with each of ``suffixes``, in one sequential pass that
+    stops once all are found (with a byte progress bar).
+
+    Raises:
+        FileNotFoundError: some suffix matches no member (named).
+    """
     from tqdm import tqdm
 
+    found: dict[str, bytes] = {}
     size = archive.stat().st_size
     with open(archive, "rb") as raw, tqdm.wrapattr(
         raw, "read", total=size, desc=f"scanning {archive.name}", unit="B",
         unit_scale=True, unit_divisor=1024, miniters=1,
     ) as f, tarfile.open(fileobj=f, mode="r|gz") as tar:
         for member in tar:
-            if member.isfile() and member.name.endswith(suffix):
+            wanted = [s for s in suffixes if s not in found and member.name.endswith(s)] if member.isfile() else []
+            if wanted:
                 data = tar.extractfile(member)
                 assert data is not None
-                return data.read()
-    raise FileNotFoundError(f"{suffix} not found in {archive}")
+                found[wanted[0]] = data.read()
+                if len(found) == len(suffixes):
+                    return found
+    missing = [s for s in suffixes if s not in found]
+    raise FileNotFoundError(f"{', '.join(missing)} not found in {archive}")
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:

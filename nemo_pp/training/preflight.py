@@ -183,6 +183,7 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
     from nemo_pp.distributed.pipelining.schedules import is_single_stage_schedule
     from nemo_pp.models.auto_model import loads_per_stage, resolve_dtype
     from nemo_pp.models.loading import SafetensorsCheckpoint, empty_model
+    from nemo_pp.training.loggers import check_logger_packages
 
     d = cfg.distributed
     sizes = resolve_parallel_sizes(world_size, d.pp_size, d.dp_size, d.dp_replicate_size, d.tp_size, d.cp_size)
@@ -204,6 +205,7 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
                 f"dataloader.pad_seq_len_divisible to a multiple of {sizes.tp} (it is {pad})"
             )
 
+    check_logger_packages(cfg)
     model_path = cfg.model.get("pretrained_model_name_or_path")
     if model_path is None:
         raise ValueError("model.pretrained_model_name_or_path is required")
@@ -211,8 +213,10 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
         raise FileNotFoundError(f"model.pretrained_model_name_or_path: {missing_asset_message(model_path)}")
     for section in ("dataset", "validation_dataset"):
         node = cfg.get(section)
-        if node is not None and node.get("path_or_dataset") is not None and missing_local_path(node.path_or_dataset):
-            raise FileNotFoundError(f"{section}.path_or_dataset: {missing_asset_message(node.path_or_dataset, 'data set')}")
+        for key in ("path_or_dataset", "path_or_dataset_id"):  # SQuAD's key, the other data sets'
+            path = node.get(key) if node is not None else None
+            if isinstance(path, str) and missing_local_path(path):
+                raise FileNotFoundError(f"{section}.{key}: {missing_asset_message(path, 'data set')}")
 
     local_bs = cfg.dataloader.batch_size
     ss = cfg.step_scheduler

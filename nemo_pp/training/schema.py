@@ -38,6 +38,8 @@ __all__ = [
     "PipelineConfig",
     "Rule",
     "StepSchedulerConfig",
+    "TensorBoardConfig",
+    "WandbConfig",
     "load_recipe_config",
     "schema_defaults",
     "setting",
@@ -198,6 +200,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    """TensorBoard event files (nemo_pp.training.loggers)."""
+
+    log_dir: Optional[str] = setting(None, hint="null: <checkpoint.checkpoint_dir>/tensorboard")
+
+
+@dataclass
+class WandbConfig:
+    """A Weights & Biases run (NeMo AutoModel's keys, plus mode)."""
+
+    project: str = "nemo_pp"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    save_dir: Optional[str] = setting(None, hint="null: checkpoint.checkpoint_dir")
+    mode: str = setting("offline", choices=("offline", "online", "disabled"))
+
+
+@dataclass
 class FinetuneConfig:
     """Everything `recipes/finetune.py` reads; `load_recipe_config` loads a YAML into it."""
 
@@ -220,6 +240,8 @@ class FinetuneConfig:
     logging: LoggingConfig = setting(factory=LoggingConfig)
     checkpoint: CheckpointConfig = setting(factory=CheckpointConfig)
     peft: Optional[Any] = setting(None, target=True, default_target="nemo_pp._peft.lora.PeftConfig")
+    tensorboard: Optional[TensorBoardConfig] = None
+    wandb: Optional[WandbConfig] = None
 
 
 def _unwrap_optional(tp: Any) -> tuple[bool, Any]:

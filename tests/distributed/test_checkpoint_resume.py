@@ -272,7 +272,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny_asset
     with open(shard, "r+b") as f:
         f.truncate(100)
     capfd.readouterr()
-    assert run_ranks(_run_recipe, 1, argv, timeout=240) == [2]
+    assert run_ranks(_run_recipe, 1, argv, timeout=240, start_method="fork") == [2]  # capfd reads its stderr
     err = capfd.readouterr().err
     assert f"{shard} has 100 bytes" in err and "truncated" in err, err[-2000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == len(records)  # nothing ran

@@ -249,3 +249,23 @@ def test_lora_config_trains_and_its_adapter_reloads_with_peft(real_assets, tmp_p
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1),
                                              ignore_index=-100)
     assert abs(float(loss) - summary["val_loss_after"]) < 1e-4, (float(loss), summary["val_loss_after"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("fmt,seq", [("instructions", 64), ("chat", 128), ("shakespeare", 64)])
+def test_each_data_format_config_trains_with_falling_validation_loss(real_assets, tmp_path, fmt, seq):
+    """The shipped config of each data format (column-mapped instructions, chat, plain
+    text), as it is on the real model and data, for a few short steps."""
+    out = tmp_path / "run"
+    proc = run_recipe(
+        2, f"--checkpoint.checkpoint_dir={out}", "--step_scheduler.max_steps=4", "--checkpoint.enabled=false",
+        "--checkpoint.save_consolidated=false", f"--dataset.seq_length={seq}", "--dataset.limit_dataset_samples=64",
+        f"--validation_dataset.seq_length={seq}", "--validation_dataset.limit_dataset_samples=8",
+        config=f"configs/smollm2_135m_{fmt}_pp2.yaml",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = read_metrics(out)
+    train = [r for r in records if r["event"] == "train"]
+    assert len(train) == 4 and all(r["num_label_tokens"] > 0 for r in train)
+    summary = records[-1]
+    assert summary["val_loss_after"] < summary["val_loss_before"], summary

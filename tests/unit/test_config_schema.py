@@ -140,6 +140,8 @@ def test_defaults_are_the_recipe_defaults():
             "save_merged_model": False,
         },
         "peft": None,
+        "tensorboard": None,
+        "wandb": None,
     }  # fmt: skip
 
 

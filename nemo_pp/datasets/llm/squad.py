@@ -18,7 +18,7 @@ import torch
 
 from nemo_pp.assets import looks_like_local_path, missing_asset_message, squad_dir
 
-IGNORE_INDEX = -100
+from .sft import IGNORE_INDEX, prompt_answer_example  # noqa: F401  (IGNORE_INDEX: re-exported)
 
 
 def load_squad_rows(path_or_dataset: str, split: str):
@@ -158,11 +158,7 @@ class SQuAD(torch.utils.data.Dataset):
         answers = row["answers"]["text"]
         prompt = self._prompt_ids(row["context"], row["question"])
         answer = self._answer_ids(answers[0] if answers else "")
-        if self.seq_length is not None:
-            prompt, answer = _truncate(prompt, answer, self.seq_length)
-        tokens = prompt + answer
-        targets = ([IGNORE_INDEX] * len(prompt) + answer) if self.answer_only_loss else tokens
-        return {"input_ids": tokens[:-1], "labels": targets[1:]}
+        return prompt_answer_example(prompt, answer, self.seq_length, self.answer_only_loss)
 
     # -- Dataset ------------------------------------------------------------------
 
@@ -172,16 +168,6 @@ class SQuAD(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict[str, list[int]]:
         row = self.dataset[int(idx)]
         return {"input_ids": row["input_ids"], "labels": row["labels"]}
-
-
-def _truncate(prompt: list[int], answer: list[int], seq_length: int) -> tuple[list[int], list[int]]:
-    """Fit ``prompt + answer`` into ``seq_length + 1`` tokens (inputs are one shorter)."""
-    budget = seq_length + 1
-    if len(prompt) + len(answer) <= budget:
-        return prompt, answer
-    answer = answer[:seq_length]
-    keep = budget - len(answer)  # >= 1
-    return prompt[-keep:], answer
 
 
 def make_squad_dataset(
