@@ -1,0 +1,368 @@
+"""Supervised fine-tuning of a Hugging Face causal LM through a pipeline (one stage when pp_size is 1).
+
+    torchrun --nproc_per_node=2 recipes/finetune.py --config configs/smollm2_135m_squad_pp2.yaml \
+        [--distributed.pipeline.pp_schedule gpipe] [--step_scheduler.max_steps 5] ...
+
+Read top to bottom: ``setup()`` checks the whole config and plans the run (on every
+rank, before any weight is loaded; the checkpoint to resume from included), then builds
+mesh, model, pipeline, data and optimizer and loads that checkpoint; ``run()`` trains
+with gradient accumulation, validates before and after, logs each step, writes a
+checkpoint every ``step_scheduler.ckpt_every_steps`` steps, at the end and on SIGTERM, and
+exports a consolidated Hugging Face folder. ``max_steps: 0`` builds, validates and
+exports without training. Running the same command again resumes from the latest
+complete checkpoint (``checkpoint.enabled: true``, ``checkpoint.restore_from: null``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import transformers
+from tqdm import tqdm
+
+from nemo_pp.config import ConfigError, config_to_yaml, instantiate, parse_cli, write_text_atomic
+from nemo_pp.training.preflight import RunPlan, preflight_check
+from nemo_pp.training.schema import load_recipe_config
+
+logger = logging.getLogger("nemo_pp.finetune")
+
+
+class FinetuneRecipe:
+    """The fine-tuning recipe: ``FinetuneRecipe(cfg).setup(); .run()``."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "FinetuneRecipe":
+        from transformers import AutoTokenizer
+
+        from nemo_pp._peft.lora import matched_linear_modules
+        from nemo_pp.datasets.utils import SFTCollator
+        from nemo_pp.distributed.init import initialize_distributed, set_seed
+        from nemo_pp.distributed.mesh import build_device_mesh
+        from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
+        from nemo_pp.models.loading import SafetensorsCheckpoint
+        from nemo_pp.training.data import build_dataloader, build_dataset_main_first
+        from nemo_pp.training.engine import TrainEngine
+        from nemo_pp.training.lr_scheduler import build_lr_scheduler
+        from nemo_pp.training.loggers import build_metric_loggers
+
+        cfg = self.cfg
+        # 1. everything that can be checked without weights or communication, and the plan
+        self.plan: RunPlan = preflight_check(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+        # 2. processes, mesh, seed
+        self.dist = initialize_distributed(cfg.dist_env.device, timeout_s=60 * cfg.dist_env.timeout_minutes)
+        self.mesh = build_device_mesh(self.dist.device.type, self.plan.sizes)
+        set_seed(cfg.seed)
+        self.is_main = self.dist.is_main
+        if cfg.distributed.pipeline.split == "profile" and self.plan.sizes.pp > 1:
+            # layer boundaries from piece times measured on rank 0's device, shared by all
+            from nemo_pp.training.preflight import profile_pipeline_costs
+
+            costs = profile_pipeline_costs(cfg, self.plan, self.dist.device, self.is_main)
+            self.plan = preflight_check(cfg, world_size=self.plan.sizes.world_size, piece_costs=costs)
+            if self.is_main:
+                print(f"split: profile: fwd+bwd per microbatch: embedding {costs.embedding:.3f} s, layer "
+                      f"{costs.layers[0]:.3f} s, head + loss {costs.head:.3f} s", flush=True)
+        self.out_dir = Path(cfg.checkpoint.checkpoint_dir)
+        self.config_yaml = config_to_yaml(cfg)  # resolved once: saved here and into every checkpoint
+        if self.is_main:
+            write_text_atomic(self.out_dir / "config.yaml", self.config_yaml)
+            print(f"Resolved config (saved to {self.out_dir / 'config.yaml'}):\n{self.config_yaml}", flush=True)
+            print(self.plan.describe(), flush=True)
+
+        # 3. tokenizer, data (each dp rank its own shard; pp ranks of a group read the same)
+        if not self.is_main:
+            datasets.disable_progress_bars()
+            transformers.utils.logging.disable_progress_bar()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.plan.model_path)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=cfg.dataloader.get("pad_seq_len_divisible"))
+        train_ds = build_dataset_main_first(cfg.dataset, "dataset", self.tokenizer, self.is_main)
+        self.train_loader = build_dataloader(
+            train_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
+            shuffle=cfg.dataloader.shuffle, seed=cfg.seed, collate_fn=collate,
+            num_workers=cfg.dataloader.num_workers,
+        )
+        self.val_loader = None
+        if cfg.get("validation_dataset") is not None:
+            val_ds = build_dataset_main_first(cfg.validation_dataset, "validation_dataset", self.tokenizer, self.is_main)
+            self.val_loader = build_dataloader(
+                val_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
+                shuffle=False, seed=cfg.seed, collate_fn=collate, num_workers=0,
+            )
+
+        # 4. model (on the meta device: no weight read) -> this rank's stages, materialised and
+        #    loaded from the checkpoint (the whole model when pp_size is 1) -> optimizer per part
+        weights = None
+        if self.plan.meta_build:
+            model = instantiate(cfg.model, load_weights=False)
+            weights = SafetensorsCheckpoint.for_model(self.plan.model_path, model)
+        else:
+            model = instantiate(cfg.model)
+        self.model_config = model.config
+        self.total_params = sum(p.numel() for p in model.parameters())  # unique: a tied embedding once
+        self.tied = is_tied(model)  # exported once, as the embedding
+        self.tied_fqns = tied_param_fqns(model) if self.tied else None  # (embedding, head)
+        # before the stages are adapted: does LoRA wrap the output projection?
+        self.head_adapted = self.tied and self.plan.peft is not None and (
+            self.tied_fqns[1].rsplit(".", 1)[0] in matched_linear_modules(model, self.plan.peft))
+        loss_fn = instantiate(cfg.loss_fn)
+        self.ap = instantiate(
+            cfg.distributed.pipeline, world_mesh=self.mesh.world, pp_batch_size=self.plan.local_batch_size,
+            pp_microbatch_size=self.plan.pipeline.microbatch_size, device=self.dist.device,
+        ).build(model, loss_fn=loss_fn, parallelize_fn=self.plan.parallelize_fn(self.mesh), plan=self.plan.pipeline,
+                weights=weights)
+        self.parts = self.ap.parts
+        if self.is_main:
+            print(self.ap.debug_summary(), flush=True)
+        # only what trains (LoRA: the adapters); a stage with nothing to train gets an empty group
+        self.optimizers = [
+            instantiate(cfg.optimizer, params=[{"params": [p for p in part.parameters() if p.requires_grad]}])
+            for part in self.parts
+        ]
+        if self.plan.peft is not None:
+            self._report_trainable()
+        self.total_steps = self.plan.total_steps(len(self.train_loader))
+        self.lr_schedulers = [
+            build_lr_scheduler(opt, self.total_steps, **dict(cfg.lr_scheduler)) for opt in self.optimizers
+        ]
+        self.engine = TrainEngine(
+            self.ap, self.dist.device, dp_group=self.mesh.dp.get_group() if self.mesh.sizes.dp > 1 else None,
+            max_grad_norm=cfg.clip_grad_norm.max_norm,
+        )
+        del model
+        self.checkpointer = self._build_checkpointer()
+        # where training starts: step, epoch and samples of that epoch already seen (global)
+        self.start = (0, 0, 0)
+        if self.plan.resume_from is not None:
+            start = time.perf_counter()
+            state = self.checkpointer.load(self.plan.resume_from)
+            self.start = (int(state["step"]), int(state["epoch"]), int(state.get("samples_in_epoch", 0)))
+            if self.is_main:
+                left = "" if self.start[0] < self.total_steps else "; nothing left to train (a new run needs another checkpoint.checkpoint_dir)"
+                print(f"resumed from {self.plan.resume_from} (written at layout {state.get('layout')}): step "
+                      f"{self.start[0]} of {self.total_steps}, epoch {self.start[1]} "
+                      f"[{time.perf_counter() - start:.1f} s]{left}", flush=True)
+        self.metrics = build_metric_loggers(cfg, self.out_dir, self.config_yaml, self.is_main,
+                                            append=self.plan.resume_from is not None)
+        return self
+
+    def _report_trainable(self) -> None:
+        """Print the trainable (adapter) and total parameter counts of the whole pipeline (collective over pp)."""
+        import torch
+        import torch.distributed as dist
+
+        counts = torch.tensor([sum(p.numel() for part in self.parts for p in part.parameters() if p.requires_grad)],
+                              dtype=torch.float64, device=self.dist.device)
+        if self.plan.sizes.pp > 1:
+            dist.all_reduce(counts, group=self.ap.pp_group)  # DTensor numel is global: no dp sum
+        if self.is_main:
+            total = self.total_params
+            print(f"LoRA: {int(counts.item()):,} trainable parameters of {total:,} ({100 * counts.item() / total:.2f} %; "
+                  f"rank {self.plan.peft.dim}, alpha {self.plan.peft.alpha})", flush=True)
+
+    def _build_checkpointer(self):
+        import dataclasses
+
+        from nemo_pp.checkpoint.checkpointer import Checkpointer
+
+        ck = self.cfg.checkpoint
+        pipe = self.plan.pipeline
+        return Checkpointer(
+            ck.checkpoint_dir, self.parts, self.optimizers, self.lr_schedulers,
+            model_save_format=ck.model_save_format, is_async=ck.is_async,
+            max_recent_checkpoints=ck.max_recent_checkpoints, tied=self.tied_fqns,
+            export_consolidated=self._export if ck.save_consolidated == "every" else None,
+            layout_info={**dataclasses.asdict(self.plan.sizes), "pp_schedule": pipe.schedule,
+                         "num_stages": pipe.num_stages},
+            trainable_only=self.plan.peft is not None,
+            timeout_s=60 * self.cfg.dist_env.timeout_minutes,
+        )
+
+    def _export(self, folder: Path) -> Path:
+        """The consolidated Hugging Face folder of the current weights (collective); a
+        LoRA run's PEFT adapter folder instead."""
+        if self.plan.peft is not None:
+            from nemo_pp._peft.export import save_peft_adapter
+
+            return save_peft_adapter(folder, self.parts, self.plan.peft, self.plan.model_path,
+                                     is_writer=self.mesh.writes_stage_files)
+        return self._export_merged(folder)
+
+    def _export_merged(self, folder: Path) -> Path:
+        """A Hugging Face model folder (LoRA adapters merged into their weights; collective)."""
+        from nemo_pp.checkpoint.hf_export import save_consolidated_hf
+
+        tied = self.tied and not self.head_adapted  # an adapted head no longer equals the embedding: both saved
+        return save_consolidated_hf(
+            folder, self.parts, self.model_config, self.tokenizer, tied=tied,
+            tied_head_fqn=self.tied_fqns[1] if tied else None,
+            pp_rank=self.mesh.pp_rank, pp_size=self.plan.sizes.pp, is_writer=self.mesh.writes_stage_files,
+        )
+
+    # -------------------------------------------------------------------- run
+    def _validate(self, step: int, tag: str) -> float | None:
+        if self.val_loader is None:
+            return None
+        start = time.perf_counter()
+        loss = self.engine.validation_loss(self.val_loader)
+        seconds = time.perf_counter() - start
+        self.metrics.log({"event": "validation", "tag": tag, "step": step, "val_loss": loss, "seconds": seconds})
+        if self.is_main:
+            tqdm.write(f"validation ({tag}, step {step}): loss {loss:.4f} [{seconds:.1f} s]")
+        return loss
+
+    def _step_batches(self):
+        """Yield lists of ``grad_acc_steps`` batches, one list per optimizer step, from
+        where the run starts (``self.start``); ``self.position`` is (epoch, samples of
+        that epoch consumed by the whole data-parallel group) after the list yielded."""
+        acc = self.plan.grad_acc_steps
+        step, first_epoch, consumed = self.start
+        samples_per_step = acc * self.plan.local_batch_size * self.plan.sizes.dp
+        for epoch in range(first_epoch, self.plan.num_epochs):
+            if step >= self.total_steps:
+                return
+            self.train_loader.sampler.set_epoch(epoch, consumed if epoch == first_epoch else 0)
+            in_epoch = consumed if epoch == first_epoch else 0
+            group = []
+            for batch in self.train_loader:
+                group.append(batch)
+                if len(group) == acc:
+                    in_epoch += samples_per_step
+                    self.position = (epoch, in_epoch)
+                    yield group
+                    group = []
+                    step += 1
+                    if step >= self.total_steps:
+                        return
+
+    def _save_checkpoint(self, step: int) -> None:
+        epoch, in_epoch = self.position
+        start = time.perf_counter()
+        path = self.checkpointer.save(
+            epoch, step, {"step": step, "epoch": epoch, "samples_in_epoch": in_epoch}, self.config_yaml
+        )
+        seconds = time.perf_counter() - start
+        self.metrics.log({"event": "checkpoint", "step": step, "path": str(path), "blocking_s": seconds,
+                          "async": self.cfg.checkpoint.is_async})
+        if self.is_main:
+            how = "written in the background" if self.cfg.checkpoint.is_async else "saved"
+            tqdm.write(f"checkpoint {how}: {path} [{seconds:.1f} s blocking]")
+
+    def run(self) -> dict:
+        from nemo_pp.training.metrics import format_step, peak_memory_bytes
+        from nemo_pp.training.preemption import PreemptionWatcher
+
+        cfg = self.cfg
+        ck_on = cfg.checkpoint.enabled
+        ck_every = cfg.step_scheduler.get("ckpt_every_steps")
+        wall_start = time.perf_counter()
+        step = self.start[0]
+        self.position = self.start[1:]
+        val_before = self._validate(step, "before training")
+        bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", disable=not self.is_main,
+                   dynamic_ncols=True)
+        train_tokens, train_seconds, record, saved_at, preempted = 0, 0.0, {}, None, False
+        val_every = cfg.step_scheduler.get("val_every_steps")
+        with PreemptionWatcher(self.dist.device, enabled=ck_on) as watcher:
+            for batches in self._step_batches():
+                out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
+                step += 1
+                global_tokens = out["tokens"]  # summed over dp ranks; pp ranks of a group share them
+                train_tokens += global_tokens
+                train_seconds += out["step_time_s"]
+                record = {
+                    "event": "train", "step": step, "total_steps": self.total_steps, "loss": out["loss"],
+                    "grad_norm": out["grad_norm"], "lr": self.lr_schedulers[0].get_last_lr()[0],
+                    "tokens": global_tokens, "num_label_tokens": out["num_label_tokens"],
+                    "tokens_per_s": global_tokens / out["step_time_s"], "step_time_s": out["step_time_s"],
+                    "peak_memory_bytes": peak_memory_bytes(self.dist.device),
+                }
+                self.metrics.log(record)
+                if self.is_main:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    if step % cfg.logging.log_every_steps == 0 or step == self.total_steps:
+                        tqdm.write(format_step(record))
+                self.checkpointer.poll()
+                preempted = watcher.requested()
+                if ck_on and (preempted or (ck_every and step % ck_every == 0)):
+                    self._save_checkpoint(step)
+                    saved_at = step
+                if preempted:
+                    break
+                if val_every and step % val_every == 0 and step < self.total_steps:
+                    self._validate(step, "periodic")
+            bar.close()
+            if ck_on and not preempted and saved_at != step and step > self.start[0]:
+                self._save_checkpoint(step)  # the end of training is always resumable
+            self.checkpointer.close()
+        if preempted:
+            if self.is_main:
+                print(f"stopped by signal after step {step}; checkpoint {self.cfg.checkpoint.checkpoint_dir}: run the "
+                      "same command to resume", flush=True)
+            summary = {"event": "summary", "steps": step, "preempted": True, "final_train_loss": record.get("loss")}
+            self.metrics.log(summary)
+            self.metrics.close()
+            return summary
+        val_after = self._validate(step, "after training") if step > self.start[0] else val_before
+
+        export_dir = None
+        if cfg.checkpoint.save_consolidated in ("final", "every"):
+            export_dir = self._export(self.out_dir / ("hf_adapter" if self.plan.peft is not None else "hf_model"))
+            if self.plan.peft is not None and cfg.checkpoint.save_merged_model:
+                merged = self._export_merged(self.out_dir / "hf_model")
+                if self.is_main:
+                    print(f"merged model (adapters folded into the weights): {merged}", flush=True)
+        summary = {
+            "event": "summary", "steps": step, "wall_time_s": time.perf_counter() - wall_start,
+            "train_tokens": train_tokens, "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
+            "val_loss_before": val_before, "val_loss_after": val_after,
+            "final_train_loss": record.get("loss"), "export_dir": str(export_dir) if export_dir else None,
+        }
+        self.metrics.log(summary)
+        self.metrics.close()
+        if self.is_main:
+            print(
+                f"done: {step} steps in {summary['wall_time_s']:.0f} s, {summary['train_tokens_per_s']:.0f} train tok/s; "
+                f"val loss {_fmt(val_before)} -> {_fmt(val_after)}; exported to {export_dir}",
+                flush=True,
+            )
+        return summary
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+        cfg = load_recipe_config(path, overrides)
+        recipe = FinetuneRecipe(cfg).setup()
+    except (ConfigError, ValueError, OSError, NotImplementedError) as exc:  # OSError: FileNotFoundError, hub errors
+        # identical on every rank (nothing above depends on the rank): exit, never hang.
+        # Every rank prints: torchrun kills the others as soon as the first one exits.
+        print(f"[rank {rank}] error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        recipe.run()
+    finally:
+        from nemo_pp.distributed.init import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
