@@ -19,8 +19,9 @@ def timed_recipe_run(nproc: int, steps: int, *overrides: str, config: str = CONF
     without validation, checkpoints or export.
 
     Returns:
-        ``{"step_s": median seconds per optimizer step, "tokens_per_s": median, "loss": last}``
-        over steps 2.. (the first builds the receive buffers).
+        ``{"step_s": median seconds per optimizer step, "tokens_per_s": median (padding
+        included), "nonpad_tokens_per_s": median without padding, "loss": last}`` over steps
+        2.. (the first builds the receive buffers).
 
     Raises:
         RuntimeError: the run failed (the end of its stderr is the message).
@@ -41,5 +42,6 @@ def timed_recipe_run(nproc: int, steps: int, *overrides: str, config: str = CONF
         return {
             "step_s": statistics.median(r["step_time_s"] for r in train),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
+            "nonpad_tokens_per_s": statistics.median(r["nonpad_tokens_per_s"] for r in train),
             "loss": train[-1]["loss"],
         }

@@ -73,11 +73,14 @@ def default_collater(
 
 class SFTCollator:
     """Picklable ``collate_fn`` wrapping :func:`default_collater` (DataLoader workers
-    are spawned processes, so no lambdas or closures).
+    are spawned processes, so no lambdas or closures). Adds ``num_tokens``: int64 [B],
+    each row's tokens before padding (the metrics' non-padding token count; the model
+    never sees it).
 
     Args:
         pad_token_id: value for padded ``input_ids``.
-        pad_seq_len_divisible: pad the length to a multiple of this.
+        pad_seq_len_divisible: pad the length to a multiple of this (a packed row's
+            length: every packed batch then has one shape).
     """
 
     def __init__(self, pad_token_id: int = 0, pad_seq_len_divisible: int | None = None):
@@ -85,7 +88,9 @@ class SFTCollator:
         self.pad_seq_len_divisible = pad_seq_len_divisible
 
     def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return default_collater(batch, self.pad_seq_len_divisible, self.pad_token_id)
+        out = default_collater(batch, self.pad_seq_len_divisible, self.pad_token_id)
+        out["num_tokens"] = torch.tensor([len(ex["input_ids"]) for ex in batch], dtype=torch.int64)
+        return out
 
     def __repr__(self) -> str:
         return (f"SFTCollator(pad_token_id={self.pad_token_id}, "

@@ -86,9 +86,19 @@ class FinetuneRecipe:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=cfg.dataloader.get("pad_seq_len_divisible"))
         train_ds = build_dataset_main_first(cfg.dataset, "dataset", self.tokenizer, self.is_main)
+        train_collate = collate
+        pack = cfg.packed_sequence.packed_sequence_size
+        if pack:  # rows of several samples, padded to one length (validation stays unpacked)
+            from nemo_pp.datasets.packed_sequence import PackedSequenceDataset
+
+            samples = len(train_ds)
+            train_ds = PackedSequenceDataset(train_ds, pack, cfg.packed_sequence.split_across_pack)
+            train_collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=pack)
+            if self.is_main:
+                print(f"packed_sequence: {samples} samples in {len(train_ds)} rows of {pack} tokens", flush=True)
         self.train_loader = build_dataloader(
             train_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
-            shuffle=cfg.dataloader.shuffle, seed=cfg.seed, collate_fn=collate,
+            shuffle=cfg.dataloader.shuffle, seed=cfg.seed, collate_fn=train_collate,
             num_workers=cfg.dataloader.num_workers,
         )
         self.val_loader = None
@@ -284,6 +294,7 @@ class FinetuneRecipe:
                     "grad_norm": out["grad_norm"], "lr": self.lr_schedulers[0].get_last_lr()[0],
                     "tokens": global_tokens, "num_label_tokens": out["num_label_tokens"],
                     "tokens_per_s": global_tokens / out["step_time_s"], "step_time_s": out["step_time_s"],
+                    "nonpad_tokens_per_s": out["nonpad_tokens"] / out["step_time_s"],
                     "peak_memory_bytes": peak_memory_bytes(self.dist.device),
                 }
                 self.metrics.log(record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -94,7 +95,8 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool):
                 )
             return dataset, None
         except Exception as exc:  # every failure must reach the other ranks, not only ours
-            msg = str(exc)
+            # the data set classes name their own keys "dataset.<arg>": say which section
+            msg = re.sub(r"\bdataset\.", f"{key}.", str(exc)) if key != "dataset" else str(exc)
             return None, msg if msg.startswith(key) else f"{key}: {type(exc).__name__}: {msg}"
 
     distributed = dist.is_initialized() and dist.get_world_size() > 1

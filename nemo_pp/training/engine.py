@@ -61,7 +61,9 @@ class TrainEngine:
         losses: list | None = [] if info.has_last_stage else None
         args = (ids,) if info.has_first_stage else ()
         target = labels if info.has_last_stage else None
-        run_schedule(info.schedule, *args, train=train, target=target, losses=losses)
+        # packed rows: every stage gets its microbatch's positions (they also shape the mask)
+        kwargs = {"position_ids": batch["position_ids"].to(self.device)} if "position_ids" in batch else {}
+        run_schedule(info.schedule, *args, train=train, target=target, losses=losses, **kwargs)
         if not losses:
             return torch.zeros((), device=self.device)
         return torch.stack([l.detach().float() for l in losses]).sum()
@@ -82,7 +84,7 @@ class TrainEngine:
         Returns:
             ``{"loss": token-mean loss, "grad_norm": global norm before clipping,
             "num_label_tokens": int, "tokens": int input tokens (padding included) over all dp ranks,
-            "step_time_s": seconds}``.
+            "nonpad_tokens": the same without padding (the batches' ``num_tokens``), "step_time_s": seconds}``.
         """
         start = time.perf_counter()
         for part in self.parts:
@@ -108,6 +110,8 @@ class TrainEngine:
             "grad_norm": float(grad_norm),
             "num_label_tokens": int(tokens),
             "tokens": int(self._dp_total(sum(b["input_ids"].numel() for b in batches))),
+            "nonpad_tokens": int(self._dp_total(sum(int(b["num_tokens"].sum()) if "num_tokens" in b
+                                                    else b["input_ids"].numel() for b in batches))),
             "step_time_s": time.perf_counter() - start,
         }
 

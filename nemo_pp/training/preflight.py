@@ -124,8 +124,9 @@ def _check_sequence_lengths(cfg, text_cfg) -> None:
 
 def planning_seq_len(cfg) -> int | None:
     """Tokens per sample the plan weighs stages at: ``distributed.pipeline.pp_seq_len``,
-    else ``dataset.seq_length`` (None when neither is set)."""
-    return cfg.distributed.pipeline.pp_seq_len or OmegaConf.select(cfg, "dataset.seq_length")
+    else the packed row length, else ``dataset.seq_length`` (None when none is set)."""
+    return (cfg.distributed.pipeline.pp_seq_len or OmegaConf.select(cfg, "packed_sequence.packed_sequence_size")
+            or OmegaConf.select(cfg, "dataset.seq_length"))
 
 
 def profile_pipeline_costs(cfg, run_plan: RunPlan, device, is_main: bool):
@@ -194,6 +195,7 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
                 "sharding strategy for SDPA); set distributed.cp_size: 1 or run on GPUs"
             )
         raise NotImplementedError("distributed.cp_size > 1 is not implemented in this version of nemo_pp; set it to 1")
+    _check_packing(cfg, sizes)
     if d.sequence_parallel:
         pad = cfg.dataloader.pad_seq_len_divisible
         if sizes.tp == 1:
@@ -356,3 +358,26 @@ def _check_peft(cfg, model, sizes):
         )
     apply_lora(model, peft)
     return peft
+
+
+def _check_packing(cfg, sizes) -> None:
+    """Refuse packed sequences where they cannot work (before any data is read).
+
+    Raises:
+        ValueError: rows shorter than a sample may be, split samples, or sequence parallelism.
+    """
+    pk = cfg.packed_sequence
+    if not pk.packed_sequence_size:
+        return
+    seq = OmegaConf.select(cfg, "dataset.seq_length")
+    if seq is not None and pk.packed_sequence_size < seq:
+        raise ValueError(
+            f"packed_sequence.packed_sequence_size={pk.packed_sequence_size} is shorter than a sample may be "
+            f"(dataset.seq_length={seq}); set it to at least {seq}, typically a few samples' worth"
+        )
+    if pk.split_across_pack:
+        raise ValueError("packed_sequence.split_across_pack: true is not supported (the second part of a sample "
+                         "could not attend to its first); set it to false")
+    if cfg.distributed.sequence_parallel:
+        raise ValueError("packed_sequence with distributed.sequence_parallel is not supported yet: the per-sample "
+                         "positions are not sharded with the sequence; set one of them off")

@@ -35,6 +35,7 @@ __all__ = [
     "LRSchedulerConfig",
     "LoggingConfig",
     "MixedPrecisionConfig",
+    "PackedSequenceConfig",
     "PipelineConfig",
     "Rule",
     "StepSchedulerConfig",
@@ -200,6 +201,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class PackedSequenceConfig:
+    """NeMo AutoModel's packing keys (nemo_pp.datasets.packed_sequence)."""
+
+    packed_sequence_size: int = setting(0, ge=0, hint="0: no packing; else tokens per packed row")
+    split_across_pack: bool = False
+
+
+@dataclass
 class TensorBoardConfig:
     """TensorBoard event files (nemo_pp.training.loggers)."""
 
@@ -240,6 +249,7 @@ class FinetuneConfig:
     logging: LoggingConfig = setting(factory=LoggingConfig)
     checkpoint: CheckpointConfig = setting(factory=CheckpointConfig)
     peft: Optional[Any] = setting(None, target=True, default_target="nemo_pp._peft.lora.PeftConfig")
+    packed_sequence: PackedSequenceConfig = setting(factory=PackedSequenceConfig)
     tensorboard: Optional[TensorBoardConfig] = None
     wandb: Optional[WandbConfig] = None
 

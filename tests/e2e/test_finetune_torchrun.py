@@ -89,7 +89,7 @@ def test_finetune_exports_a_model_transformers_reloads(real_assets, tmp_path, pp
         (["--distributed.pipeline.pp_schedule", "2f2b"], "Valid schedules: GPipe, 1F1B"),
         (["--dataloader.batch_size", "1", "--step_scheduler.global_batch_size", "1"],
          "1F1B needs at least as many microbatches as stages"),
-        (["+peft={dim:8}"], "peft"),
+        (["+peft={target_modules: [qkv_proj]}"], "match no linear module of the model"),
         (["--dataset.seq_length", "100000"], "exceeds the model's max_position_embeddings"),
     ],
 )
@@ -252,20 +252,27 @@ def test_lora_config_trains_and_its_adapter_reloads_with_peft(real_assets, tmp_p
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("fmt,seq", [("instructions", 64), ("chat", 128), ("shakespeare", 64)])
-def test_each_data_format_config_trains_with_falling_validation_loss(real_assets, tmp_path, fmt, seq):
+@pytest.mark.parametrize("fmt,seq,pack", [("instructions", 64, 0), ("chat", 128, 0), ("shakespeare", 64, 0),
+                                          ("instructions", 64, 256)])
+def test_each_data_format_config_trains_with_falling_validation_loss(real_assets, tmp_path, fmt, seq, pack):
     """The shipped config of each data format (column-mapped instructions, chat, plain
-    text), as it is on the real model and data, for a few short steps."""
+    text), as it is on the real model and data, for a few short steps; and the
+    instruction set packed into rows of 256 tokens."""
     out = tmp_path / "run"
     proc = run_recipe(
         2, f"--checkpoint.checkpoint_dir={out}", "--step_scheduler.max_steps=4", "--checkpoint.enabled=false",
-        "--checkpoint.save_consolidated=false", f"--dataset.seq_length={seq}", "--dataset.limit_dataset_samples=64",
-        f"--validation_dataset.seq_length={seq}", "--validation_dataset.limit_dataset_samples=8",
+        "--checkpoint.save_consolidated=false", f"--dataset.seq_length={seq}",
+        f"--dataset.limit_dataset_samples={160 if pack else 64}", f"--validation_dataset.seq_length={seq}",
+        "--validation_dataset.limit_dataset_samples=8", f"--packed_sequence.packed_sequence_size={pack}",
         config=f"configs/smollm2_135m_{fmt}_pp2.yaml",
     )
+    if pack:
+        assert "packed_sequence: 160 samples in" in proc.stdout, proc.stdout[-2000:]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = read_metrics(out)
     train = [r for r in records if r["event"] == "train"]
     assert len(train) == 4 and all(r["num_label_tokens"] > 0 for r in train)
+    if pack:  # rows of several samples: most of each 256-token row is real tokens
+        assert all(r["nonpad_tokens_per_s"] > 0.6 * r["tokens_per_s"] for r in train), train
     summary = records[-1]
     assert summary["val_loss_after"] < summary["val_loss_before"], summary

@@ -72,3 +72,19 @@ def test_sft_collator_in_dataloader():
     loader = torch.utils.data.DataLoader(_batch() * 2, batch_size=2, collate_fn=SFTCollator(0, 8))
     shapes = [tuple(b["input_ids"].shape) for b in loader]
     assert shapes == [(2, 8), (2, 8)]
+
+
+def test_packing_is_greedy_in_order_with_restarting_positions():
+    from nemo_pp.datasets.packed_sequence import PackedSequenceDataset
+
+    samples = [{"input_ids": list(range(n)), "labels": [-100] + list(range(1, n))} for n in (5, 4, 8, 3, 12)]
+    packed = PackedSequenceDataset(samples, 10)
+    assert packed.packs == [[0, 1], [2], [3], [4]]  # 5+4 fit; 8 alone (8+3 > 10); 12 is cut to 10
+    assert packed[0] == {"input_ids": [0, 1, 2, 3, 4, 0, 1, 2, 3], "labels": [-100, 1, 2, 3, 4, -100, 1, 2, 3],
+                         "position_ids": [0, 1, 2, 3, 4, 0, 1, 2, 3]}
+    assert packed[3]["position_ids"] == list(range(10))
+    batch = SFTCollator(pad_token_id=7, pad_seq_len_divisible=10)([packed[0], packed[1]])
+    assert batch["input_ids"].shape == (2, 10) and batch["num_tokens"].tolist() == [9, 8]
+    assert batch["position_ids"][1].tolist() == list(range(8)) + [0, 0]
+    with pytest.raises(ValueError, match="split_across_pack: true is not supported"):
+        PackedSequenceDataset(samples, 10, split_across_pack=True)

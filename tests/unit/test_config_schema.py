@@ -140,6 +140,7 @@ def test_defaults_are_the_recipe_defaults():
             "save_merged_model": False,
         },
         "peft": None,
+        "packed_sequence": {"packed_sequence_size": 0, "split_across_pack": False},
         "tensorboard": None,
         "wandb": None,
     }  # fmt: skip

@@ -173,3 +173,23 @@ def test_lora_wildcards_follow_nemo(pattern, fqn, matches):
     from nemo_pp._peft.lora import wildcard_match
 
     assert wildcard_match(pattern, fqn) is matches
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [(["packed_sequence.packed_sequence_size=64", "+dataset.seq_length=128"],
+      r"packed_sequence.packed_sequence_size=64 is shorter than a sample may be \(dataset.seq_length=128\)"),
+     (["packed_sequence.packed_sequence_size=256", "packed_sequence.split_across_pack=true"],
+      "split_across_pack: true is not supported")],
+)
+def test_bad_packing_names_the_key(cfg_file, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check(cfg_file, *overrides)
+
+
+def test_packing_plans_stages_at_the_row_length(cfg_file):
+    from nemo_pp.training.preflight import planning_seq_len
+
+    cfg = load_recipe_config(cfg_file, ["packed_sequence.packed_sequence_size=512", "+dataset.seq_length=128"])
+    assert planning_seq_len(cfg) == 512
+    check(cfg_file, "packed_sequence.packed_sequence_size=512", "+dataset.seq_length=128")
