@@ -8,7 +8,8 @@ rank, before any weight is loaded; the checkpoint to resume from included), then
 mesh, model, pipeline, data and optimizer and loads that checkpoint; ``run()`` trains
 with gradient accumulation, validates before and after, logs each step, writes a
 checkpoint every ``step_scheduler.ckpt_every_steps`` steps, at the end and on SIGTERM, and
-exports a consolidated Hugging Face folder. ``max_steps: 0`` builds, validates and
+exports a consolidated Hugging Face folder (a LoRA run: its PEFT adapter folder, and the
+merged model with ``checkpoint.save_merged_model``). ``max_steps: 0`` builds, validates and
 exports without training. Running the same command again resumes from the latest
 complete checkpoint (``checkpoint.enabled: true``, ``checkpoint.restore_from: null``).
 """
