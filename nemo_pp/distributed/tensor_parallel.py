@@ -133,6 +133,43 @@ SEQUENCE_PARALLEL_PLAN = {
 }
 
 
+def _lora_plan(name: str, module: nn.Module, style: str, sp: bool) -> dict:
+    """Styles for a LoRA-wrapped projection (``peft.tuners.lora.Linear``): the base layer
+    as the plan says, the adapter so that ``B @ A @ x`` leaves each rank in the base
+    output's layout.
+
+    Column-wise (output features sharded): ``lora_A`` stays whole on every rank (under
+    sequence parallelism its replicated DTensor input is made local) and ``lora_B`` is
+    column-wise; ``lora_B``'s input conversion all-reduces the gradient flowing back into
+    ``A``'s output, so ``A``'s gradient is whole and equal everywhere.
+    Row-wise (input features sharded): ``lora_A`` is row-wise (its rank-r output
+    all-reduced, or reduce-scattered to sequence shards under sequence parallelism) and
+    ``lora_B`` whole; under sequence parallelism ``lora_B`` runs on sequence shards as a
+    replicated DTensor, so its partial gradient is summed with the other replicated
+    parameters' (``grads.align_grad_placements``).
+
+    Raises:
+        ValueError: a style other than colwise/rowwise (nemo_pp has no adapter plan for it).
+    """
+    from nemo_pp._peft.lora import ADAPTER_NAME
+
+    a, b = f"{name}.lora_A.{ADAPTER_NAME}", f"{name}.lora_B.{ADAPTER_NAME}"
+    if style == "colwise":
+        plan = {f"{name}.base_layer": ColwiseParallel(), b: ColwiseParallel()}
+        if sp:  # the attention/MLP input arrives as a replicated DTensor: A computes on its local copy
+            plan[a] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
+                                         use_local_output=True)
+        return plan
+    if style == "rowwise":
+        seq_out = {"output_layouts": Shard(1)} if sp else {}
+        plan = {f"{name}.base_layer": RowwiseParallel(**seq_out), a: RowwiseParallel(**seq_out)}
+        if sp:
+            plan[b] = SequenceParallel(use_local_output=True)
+        return plan
+    raise ValueError(f"peft with distributed.tp_size > 1: {name} is '{style}' in the model's plan, for which nemo_pp "
+                     "has no adapter plan; exclude it with peft.exclude_modules or set distributed.tp_size: 1")
+
+
 def tensor_parallelize(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.Module:
     """Shard ``model`` (a whole model or one pipeline stage) over the 1D ``tp_mesh``.
 
@@ -159,6 +196,8 @@ def tensor_parallelize(model: nn.Module, tp_mesh, sequence_parallel: bool = Fals
         style = next((s for pat, s in patterns.items() if fnmatch.fnmatchcase(rel, pat)), None)
         if style is not None and isinstance(module, nn.Linear):
             plan[name] = RowwiseParallel(**seq_out) if sp and style == "rowwise" else STYLES[style]()
+        elif style is not None and isinstance(getattr(module, "base_layer", None), nn.Linear):
+            plan.update(_lora_plan(name, module, style, sp))
         if sp:
             sp_style = next((s for pat, s in SEQUENCE_PARALLEL_PLAN.items() if fnmatch.fnmatchcase(rel, pat)), None)
             if sp_style is not None:
@@ -169,7 +208,11 @@ def tensor_parallelize(model: nn.Module, tp_mesh, sequence_parallel: bool = Fals
         plan[names[id(emb)]] = RowwiseParallel(input_layouts=Replicate(), **seq_out)
     if head is not None and id(head) in names:
         plan[names[id(head)]] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     parallelize_module(model, tp_mesh, plan)
+    for n, p in model.named_parameters():  # SequenceParallel re-creates norm weights as trainable Parameters
+        if n in frozen:
+            p.requires_grad_(False)
     if sp:
         for module in (model, getattr(model, prefix[:-1], None) if prefix else None):
             if module is not None:

@@ -334,7 +334,7 @@ def _check_peft(cfg, model, sizes):
 
     Raises:
         ValueError: the section is not a PeftConfig, matches no linear module (the
-            model's linear module names listed), or is combined with tp > 1.
+            model's linear module names listed), or adapts the output projection under tp > 1.
     """
     from nemo_pp._peft.lora import PeftConfig, apply_lora, matched_linear_modules
     from nemo_pp.config import instantiate
@@ -344,13 +344,16 @@ def _check_peft(cfg, model, sizes):
     peft = instantiate(cfg.peft)
     if not isinstance(peft, PeftConfig):
         raise ValueError(f"peft._target_ must build a nemo_pp._peft.lora.PeftConfig, not a {type(peft).__name__}")
-    if sizes.tp > 1:
+    matched = matched_linear_modules(model, peft)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    if sizes.tp > 1 and head is not None and names.get(id(head)) in matched:
         raise ValueError(
-            "peft with distributed.tp_size > 1 is not supported: the adapters of a tensor-parallel linear layer need "
-            "their own sharding plan, which nemo_pp does not have yet; set distributed.tp_size: 1 (LoRA composes with "
-            "pp, dp and HSDP) or train without peft"
+            f"peft with distributed.tp_size > 1 cannot adapt the output projection '{names[id(head)]}' (its logits are "
+            "gathered over tp; nemo_pp has no adapter plan for that); leave it out (e.g. peft.target_modules: "
+            "['*_proj'] instead of match_all_linear) or set distributed.tp_size: 1"
         )
-    if not matched_linear_modules(model, peft):
+    if not matched:
         names = sorted({fqn.rsplit(".", 1)[-1] for fqn, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ValueError(
             f"peft: target_modules={peft.target_modules} exclude_modules={peft.exclude_modules} match no linear module "

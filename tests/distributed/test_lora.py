@@ -56,7 +56,7 @@ class CopyAdapters:
         return model
 
 
-def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir):
+def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir, tp=1, sp=False):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -64,23 +64,29 @@ def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir):
     from nemo_pp._peft.lora import LoraParallelizer, PeftConfig, matched_linear_modules
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
     from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
-    from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer
+    from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, TensorParallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.training.engine import TrainEngine
 
     cfg = PeftConfig(**peft_kwargs)
-    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp))
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, tp_size=tp))
     dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
     pristine, ref = reference_peft_model(arch, tied, cfg)
     model = copy.deepcopy(pristine)
     steps = _batches(2, 2, dp, 4, (16, 24), pristine.config.vocab_size)
-    chain = ComposedParallelizer(LoraParallelizer(cfg), CopyAdapters(ref), FSDP2Parallelizer(mesh) if dp > 1 else None)
+    chain = ComposedParallelizer(LoraParallelizer(cfg), CopyAdapters(ref), TensorParallelizer(mesh, sp) if tp > 1 else None,
+                                 FSDP2Parallelizer(mesh) if dp > 1 else None)
     expected = reference_training(ref, steps)
 
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4,
                       device=torch.device("cpu")).build(model, loss_fn=sum_ce, parallelize_fn=chain)
     trainable = {n for part in ap.parts for n, p in part.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable), sorted(trainable)
+    if tp > 1:  # base weights and adapters really sharded: o_proj's lora_A row-wise, q_proj's lora_B column-wise
+        placements = {n: getattr(p, "placements", None) for part in ap.parts for n, p in part.named_parameters()}
+        assert any(n.endswith("o_proj.lora_A.default.weight") and pl and pl[-1].is_shard(1) for n, pl in placements.items())
+        assert any(n.endswith("q_proj.lora_B.default.weight") and pl and pl[-1].is_shard(0) for n, pl in placements.items())
+        assert any(n.endswith("q_proj.base_layer.weight") and pl and pl[-1].is_shard(0) for n, pl in placements.items())
     frozen_before = {n: _full(p).detach().clone() for part in ap.parts for n, p in part.named_parameters()
                      if not p.requires_grad}
     opts = [torch.optim.AdamW([{"params": [p for p in part.parameters() if p.requires_grad]}], lr=LR, weight_decay=0.1)
@@ -137,10 +143,13 @@ CASES = {
     "pp2-zbv-exclude": (2, 2, "zbv", "qwen2", False, {"exclude_modules": ["lm_head", "*.mlp.*"], "dim": 2, "alpha": 4}),
     # FSDP2 over 2 dp ranks with frozen and trainable parameters in one layer
     "pp2-dp2-fsdp2": (4, 2, "1f1b", "llama", True, {"target_modules": ["q_proj", "v_proj"], "dim": 4, "alpha": 8}),
+    # tensor parallelism: adapters of column- and row-wise projections sharded to match their base layer
+    "pp2-tp2": (4, 2, "1f1b", "llama", True, {"target_modules": ["*_proj"], "dim": 4, "alpha": 8}, 2),
+    "tp2-sp": (2, 1, "gpipe", "qwen2", False, {"target_modules": ["*_proj"], "dim": 4, "alpha": 8}, 2, True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_lora_matches_single_process_peft(tmp_path, case):
-    world, pp, schedule, arch, tied, peft_kwargs = CASES[case]
-    run_ranks(_run, world, pp, schedule, arch, tied, peft_kwargs, str(tmp_path), timeout=300)
+    world, pp, schedule, arch, tied, peft_kwargs, *tp_sp = CASES[case]
+    run_ranks(_run, world, pp, schedule, arch, tied, peft_kwargs, str(tmp_path), *tp_sp, timeout=300)

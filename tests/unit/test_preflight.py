@@ -148,7 +148,8 @@ def test_peft_section_planned_with_nemo_target_and_stage_adapters(cfg_file):
         (["+peft.dropout=0.1", "+peft.dropout_position=post"], 2, "set dropout_position: pre"),
         (["+peft.use_dora=true"], 2, "peft.use_dora: true is not supported"),
         (["+peft.dimm=4"], 2, "unexpected keyword argument 'dimm'"),
-        (["distributed.tp_size=2"], 4, r"peft with distributed.tp_size > 1 is not supported"),
+        (["distributed.tp_size=2", "+peft.match_all_linear=true"], 4,
+         r"peft with distributed.tp_size > 1 cannot adapt the output projection 'lm_head'"),
     ],
 )
 def test_bad_peft_section_names_the_key(cfg_file, overrides, world, message):
