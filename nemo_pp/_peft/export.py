@@ -18,13 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nemo_pp.checkpoint.hf_export import full_cpu
+
 from .lora import ADAPTER_NAME, PeftConfig, lora_modules
 
 PEFT_PREFIX = "base_model.model."  # what peft.PeftModel puts before the wrapped model's FQNs
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 / TP DTensor: gathered (collective)
 
 
 def adapter_state_dict(model_parts: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
@@ -36,7 +34,7 @@ def adapter_state_dict(model_parts: Sequence[nn.Module]) -> dict[str, torch.Tens
         for fqn, module in lora_modules(part).items():
             for which in ("lora_A", "lora_B"):
                 weight = getattr(module, which)[ADAPTER_NAME].weight
-                out[f"{PEFT_PREFIX}{fqn}.{which}.weight"] = _full(weight.detach()).cpu().contiguous()
+                out[f"{PEFT_PREFIX}{fqn}.{which}.weight"] = full_cpu(weight)
     return out
 
 

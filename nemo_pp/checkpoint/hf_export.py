@@ -19,9 +19,11 @@ import torch.distributed as dist
 from torch import nn
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    # FSDP2 / TP parameters are DTensors: gather (collective over their mesh)
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+def full_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A whole, contiguous CPU copy of ``t`` without autograd history; an FSDP2 / TP DTensor
+    is gathered first (collective over its mesh)."""
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu().contiguous()
 
 
 def stage_state_dict(model_parts: Sequence[nn.Module], tied_head_fqn: str | None = None) -> dict[str, torch.Tensor]:
@@ -36,11 +38,11 @@ def stage_state_dict(model_parts: Sequence[nn.Module], tied_head_fqn: str | None
         for name, p in part.named_parameters(remove_duplicate=False):
             if name == tied_head_fqn:
                 continue
-            state[name] = _full(p.detach()).cpu().contiguous()
+            state[name] = full_cpu(p)
         for name, b in part.named_buffers():
             if "rotary_emb" in name or name in state:
                 continue  # derived from the config, not stored by HF
-            state[name] = _full(b.detach()).cpu().contiguous()
+            state[name] = full_cpu(b)
         out.update(merge_lora_weights(state, part))
     return out
 
