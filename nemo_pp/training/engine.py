@@ -25,6 +25,15 @@ def _label_tokens(batch: dict) -> int:
     return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
+def _input_tokens(batch: dict) -> int:
+    return batch["input_ids"].numel()
+
+
+def _nonpad_tokens(batch: dict) -> int:
+    """Tokens before padding (``SFTCollator``'s ``num_tokens``), else all of them."""
+    return int(batch["num_tokens"].sum()) if "num_tokens" in batch else batch["input_ids"].numel()
+
+
 def _all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
@@ -89,7 +98,12 @@ class TrainEngine:
         start = time.perf_counter()
         for part in self.parts:
             part.train()
-        tokens = self._dp_total(sum(_label_tokens(b) for b in batches))
+        # label tokens (the loss divisor), input tokens and non-padding tokens of the whole
+        # step over all dp ranks: one all-reduce, known before the first forward
+        counts = _all_reduce_sum(torch.tensor(
+            [float(sum(f(b) for b in batches)) for f in (_label_tokens, _input_tokens, _nonpad_tokens)],
+            device=self.device), self.dp_group)
+        tokens = counts[0]
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             # FSDP reduce-scatters once per optimizer step (after the last batch) when deferring
@@ -109,9 +123,8 @@ class TrainEngine:
             "loss": loss,
             "grad_norm": float(grad_norm),
             "num_label_tokens": int(tokens),
-            "tokens": int(self._dp_total(sum(b["input_ids"].numel() for b in batches))),
-            "nonpad_tokens": int(self._dp_total(sum(int(b["num_tokens"].sum()) if "num_tokens" in b
-                                                    else b["input_ids"].numel() for b in batches))),
+            "tokens": int(counts[1]),
+            "nonpad_tokens": int(counts[2]),
             "step_time_s": time.perf_counter() - start,
         }
 
