@@ -43,7 +43,6 @@ class FinetuneRecipe:
     def setup(self) -> "FinetuneRecipe":
         from transformers import AutoTokenizer
 
-        from nemo_pp._peft.lora import matched_linear_modules
         from nemo_pp.datasets.utils import SFTCollator
         from nemo_pp.distributed.init import initialize_distributed, set_seed
         from nemo_pp.distributed.mesh import build_device_mesh
@@ -119,12 +118,8 @@ class FinetuneRecipe:
         else:
             model = instantiate(cfg.model)
         self.model_config = model.config
-        self.total_params = sum(p.numel() for p in model.parameters())  # unique: a tied embedding once
         self.tied = is_tied(model)  # exported once, as the embedding
         self.tied_fqns = tied_param_fqns(model) if self.tied else None  # (embedding, head)
-        # before the stages are adapted: does LoRA wrap the output projection?
-        self.head_adapted = self.tied and self.plan.peft is not None and (
-            self.tied_fqns[1].rsplit(".", 1)[0] in matched_linear_modules(model, self.plan.peft))
         loss_fn = instantiate(cfg.loss_fn)
         self.ap = instantiate(
             cfg.distributed.pipeline, world_mesh=self.mesh.world, pp_batch_size=self.plan.local_batch_size,
@@ -139,8 +134,10 @@ class FinetuneRecipe:
             instantiate(cfg.optimizer, params=[{"params": [p for p in part.parameters() if p.requires_grad]}])
             for part in self.parts
         ]
-        if self.plan.peft is not None:
-            self._report_trainable()
+        if self.plan.peft is not None and self.is_main:
+            n, total = self.plan.lora_params
+            print(f"LoRA: {n:,} trainable parameters of {total:,} ({100 * n / total:.2f} %; rank {self.plan.peft.dim}, "
+                  f"alpha {self.plan.peft.alpha})", flush=True)
         self.total_steps = self.plan.total_steps(len(self.train_loader))
         self.lr_schedulers = [
             build_lr_scheduler(opt, self.total_steps, **dict(cfg.lr_scheduler)) for opt in self.optimizers
@@ -165,20 +162,6 @@ class FinetuneRecipe:
         self.metrics = build_metric_loggers(cfg, self.out_dir, self.config_yaml, self.is_main,
                                             append=self.plan.resume_from is not None)
         return self
-
-    def _report_trainable(self) -> None:
-        """Print the trainable (adapter) and total parameter counts of the whole pipeline (collective over pp)."""
-        import torch
-        import torch.distributed as dist
-
-        counts = torch.tensor([sum(p.numel() for part in self.parts for p in part.parameters() if p.requires_grad)],
-                              dtype=torch.float64, device=self.dist.device)
-        if self.plan.sizes.pp > 1:
-            dist.all_reduce(counts, group=self.ap.pp_group)  # DTensor numel is global: no dp sum
-        if self.is_main:
-            total = self.total_params
-            print(f"LoRA: {int(counts.item()):,} trainable parameters of {total:,} ({100 * counts.item() / total:.2f} %; "
-                  f"rank {self.plan.peft.dim}, alpha {self.plan.peft.alpha})", flush=True)
 
     def _build_checkpointer(self):
         import dataclasses
@@ -212,7 +195,7 @@ class FinetuneRecipe:
         """A Hugging Face model folder (LoRA adapters merged into their weights; collective)."""
         from nemo_pp.checkpoint.hf_export import save_consolidated_hf
 
-        tied = self.tied and not self.head_adapted  # an adapted head no longer equals the embedding: both saved
+        tied = self.tied and not self.plan.lora_adapts_head  # an adapted head no longer equals the embedding
         return save_consolidated_hf(
             folder, self.parts, self.model_config, self.tokenizer, tied=tied,
             tied_head_fqn=self.tied_fqns[1] if tied else None,

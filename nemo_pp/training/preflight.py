@@ -43,6 +43,10 @@ class RunPlan:
         resume_from: the checkpoint folder to resume from (checked), or None.
         peft: the ``peft:`` section (:class:`~nemo_pp._peft.lora.PeftConfig`): LoRA
             adapters on every stage, base weights frozen; None for full fine-tuning.
+        lora_adapts_head: ``peft`` adapts the output projection (a tied one then no longer
+            equals the embedding: the merged export unties it).
+        lora_params: (adapter parameters, base model parameters with a tied embedding once)
+            over the whole model; (0, 0) without ``peft``.
     """
 
     sizes: ParallelSizes
@@ -58,6 +62,8 @@ class RunPlan:
     resume_from: Path | None = None
     sequence_parallel: bool = False
     peft: object | None = None
+    lora_adapts_head: bool = False
+    lora_params: tuple[int, int] = (0, 0)
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run: ``max_steps`` or what the epochs hold.
@@ -289,13 +295,15 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
     check_tensor_parallel(model, sizes.tp)
     if d.activation_checkpointing:
         checkpoint_decoder_layers(model)  # a throwaway meta model: raises, naming the key, without layers
-    peft = _check_peft(cfg, model, sizes)  # adapts the meta model: the checkpoint check expects its adapters
+    # adapts the meta model: the checkpoint check expects its adapters
+    peft, lora_adapts_head, lora_params = _check_peft(cfg, model, sizes)
     resume_from = _checkpoint_to_resume(cfg, model, sizes.dp) if check_checkpoint else None
     return RunPlan(
         sizes=sizes, pipeline=pipeline, model_path=str(model_path), meta_build=meta_build,
         activation_checkpointing=d.activation_checkpointing, mp_policy=mp_policy, local_batch_size=local_bs,
         grad_acc_steps=gbs // per_step, num_epochs=ss.num_epochs, max_steps=ss.get("max_steps"),
-        resume_from=resume_from, sequence_parallel=d.sequence_parallel, peft=peft,
+        resume_from=resume_from, sequence_parallel=d.sequence_parallel, peft=peft, lora_adapts_head=lora_adapts_head,
+        lora_params=lora_params,
     )
 
 
@@ -330,7 +338,8 @@ def _checkpoint_to_resume(cfg, model, dp: int) -> Path | None:
 
 def _check_peft(cfg, model, sizes):
     """The ``peft:`` section built and checked against ``model`` (meta tensors), which it
-    then adapts; None without the section.
+    then adapts; whether it adapts the output projection; (adapter, base) parameter counts.
+    (None, False, (0, 0)) without the section.
 
     Raises:
         ValueError: the section is not a PeftConfig, matches no linear module (the
@@ -340,14 +349,15 @@ def _check_peft(cfg, model, sizes):
     from nemo_pp.config import instantiate
 
     if cfg.get("peft") is None:
-        return None
+        return None, False, (0, 0)
     peft = instantiate(cfg.peft)
     if not isinstance(peft, PeftConfig):
         raise ValueError(f"peft._target_ must build a nemo_pp._peft.lora.PeftConfig, not a {type(peft).__name__}")
     matched = matched_linear_modules(model, peft)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {id(m): n for n, m in model.named_modules()}
-    if sizes.tp > 1 and head is not None and names.get(id(head)) in matched:
+    adapts_head = head is not None and names.get(id(head)) in matched
+    if sizes.tp > 1 and adapts_head:
         raise ValueError(
             f"peft with distributed.tp_size > 1 cannot adapt the output projection '{names[id(head)]}' (its logits are "
             "gathered over tp; nemo_pp has no adapter plan for that); leave it out (e.g. peft.target_modules: "
@@ -359,8 +369,9 @@ def _check_peft(cfg, model, sizes):
             f"peft: target_modules={peft.target_modules} exclude_modules={peft.exclude_modules} match no linear module "
             f"of the model; its linear modules are named {names} (patterns may use *, e.g. '*.layers.0.*.q_proj')"
         )
+    base = sum(p.numel() for p in model.parameters())
     apply_lora(model, peft)
-    return peft
+    return peft, adapts_head, (sum(p.numel() for p in model.parameters() if p.requires_grad), base)
 
 
 def _check_packing(cfg, sizes) -> None:

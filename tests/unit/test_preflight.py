@@ -127,6 +127,9 @@ LORA = "+peft._target_=nemo_automodel.components._peft.lora.PeftConfig"
 def test_peft_section_planned_with_nemo_target_and_stage_adapters(cfg_file):
     plan = check(cfg_file, LORA, "+peft.target_modules=[q_proj, '*.layers.3.mlp.down_proj']", "+peft.dim=4")
     assert plan.peft.target_modules == ["q_proj", "*.layers.3.mlp.down_proj"] and plan.peft.scale == 8.0
+    assert not plan.lora_adapts_head and check(cfg_file, LORA, "+peft.match_all_linear=true").lora_adapts_head
+    base = sum(p.numel() for p in tiny_model("llama", layers=4).parameters())
+    assert plan.lora_params == (4 * 4 * (32 + 32) + 4 * (64 + 32), base)  # r (in + out) per adapted module
     from nemo_pp._peft.lora import apply_lora
 
     stage = tiny_model("llama", layers=4)
