@@ -2,7 +2,8 @@
 
 Private names used (each behind a function below, so a torch upgrade is mended here):
 
-* ``DeviceMesh._flatten`` (the flattened dp / dp_shard_cp / dp_cp views);
+* ``DeviceMesh._flatten`` (the flattened dp / dp_shard_cp / dp_cp views) and slicing a
+  flattened axis from the root mesh (HSDP x CP);
 * ``torch.distributed.pipelining.schedules``: ``_Action``, ``_ComputationType``,
   ``_PipelineScheduleRuntime`` and its ``pipeline_order`` loading, the single-stage
   schedules' ``_stage`` / ``_n_microbatches``, and ``_schedule_visualizer.get_schedule_ops``;
@@ -44,6 +45,7 @@ __all__ = [
     "ComputationType",
     "action_from_str",
     "flatten_mesh",
+    "slice_with_flattened",
     "load_schedule_actions",
     "runtime_schedule_class",
     "single_stage_schedule_shape",
@@ -209,6 +211,18 @@ def flatten_mesh(mesh, name: str):
     """Flatten a multi-axis DeviceMesh slice into one axis called ``name``; keep the
     returned object (slicing it again from the root mesh is deprecated in torch 2.13)."""
     return mesh._flatten(name)
+
+
+def slice_with_flattened(root, names: tuple[str, ...]):
+    """``root[names]`` where some of ``names`` are flattened axes (HSDP over
+    ``(dp_replicate, dp_shard_cp)``, as torchtitan builds it). torch 2.13 warns that slicing
+    a flattened axis from the root will be deprecated but offers no 2D alternative yet;
+    the warning is silenced here, where a torch upgrade would be mended."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
+        return root[names]
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ._torch_compat import flatten_mesh
+from ._torch_compat import flatten_mesh, slice_with_flattened
 
 MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -97,6 +97,13 @@ class MeshBundle:
     dp: DeviceMesh
     dp_shard_cp: DeviceMesh
     dp_cp: DeviceMesh
+
+    @property
+    def hsdp(self) -> DeviceMesh:
+        """HSDP's 2D mesh: replicate over ``dp_replicate``, shard over ``dp_shard`` x ``cp``."""
+        if self.sizes.cp == 1:
+            return self.world["dp_replicate", "dp_shard"]
+        return slice_with_flattened(self.world, ("dp_replicate", "dp_shard_cp"))
 
     @property
     def pp(self) -> DeviceMesh:

@@ -61,7 +61,9 @@ class FSDP2Parallelizer:
     (torch's ``MixedPrecisionPolicy``) the sharded fp32 master weights are cast to
     ``param_dtype`` for compute and gradients reduced in ``reduce_dtype``.
 
-    The mesh is ``dp_shard_cp`` (FSDP) or ``(dp_replicate, dp_shard_cp)`` (HSDP).
+    The mesh is ``dp_shard_cp`` (FSDP) or ``(dp_replicate, dp_shard_cp)`` (HSDP): cp
+    ranks hold the same parameters and each computes the gradient of its own sequence
+    slice, so FSDP2 shards over them too and its reduce-scatter sums their gradients.
     Gradients are SUMMED over data-parallel ranks (divide factor 1): the recipe divides
     by the global label-token count itself. Split-backward schedules
     (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) need
@@ -78,7 +80,7 @@ class FSDP2Parallelizer:
     def _fsdp_mesh(self):
         b = self.mesh_bundle
         if b.sizes.dp_replicate > 1:
-            return b.world["dp_replicate", "dp_shard"]
+            return b.hsdp
         return b.dp_shard_cp
 
     def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, *, pp_enabled: bool = False, dp_axis_names=("dp",), **_):
