@@ -91,14 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predicted seconds per schedule step {step:.2f}, per optimizer step {step * run.grad_acc_steps:.2f} "
               f"(at {seq_len} tokens; batches padded shorter run faster)")
     states = 1 if "SGD" in str(cfg.optimizer.get("_target_")) else 2  # AdamW/Adam: exp_avg and exp_avg_sq
-    shards = run.sizes.dp_shard * run.sizes.cp if run.sizes.dp > 1 else 1
+    shards = run.sizes.dp_shard * run.sizes.cp if run.sizes.dp * run.sizes.cp > 1 else 1
+    # under cp each rank holds S/cp tokens of every sequence (plus the gathered keys and
+    # values of the layer running, not counted here)
+    local_len = seq_len // run.sizes.cp
     gib = 1024**3
-    print(f"memory plan per pp rank (seq_len {seq_len}, {plan.n_microbatches} microbatches of {plan.microbatch_size}, "
-          f"FSDP shards {shards}, {states} optimizer states per parameter), GiB:")
+    print(f"memory plan per pp rank (seq_len {seq_len}, {local_len} per cp rank, {plan.n_microbatches} microbatches of "
+          f"{plan.microbatch_size}, FSDP shards {shards}, {states} optimizer states per parameter), GiB:")
     print(f"  {'rank':<5}{'stages':<10}{'params':>8}{'grads':>8}{'optim':>8}{'activ.':>8}{'act+AC':>8}"
           f"{'total':>8}{'total+AC':>9}  microbatches held")
-    plain = memory_plan(model, plan, seq_len, shards, states, activation_checkpointing=False)
-    ckpt = memory_plan(model, plan, seq_len, shards, states, activation_checkpointing=True)
+    plain = memory_plan(model, plan, local_len, shards, states, activation_checkpointing=False)
+    ckpt = memory_plan(model, plan, local_len, shards, states, activation_checkpointing=True)
     for r, c in zip(plain, ckpt):
         print(f"  {r.pp_rank:<5}{str(list(r.stages)):<10}{r.param_bytes / gib:>8.2f}{r.grad_bytes / gib:>8.2f}"
               f"{r.optimizer_bytes / gib:>8.2f}{r.activation_bytes / gib:>8.2f}{c.activation_bytes / gib:>8.2f}"

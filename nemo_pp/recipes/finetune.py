@@ -44,6 +44,7 @@ class FinetuneRecipe:
         from transformers import AutoTokenizer
 
         from nemo_pp.datasets.utils import SFTCollator
+        from nemo_pp.distributed.context_parallel import ContextParallel
         from nemo_pp.distributed.init import initialize_distributed, set_seed
         from nemo_pp.distributed.mesh import build_device_mesh
         from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
@@ -84,7 +85,8 @@ class FinetuneRecipe:
             transformers.utils.logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(self.plan.model_path)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=cfg.dataloader.get("pad_seq_len_divisible"))
+        # under cp the plan raises the padding multiple so every sequence splits into 2*cp chunks
+        collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=self.plan.pad_seq_len_divisible)
         train_ds = build_dataset_main_first(cfg.dataset, "dataset", self.tokenizer, self.is_main)
         train_collate = collate
         pack = cfg.packed_sequence.packed_sequence_size
@@ -142,9 +144,10 @@ class FinetuneRecipe:
         self.lr_schedulers = [
             build_lr_scheduler(opt, self.total_steps, **dict(cfg.lr_scheduler)) for opt in self.optimizers
         ]
+        cp = ContextParallel(self.mesh.world["cp"], self.plan.cp_attention) if self.plan.sizes.cp > 1 else None
         self.engine = TrainEngine(
             self.ap, self.dist.device, dp_group=self.mesh.dp.get_group() if self.mesh.sizes.dp > 1 else None,
-            max_grad_norm=cfg.clip_grad_norm.max_norm,
+            max_grad_norm=cfg.clip_grad_norm.max_norm, cp=cp,
         )
         del model
         self.checkpointer = self._build_checkpointer()

@@ -5,10 +5,14 @@ microbatches and gradient-accumulation batches every gradient is divided by the
 number of label tokens of the whole step, summed over the data-parallel ranks.
 That makes the step's gradient exactly the gradient of the token-mean loss of the
 global batch, independent of how it was split into microbatches and batches.
+Under context parallelism every cp rank of a data-parallel rank holds the same batch,
+runs its own slice of each sequence and sums the loss of that slice's label tokens; the
+label-token count is taken from the whole batch, so the division is the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Iterable, Sequence
 
@@ -50,15 +54,19 @@ class TrainEngine:
         device: where batches go.
         dp_group: data-parallel process group (None: no data parallelism).
         max_grad_norm: clip threshold (None: no clipping, the norm is still reported).
+        cp: the context-parallel axis (:class:`~nemo_pp.distributed.context_parallel.ContextParallel`),
+            None without context parallelism: each batch is sliced along the sequence for it.
     """
 
-    def __init__(self, autopipeline, device: torch.device, dp_group=None, max_grad_norm: float | None = 1.0):
+    def __init__(self, autopipeline, device: torch.device, dp_group=None, max_grad_norm: float | None = 1.0,
+                 cp=None):
         self.ap = autopipeline
         self.parts = list(autopipeline.parts)
         self.device = device
         self.dp_group = dp_group
         self.max_grad_norm = max_grad_norm
         self.pp_group = autopipeline.pp_group
+        self.cp = cp if cp is not None and cp.size > 1 else None
 
     # ----------------------------------------------------------------- passes
     def _forward(self, batch: dict, train: bool) -> torch.Tensor:
@@ -66,13 +74,20 @@ class TrainEngine:
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         info = self.ap.info
-        self.ap.update_seq_len(ids.shape[1])
         losses: list | None = [] if info.has_last_stage else None
-        args = (ids,) if info.has_first_stage else ()
-        target = labels if info.has_last_stage else None
-        # packed rows: every stage gets its microbatch's positions (they also shape the mask)
-        kwargs = {"position_ids": batch["position_ids"].to(self.device)} if "position_ids" in batch else {}
-        run_schedule(info.schedule, *args, train=train, target=target, losses=losses, **kwargs)
+        if self.cp is None:
+            # packed rows: every stage gets its microbatch's positions (they also shape the mask)
+            kwargs = {"position_ids": batch["position_ids"].to(self.device)} if "position_ids" in batch else {}
+            sliced = contextlib.nullcontext((ids, labels, kwargs.get("position_ids")))
+        else:
+            sliced = self.cp.sharded(ids, labels)
+        with sliced as (ids, labels, position_ids):
+            # under cp the stages exchange this rank's slice: static P2P shapes use its length
+            self.ap.update_seq_len(ids.shape[1])
+            args = (ids,) if info.has_first_stage else ()
+            target = labels if info.has_last_stage else None
+            kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+            run_schedule(info.schedule, *args, train=train, target=target, losses=losses, **kwargs)
         if not losses:
             return torch.zeros((), device=self.device)
         return torch.stack([l.detach().float() for l in losses]).sum()
@@ -81,8 +96,10 @@ class TrainEngine:
         return _all_reduce_sum(torch.tensor(float(count), device=self.device), self.dp_group)
 
     def _global_loss(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> float:
-        # the last pp rank holds the loss; others add 0, so a sum is a broadcast
+        # the last pp rank holds the loss; others add 0, so a sum is a broadcast; cp ranks
+        # hold the losses of their slices
         _all_reduce_sum(loss_sum, self.dp_group)
+        _all_reduce_sum(loss_sum, self.cp.group if self.cp is not None else None)
         _all_reduce_sum(loss_sum, self.pp_group)
         return float(loss_sum / tokens.clamp(min=1))
 

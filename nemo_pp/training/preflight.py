@@ -47,6 +47,11 @@ class RunPlan:
             equals the embedding: the merged export unties it).
         lora_params: (adapter parameters, base model parameters with a tied embedding once)
             over the whole model; (0, 0) without ``peft``.
+        cp_attention: under cp > 1 the attention over the cp group, ``"allgather"`` or
+            ``"ring"`` (``distributed.cp_attention`` resolved); None without context parallelism.
+        pad_seq_len_divisible: the collators pad every batch to a multiple of this
+            (``dataloader.pad_seq_len_divisible``, raised under cp > 1 to a multiple of
+            ``2 * cp``, times tp under sequence parallelism); None: no padding rule.
     """
 
     sizes: ParallelSizes
@@ -64,6 +69,8 @@ class RunPlan:
     peft: object | None = None
     lora_adapts_head: bool = False
     lora_params: tuple[int, int] = (0, 0)
+    cp_attention: str | None = None
+    pad_seq_len_divisible: int | None = None
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run: ``max_steps`` or what the epochs hold.
@@ -82,9 +89,11 @@ class RunPlan:
 
     def parallelize_fn(self, mesh):
         """Per stage: LoRA adapters when ``peft`` is set, tensor parallelism when tp > 1,
-        activation checkpointing when asked, then FSDP2 over the data-parallel ranks when
-        there are several; None when nothing applies."""
+        the context-parallel attention when cp > 1, activation checkpointing when asked,
+        then FSDP2 over the data-parallel and cp ranks when there are several; None when
+        nothing applies."""
         from nemo_pp._peft.lora import LoraParallelizer
+        from nemo_pp.distributed.context_parallel import ContextParallelizer
         from nemo_pp.distributed.parallelize import (
             ActivationCheckpointing,
             ComposedParallelizer,
@@ -92,13 +101,14 @@ class RunPlan:
             TensorParallelizer,
         )
 
-        if self.sizes.dp > 1:
+        if self.sizes.dp * self.sizes.cp > 1:
             rest = FSDP2Parallelizer(mesh, not self.pipeline.split_backward, self.activation_checkpointing, self.mp_policy)
         else:
             rest = ActivationCheckpointing() if self.activation_checkpointing else None
         tp = TensorParallelizer(mesh, self.sequence_parallel) if self.sizes.tp > 1 else None
+        cp = ContextParallelizer(mesh, self.cp_attention) if self.sizes.cp > 1 else None
         lora = LoraParallelizer(self.peft) if self.peft is not None else None
-        steps = [s for s in (lora, tp, rest) if s is not None]
+        steps = [s for s in (lora, tp, cp, rest) if s is not None]
         return None if not steps else steps[0] if len(steps) == 1 else ComposedParallelizer(*steps)
 
     def describe(self) -> str:
@@ -107,6 +117,8 @@ class RunPlan:
             f"Parallel layout: pp {s.pp} x dp_replicate {s.dp_replicate} x dp_shard {s.dp_shard} x cp {s.cp} x tp {s.tp}"
             f" = {s.world_size} ranks; batch {self.local_batch_size} per dp rank, {self.grad_acc_steps} accumulated "
             f"per optimizer step (global batch {self.local_batch_size * s.dp * self.grad_acc_steps})\n"
+            + (f"Context parallel: {s.cp} ranks per sequence (head + mirrored tail chunk each), {self.cp_attention} "
+               f"attention; sequences padded to a multiple of {self.pad_seq_len_divisible}\n" if s.cp > 1 else "")
             + self.pipeline.describe()
         )
 
@@ -176,7 +188,6 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
         FileNotFoundError: missing local model or data set (names the asset command).
         CorruptCheckpointError (a ValueError): the checkpoint to resume is incomplete,
             truncated, unsafe, of another model, or at a data position this dp size cannot split.
-        NotImplementedError: cp sizes this version does not implement.
     """
     from transformers import AutoConfig
 
@@ -194,20 +205,14 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
 
     d = cfg.distributed
     sizes = resolve_parallel_sizes(world_size, d.pp_size, d.dp_size, d.dp_replicate_size, d.tp_size, d.cp_size)
-    if sizes.cp > 1:
-        if _on_cpu(cfg.dist_env.device):
-            raise ValueError(
-                "distributed.cp_size > 1: context parallelism has no CPU implementation (torch has no CPU "
-                "sharding strategy for SDPA); set distributed.cp_size: 1 or run on GPUs"
-            )
-        raise NotImplementedError("distributed.cp_size > 1 is not implemented in this version of nemo_pp; set it to 1")
     _check_packing(cfg, sizes)
+    cp_attention, pad_divisible = _check_context_parallel(cfg, sizes)
     if d.sequence_parallel:
         pad = cfg.dataloader.pad_seq_len_divisible
         if sizes.tp == 1:
             raise ValueError("distributed.sequence_parallel: true shards sequences over tp ranks; set distributed.tp_size > 1 "
                              "or sequence_parallel: false")
-        if pad is None or pad % sizes.tp:
+        if sizes.cp == 1 and (pad is None or pad % sizes.tp):  # under cp the padding multiple is derived
             raise ValueError(
                 f"distributed.sequence_parallel: every batch's sequence length must divide by tp_size={sizes.tp}; set "
                 f"dataloader.pad_seq_len_divisible to a multiple of {sizes.tp} (it is {pad})"
@@ -252,10 +257,10 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
     resolve_dtype(p.dtype, "distributed.pipeline.dtype")
     mp_policy = None
     if d.mp_policy is not None:
-        if sizes.dp == 1:
+        if sizes.dp * sizes.cp == 1:
             raise ValueError(
-                "distributed.mp_policy is FSDP2's mixed precision and needs data parallelism (dp > 1: launch more "
-                "processes than pp*cp*tp); without it train in one dtype with model.torch_dtype: bfloat16"
+                "distributed.mp_policy is FSDP2's mixed precision and needs data or context parallelism (dp*cp > 1: "
+                "launch more processes than pp*tp); without it train in one dtype with model.torch_dtype: bfloat16"
             )
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -293,6 +298,8 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
     )
     validate_hf_model_for_pipeline_support(model, p.patch_inner_model, p.patch_causal_lm_model, pipeline.num_stages)
     check_tensor_parallel(model, sizes.tp)
+    if cp_attention == "ring":
+        _check_ring_attention(text_cfg)
     if d.activation_checkpointing:
         checkpoint_decoder_layers(model)  # a throwaway meta model: raises, naming the key, without layers
     # adapts the meta model: the checkpoint check expects its adapters
@@ -303,8 +310,52 @@ def preflight_check(cfg, world_size: int, check_checkpoint: bool = True, piece_c
         activation_checkpointing=d.activation_checkpointing, mp_policy=mp_policy, local_batch_size=local_bs,
         grad_acc_steps=gbs // per_step, num_epochs=ss.num_epochs, max_steps=ss.get("max_steps"),
         resume_from=resume_from, sequence_parallel=d.sequence_parallel, peft=peft, lora_adapts_head=lora_adapts_head,
-        lora_params=lora_params,
+        lora_params=lora_params, cp_attention=cp_attention, pad_seq_len_divisible=pad_divisible,
     )
+
+
+def _check_context_parallel(cfg, sizes) -> tuple[str | None, int | None]:
+    """The resolved ``cp_attention`` (None at cp 1) and the collators' padding multiple.
+
+    Under cp > 1 every sequence is cut into ``2 * cp`` chunks (and each rank's slice into tp
+    shards under sequence parallelism), so batches are padded to a multiple of that: the
+    least common multiple with ``dataloader.pad_seq_len_divisible``.
+
+    Raises:
+        ValueError: ``cp_attention: ring`` without CUDA; packed sequences with cp > 1.
+    """
+    import math
+
+    from nemo_pp.distributed.context_parallel import resolve_cp_attention
+
+    pad = cfg.dataloader.pad_seq_len_divisible
+    if sizes.cp == 1:
+        return None, pad
+    attention = resolve_cp_attention(cfg.distributed.cp_attention, on_cuda=not _on_cpu(cfg.dist_env.device))
+    if cfg.packed_sequence.packed_sequence_size:
+        raise ValueError(
+            "packed_sequence with distributed.cp_size > 1 is not supported yet: a packed row's per-sample positions "
+            "and block-causal mask are not split over the cp ranks; set packed_sequence.packed_sequence_size: 0 or "
+            "distributed.cp_size: 1"
+        )
+    multiple = 2 * sizes.cp * (sizes.tp if cfg.distributed.sequence_parallel else 1)
+    return attention, math.lcm(pad or 1, multiple)
+
+
+def _check_ring_attention(text_cfg) -> None:
+    """torch's ring attention is plain causal SDPA: refuse attention it cannot compute.
+
+    Raises:
+        ValueError: sliding-window or soft-capped attention, naming ``distributed.cp_attention``.
+    """
+    layer_types = getattr(text_cfg, "layer_types", None) or ()
+    window = getattr(text_cfg, "sliding_window", None) and getattr(text_cfg, "use_sliding_window", True)
+    if "sliding_attention" in layer_types or (window and not layer_types):
+        raise ValueError("distributed.cp_attention: ring computes plain causal attention, but this model uses a "
+                         "sliding window; set distributed.cp_attention: allgather")
+    if getattr(text_cfg, "attn_logit_softcapping", None):
+        raise ValueError("distributed.cp_attention: ring cannot soft-cap attention logits "
+                         "(attn_logit_softcapping); set distributed.cp_attention: allgather")
 
 
 def _checkpoint_to_resume(cfg, model, dp: int) -> Path | None:

@@ -139,6 +139,8 @@ class DistributedConfig:
     dp_replicate_size: int = setting(1, ge=1)
     tp_size: int = setting(1, ge=1)
     cp_size: int = setting(1, ge=1)
+    cp_attention: str = setting("auto", choices=("auto", "ring", "allgather"),
+                                hint="auto: ring (torch's context_parallel) on CUDA, allgather elsewhere")
     pp_size: int = setting(1, ge=1)
     sequence_parallel: bool = False
     activation_checkpointing: bool = False

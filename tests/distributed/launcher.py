@@ -37,13 +37,13 @@ _PRELOAD = [
     "torch.distributed.checkpoint", "transformers", "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2", "peft", "peft.tuners.lora", "datasets", "omegaconf", "hydra.utils",
     "nemo_pp.config", "nemo_pp.distributed.pipelining", "nemo_pp.training.engine", "nemo_pp.training.preflight",
-    "nemo_pp.training.data", "nemo_pp.checkpoint.checkpointer", "nemo_pp._peft.export",
+    "nemo_pp.training.data", "nemo_pp.checkpoint.checkpointer", "nemo_pp._peft.export", "nemo_pp.distributed.context_parallel",
     "tests.tiny_models", "tests.distributed.test_pipeline_parity", "tests.distributed.test_training_parity",
 ]
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, pg_timeout_s: float,
-           env: dict, cwd: str) -> None:
+           env: dict, cwd: str, backend: str = "gloo") -> None:
     import torch
     import torch.distributed as dist
 
@@ -56,8 +56,10 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     try:
+        if backend == "nccl":  # one GPU per rank
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
             timeout=timedelta(seconds=pg_timeout_s),
         )
         result = fn(rank, world_size, *args)
@@ -77,8 +79,8 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, pg_timeout_s: float = 60.0,
-              start_method: str = "forkserver") -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks.
+              start_method: str = "forkserver", backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks (or nccl ranks, one GPU each).
 
     Args:
         fn, args: a module-level function and picklable arguments (they reach the
@@ -98,7 +100,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
     queue = ctx.Queue()
     port = free_port()
     env, cwd = dict(os.environ), os.getcwd()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, queue, pg_timeout_s, env, cwd))
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, queue, pg_timeout_s, env, cwd, backend))
              for r in range(world_size)]
     for p in procs:
         p.start()

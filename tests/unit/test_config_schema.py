@@ -115,7 +115,7 @@ def test_defaults_are_the_recipe_defaults():
         "seed": 42,
         "dist_env": {"device": "auto", "timeout_minutes": 10.0},
         "distributed": {
-            "strategy": "fsdp2", "dp_size": None, "dp_replicate_size": 1, "tp_size": 1, "cp_size": 1, "pp_size": 1,
+            "strategy": "fsdp2", "dp_size": None, "dp_replicate_size": 1, "tp_size": 1, "cp_size": 1, "cp_attention": "auto", "pp_size": 1,
             "sequence_parallel": False, "activation_checkpointing": False, "mp_policy": None,
             "pipeline": {**old_pipeline, **new_pipeline},
         },

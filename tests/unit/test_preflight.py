@@ -60,7 +60,10 @@ def test_good_config_derives_the_plan(cfg_file):
         (["step_scheduler.global_batch_size=6"], 2, ValueError, "step_scheduler.global_batch_size=6 is not a multiple"),
         (["model.pretrained_model_name_or_path=/nonexistent/model"], 2, FileNotFoundError, "python -m nemo_pp.assets"),
         (["dataset.path_or_dataset=/nonexistent/squad"], 2, FileNotFoundError, "dataset.path_or_dataset"),
-        (["distributed.cp_size=2"], 4, ValueError, "no CPU implementation"),
+        (["distributed.cp_size=2", "distributed.cp_attention=ring"], 4, ValueError,
+         "cp_attention: ring .* has no CPU implementation; set distributed.cp_attention: allgather"),
+        (["distributed.cp_size=2", "packed_sequence.packed_sequence_size=512"], 4, ValueError,
+         "packed_sequence with distributed.cp_size > 1 is not supported"),
         # tiny llama: 4 heads, 2 kv heads, vocab 128
         (["distributed.tp_size=4"], 8, ValueError, r"tp_size=4 does not divide the model's num_key_value_heads=2"),
         (["distributed.tp_size=2", "distributed.sequence_parallel=true"], 4, ValueError,
@@ -197,3 +200,20 @@ def test_packing_plans_stages_at_the_row_length(cfg_file):
     cfg = load_recipe_config(cfg_file, ["packed_sequence.packed_sequence_size=512", "+dataset.seq_length=128"])
     assert planning_seq_len(cfg) == 512
     check(cfg_file, "packed_sequence.packed_sequence_size=512", "+dataset.seq_length=128")
+
+
+def test_context_parallel_plan(cfg_file):
+    """cp 2 on the CPU: the all-gather attention, batches padded to whole chunks, FSDP2 over dp_shard x cp."""
+    from nemo_pp.distributed.context_parallel import ContextParallelizer
+    from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer
+
+    plan = check(cfg_file, "distributed.cp_size=2", "dataloader.pad_seq_len_divisible=6", world=4)
+    assert (plan.sizes.pp, plan.sizes.dp, plan.sizes.cp, plan.cp_attention) == (2, 1, 2, "allgather")
+    assert plan.pad_seq_len_divisible == 12  # lcm(6, 2 * cp)
+    assert "Context parallel: 2 ranks per sequence" in plan.describe()
+    fn = plan.parallelize_fn(mesh=None)
+    assert isinstance(fn, ComposedParallelizer)
+    assert [type(s) for s in fn.steps[-2:]] == [ContextParallelizer, FSDP2Parallelizer]
+    sp = check(cfg_file, "distributed.cp_size=2", "distributed.tp_size=2", "distributed.sequence_parallel=true", world=8)
+    assert sp.pad_seq_len_divisible == 8  # each rank's slice splits again over tp
+    assert check(cfg_file).pad_seq_len_divisible is None  # no cp: the config's value

@@ -1,0 +1,111 @@
+"""Context parallelism under the pipeline, with FSDP2, HSDP and TP: losses, gradients and
+weights after AdamW steps equal the unsplit model trained on the same global batches.
+
+The batches change sequence length inside gradient accumulation (16 then 24 tokens), so
+the stages' static shapes are re-sized to the new local length mid-step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed.launcher import run_ranks
+from tests.distributed.test_pipeline_parity import sum_ce
+from tests.distributed.test_training_parity import LR, MAX_NORM, _batches, reference_training
+from tests.tiny_models import tiny_model
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _run(rank, world, pp, dp_replicate, cp, tp, arch, tied, sp, ac, schedule, attention="allgather", device="cpu"):
+    from nemo_pp.distributed.context_parallel import ContextParallel, ContextParallelizer
+    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, TensorParallelizer
+    from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.training.engine import TrainEngine
+
+    sizes = resolve_parallel_sizes(world, pp_size=pp, tp_size=tp, cp_size=cp, dp_replicate_size=dp_replicate)
+    device = torch.device(device, rank) if device == "cuda" else torch.device(device)
+    mesh = build_device_mesh(device.type, sizes)
+    dp, dp_rank = sizes.dp, mesh.dp_rank
+    ref = tiny_model(arch, tied, layers=4)
+    model = copy.deepcopy(ref)
+    unsplit_config = model.config  # what the recipe exports with
+    steps = _batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
+    with torch.no_grad():  # validation loss of the first step's batches, before any training
+        flat = [b for group in steps[0] for b in group]
+        ref_val = sum(float(sum_ce(ref(input_ids=b["input_ids"]).logits, b["labels"])) for b in flat)
+        ref_val /= sum(int((b["labels"] != -100).sum()) for b in flat)
+    expected = reference_training(ref, steps)
+
+    parallelize = ComposedParallelizer(
+        TensorParallelizer(mesh, sp) if tp > 1 else None,
+        ContextParallelizer(mesh, attention),
+        FSDP2Parallelizer(mesh, activation_checkpointing=ac),  # over dp_shard x cp (HSDP: dp_replicate too)
+    )
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4,
+                      device=device).build(model, loss_fn=sum_ce, parallelize_fn=parallelize)
+    # the CP attention really runs (and only on the stages' configs, not the unsplit model's)
+    assert all(part.config._attn_implementation == f"nemo_pp_cp_{attention}" for part in ap.parts)
+    assert unsplit_config._attn_implementation == "sdpa"
+    opts = [torch.optim.AdamW(p.parameters(), lr=LR, weight_decay=0.1) for p in ap.parts]
+    engine = TrainEngine(ap, device, dp_group=mesh.dp.get_group() if dp > 1 else None,
+                         max_grad_norm=MAX_NORM, cp=ContextParallel(mesh.world["cp"], attention))
+    val = engine.validation_loss(steps[0][dp_rank])  # through the same sliced path, no grad
+    assert abs(val - ref_val) <= 1e-5 * max(1.0, ref_val), (val, ref_val)
+    for step, per_dp in enumerate(steps):
+        out = engine.train_step(per_dp[dp_rank], [], [])  # no optimizer yet: the grads stay to be compared
+        loss, grads = expected[step]["loss"], expected[step]["grads"]
+        assert abs(out["loss"] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, out["loss"], loss)
+        assert out["num_label_tokens"] == sum(int((b["labels"] != -100).sum()) for g in per_dp for b in g)
+        for part in ap.parts:
+            for name, p in part.named_parameters():
+                torch.testing.assert_close(_full(p.grad).cpu(), grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if ap.tied_embeddings is not None:
+            assert ap.tied_embeddings.max_abs_diff() == 0.0
+
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(_full(p).detach().cpu(), ref_params[name].detach(), atol=2e-5, rtol=1e-4,
+                                       msg=lambda m: f"{name}: {m}")
+    dist.barrier()
+    return True
+
+
+LAYOUTS = {
+    # name: (world, pp, dp_replicate, cp, tp, arch, tied, sequence_parallel, activation_checkpointing, schedule)
+    "cp2": (2, 1, 1, 2, 1, "llama", True, False, False, "gpipe"),
+    "cp2-qwen2-ac": (2, 1, 1, 2, 1, "qwen2", False, False, True, "gpipe"),
+    "pp2-cp2-tied": (4, 2, 1, 2, 1, "llama", True, False, False, "1f1b"),
+    "pp2-cp2-untied-interleaved": (4, 2, 1, 2, 1, "llama", False, False, False, "interleaved_1f1b"),
+    "hsdp2-cp2": (4, 1, 2, 2, 1, "qwen2", True, False, False, "gpipe"),
+    "pp2-dp2-cp2": (8, 2, 1, 2, 1, "llama", True, False, False, "1f1b"),
+    "pp2-cp2-tp2": (8, 2, 1, 2, 2, "llama", False, False, False, "1f1b"),
+    "pp2-cp2-tp2-sp": (8, 2, 1, 2, 2, "llama", True, True, False, "1f1b"),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_context_parallel_layout_matches_the_unsplit_model(layout):
+    world = LAYOUTS[layout][0]
+    run_ranks(_run, world, *LAYOUTS[layout][1:], timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="ring attention is torch's context_parallel: CUDA only, "
+                    "2 GPUs (nccl takes one GPU per rank)")
+@pytest.mark.parametrize("layout", ["cp2", "pp2-cp2-tied"])
+def test_ring_attention_matches_the_unsplit_model_on_cuda(layout):
+    """cp_attention: ring (torch's context_parallel over SDPA): the reference runs on the CPU."""
+    world = LAYOUTS[layout][0]
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    run_ranks(_run, world, *LAYOUTS[layout][1:], "ring", "cuda", timeout=300, backend="nccl")
