@@ -209,6 +209,27 @@ def test_pp2_x_tp3_on_six_processes_trains_and_exports(real_assets, tmp_path, se
 
 
 @pytest.mark.e2e
+def test_pp2_x_cp2_on_four_processes_matches_pp2(real_assets, tmp_path):
+    """Each of 2 stages runs on 2 cp ranks holding a head and a mirrored tail quarter of every
+    sequence (all-gather attention on the CPU): the step-1 loss equals the pp 2 run's."""
+    common = ["--step_scheduler.max_steps=3", "--step_scheduler.global_batch_size=2", "--dataloader.batch_size=2",
+              "--dataset.seq_length=96", "--dataset.limit_dataset_samples=64",
+              "--validation_dataset.limit_dataset_samples=2", "--checkpoint.enabled=false"]
+    runs = {}
+    for name, nproc, extra in (("pp2", 2, []), ("pp2xcp2", 4, ["--distributed.cp_size=2"])):
+        out = tmp_path / name
+        proc = run_recipe(nproc, *extra, *common, f"--checkpoint.checkpoint_dir={out}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[name] = [r["loss"] for r in read_metrics(out) if r["event"] == "train"]
+        if name == "pp2xcp2":
+            assert "cp 2 x tp 1 = 4 ranks" in proc.stdout and "allgather attention" in proc.stdout
+    cp = runs["pp2xcp2"]
+    assert len(cp) == 3 and cp[0] > cp[1] > cp[2]
+    assert abs(cp[0] - runs["pp2"][0]) < 1e-4, runs
+    assert cp == pytest.approx(runs["pp2"], abs=1e-3)
+
+
+@pytest.mark.e2e
 def test_lora_config_trains_and_its_adapter_reloads_with_peft(real_assets, tmp_path):
     """The shipped LoRA config as it is (2 processes, 2 stages), fewer steps: validation
     loss falls, checkpoints hold only the adapters, and peft loads the adapter folder onto
