@@ -226,6 +226,14 @@ def _cp_of(module: nn.Module) -> ContextParallel:
     return cp
 
 
+def _repeat_kv_heads(key: torch.Tensor, value: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention as plain multi-head: each of ``H_kv`` heads repeated ``groups``
+    times along dim 1 (the order transformers' ``repeat_kv`` uses)."""
+    if groups == 1:
+        return key, value
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+
 def allgather_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -265,9 +273,8 @@ def allgather_attention(
     # grouped-query attention: the CPU kernels take kv heads as they are (enable_gqa); CUDA's
     # masked kernel (memory-efficient attention) does not, so kv heads are repeated there
     gqa = groups > 1 and query.device.type == "cpu" and softcap is None
-    if groups > 1 and not gqa:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    if not gqa:
+        key, value = _repeat_kv_heads(key, value, groups)
     if softcap is None:
         mask = _additive_mask(query.shape[2], cp.size, cp.rank, sliding_window, query.device, query.dtype)
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -304,10 +311,7 @@ def ring_attention(
     if kwargs.get("sliding_window") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
         raise NotImplementedError("cp_attention: ring supports plain causal attention only (no sliding window, "
                                   "soft-capping or sinks); set distributed.cp_attention: allgather")
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    key, value = _repeat_kv_heads(key, value, query.shape[1] // key.shape[1])
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, dropout_p=dropout if module.training else 0.0, is_causal=True, scale=scaling)
     return out.transpose(1, 2).contiguous(), None

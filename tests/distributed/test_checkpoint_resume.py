@@ -125,6 +125,9 @@ CASES = {
     "pp2-dp2-fsdp2": (4, ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6",
                           "--dataloader.batch_size=2", "--step_scheduler.global_batch_size=4",
                           "--checkpoint.max_recent_checkpoints=1")),
+    # context parallelism: 2 cp ranks per stage, FSDP2 shards over them (dp_shard_cp)
+    "pp2-cp2": (4, ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6",
+                    "--dataloader.batch_size=4", "--step_scheduler.global_batch_size=4", "--distributed.cp_size=2")),
     # the model as safetensors, both files written by background threads
     "pp2-safetensors-async": (2, ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6",
                                   "--dataloader.batch_size=4", "--step_scheduler.global_batch_size=4",
@@ -199,12 +202,14 @@ OTHER_LAYOUTS = {
     "pp4": (4, ("--distributed.pp_size=4",)),
     # the same global batch over 2 data-parallel ranks: FSDP2 shards what pp 2 x dp 1 wrote whole
     "pp2-dp2-fsdp2": (4, ("--dataloader.batch_size=2",)),
+    # each sequence split over 2 cp ranks: FSDP2 shards over them what pp 2 wrote whole
+    "pp2-cp2": (4, ("--distributed.cp_size=2",)),
 }
 
 
 @pytest.mark.parametrize("layout", list(OTHER_LAYOUTS))
 def test_pp2_checkpoint_resumes_at_another_layout(tiny_assets, tmp_path, layout):
-    """The checkpoint of a pp 2 run (after 3 steps) resumes at pp 1, pp 4 and pp 2 x dp 2:
+    """The checkpoint of a pp 2 run (after 3 steps) resumes at pp 1, pp 4, pp 2 x dp 2 and pp 2 x cp 2:
     the next losses equal the uninterrupted pp 2 run's."""
     model, squad = tiny_assets
     extra = ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6", "--dataloader.batch_size=4",

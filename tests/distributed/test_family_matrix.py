@@ -39,10 +39,10 @@ FAMILIES = {
 }
 
 
-def family_model(model_type: str) -> torch.nn.Module:
+def family_model(model_type: str, **overrides) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **COMMON, **FAMILIES[model_type])
+    config = AutoConfig.for_model(model_type, **COMMON, **{**FAMILIES[model_type], **overrides})
     config._attn_implementation = "eager"  # soft-capping and sliding windows in every family's own code path
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
