@@ -14,12 +14,11 @@ import torch.distributed as dist
 
 from tests.distributed.launcher import run_ranks
 from tests.distributed.test_pipeline_parity import sum_ce
+from tests.distributed.test_tensor_parallel import _full, assert_grads_match, assert_weights_match, optimizer_step_keeps_tie
 from tests.distributed.test_training_parity import LR, MAX_NORM, _batches, reference_training
 from tests.tiny_models import tiny_model
 
 
-def _full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _run(rank, world, pp, dp_replicate, cp, tp, arch, tied, sp, ac, schedule, attention="allgather", device="cpu"):
@@ -63,20 +62,9 @@ def _run(rank, world, pp, dp_replicate, cp, tp, arch, tied, sp, ac, schedule, at
         loss, grads = expected[step]["loss"], expected[step]["grads"]
         assert abs(out["loss"] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, out["loss"], loss)
         assert out["num_label_tokens"] == sum(int((b["labels"] != -100).sum()) for g in per_dp for b in g)
-        for part in ap.parts:
-            for name, p in part.named_parameters():
-                torch.testing.assert_close(_full(p.grad).cpu(), grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if ap.tied_embeddings is not None:
-            assert ap.tied_embeddings.max_abs_diff() == 0.0
-
-    ref_params = dict(ref.named_parameters(remove_duplicate=False))
-    for part in ap.parts:
-        for name, p in part.named_parameters():
-            torch.testing.assert_close(_full(p).detach().cpu(), ref_params[name].detach(), atol=2e-5, rtol=1e-4,
-                                       msg=lambda m: f"{name}: {m}")
+        assert_grads_match(ap, grads)
+        optimizer_step_keeps_tie(ap, opts)
+    assert_weights_match(ap, ref)
     dist.barrier()
     return True
 

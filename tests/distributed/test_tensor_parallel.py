@@ -19,6 +19,31 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def assert_grads_match(ap, grads: dict) -> None:
+    """Every parameter's (gathered) gradient equals the reference's ``grads[FQN]``."""
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(_full(p.grad).cpu(), grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def optimizer_step_keeps_tie(ap, opts) -> None:
+    """Step every part's optimizer; the two tied embedding copies must stay identical."""
+    for opt in opts:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if ap.tied_embeddings is not None:
+        assert ap.tied_embeddings.max_abs_diff() == 0.0
+
+
+def assert_weights_match(ap, ref) -> None:
+    """Every parameter of the parts equals the reference model's after the same steps."""
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(_full(p).detach().cpu(), ref_params[name].detach(), atol=2e-5, rtol=1e-4,
+                                       msg=lambda m: f"{name}: {m}")
+
+
 def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir, sp=False):
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
     from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
@@ -50,20 +75,9 @@ def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir, sp=False):
         out = engine.train_step(per_dp[dp_rank], [], [])  # no optimizer: the grads stay to be compared
         loss, grads = expected[step]["loss"], expected[step]["grads"]
         assert abs(out["loss"] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, out["loss"], loss)
-        for part in ap.parts:
-            for name, p in part.named_parameters():
-                torch.testing.assert_close(_full(p.grad), grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if ap.tied_embeddings is not None:
-            assert ap.tied_embeddings.max_abs_diff() == 0.0
-
-    ref_params = dict(ref.named_parameters(remove_duplicate=False))
-    for part in ap.parts:
-        for name, p in part.named_parameters():
-            torch.testing.assert_close(_full(p).detach(), ref_params[name].detach(), atol=2e-5, rtol=1e-4,
-                                       msg=lambda m: f"{name}: {m}")
+        assert_grads_match(ap, grads)
+        optimizer_step_keeps_tie(ap, opts)
+    assert_weights_match(ap, ref)
 
     save_consolidated_hf(export_dir, ap.parts, ref.config, tied=tied, pp_rank=mesh.pp_rank, pp_size=pp,
                          is_writer=mesh.writes_stage_files)
