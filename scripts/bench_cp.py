@@ -72,7 +72,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
 
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="gpipe", pp_batch_size=1, device=torch.device("cpu")).build(
         model, loss_fn=loss_fn, parallelize_fn=ContextParallelizer(mesh, "allgather") if world > 1 else None)
-    cp = ContextParallel(mesh.world["cp"], "allgather") if world > 1 else None
+    cp = ContextParallel(mesh, "allgather") if world > 1 else None
     engine = TrainEngine(ap, torch.device("cpu"), max_grad_norm=None, cp=cp)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (1, args.seq), generator=g)

@@ -129,22 +129,34 @@ class ContextParallel:
     """The cp axis of one rank: which attention runs and how batches are sliced.
 
     Args:
-        mesh: the 1D ``cp`` sub-mesh of the world mesh.
+        mesh_bundle: the run's :class:`~nemo_pp.distributed.mesh.MeshBundle` (its ``cp`` axis
+            and the flattened ``dp_cp`` view).
         attention: ``"allgather"`` or ``"ring"`` (resolved, see :func:`resolve_cp_attention`).
     """
 
-    mesh: object
+    mesh_bundle: object
     attention: str
 
-    @property
+    # looked up once: the attention reads ``group`` in every layer's forward and backward
+    @functools.cached_property
+    def mesh(self):
+        """The 1D ``cp`` sub-mesh."""
+        return self.mesh_bundle.world["cp"]
+
+    @functools.cached_property
+    def loss_group(self):
+        """dp x cp: the ranks whose loss sums add up to the global batch's (one all-reduce)."""
+        return self.mesh_bundle.dp_cp.get_group()
+
+    @functools.cached_property
     def size(self) -> int:
         return self.mesh.size()
 
-    @property
+    @functools.cached_property
     def rank(self) -> int:
         return self.mesh.get_local_rank()
 
-    @property
+    @functools.cached_property
     def group(self):
         return self.mesh.get_group()
 
@@ -341,7 +353,7 @@ class ContextParallelizer:
 
     def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, **_):
         _register_attention_functions()
-        cp = ContextParallel(self.mesh_bundle.world["cp"], self.attention)
+        cp = ContextParallel(self.mesh_bundle, self.attention)
         old = getattr(model, "config", None)
         if old is None:
             raise ValueError(f"{type(model).__name__} has no .config: context parallelism needs a Hugging Face model")

@@ -144,7 +144,7 @@ class FinetuneRecipe:
         self.lr_schedulers = [
             build_lr_scheduler(opt, self.total_steps, **dict(cfg.lr_scheduler)) for opt in self.optimizers
         ]
-        cp = ContextParallel(self.mesh.world["cp"], self.plan.cp_attention) if self.plan.sizes.cp > 1 else None
+        cp = ContextParallel(self.mesh, self.plan.cp_attention) if self.plan.sizes.cp > 1 else None
         self.engine = TrainEngine(
             self.ap, self.dist.device, dp_group=self.mesh.dp.get_group() if self.mesh.sizes.dp > 1 else None,
             max_grad_norm=cfg.clip_grad_norm.max_norm, cp=cp,

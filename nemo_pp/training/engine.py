@@ -97,9 +97,8 @@ class TrainEngine:
 
     def _global_loss(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> float:
         # the last pp rank holds the loss; others add 0, so a sum is a broadcast; cp ranks
-        # hold the losses of their slices
-        _all_reduce_sum(loss_sum, self.dp_group)
-        _all_reduce_sum(loss_sum, self.cp.group if self.cp is not None else None)
+        # hold the losses of their slices: summed with the dp ranks' in one all-reduce
+        _all_reduce_sum(loss_sum, self.dp_group if self.cp is None else self.cp.loss_group)
         _all_reduce_sum(loss_sum, self.pp_group)
         return float(loss_sum / tokens.clamp(min=1))
 

@@ -54,7 +54,7 @@ def _run(rank, world, pp, dp_replicate, cp, tp, arch, tied, sp, ac, schedule, at
     assert unsplit_config._attn_implementation == "sdpa"
     opts = [torch.optim.AdamW(p.parameters(), lr=LR, weight_decay=0.1) for p in ap.parts]
     engine = TrainEngine(ap, device, dp_group=mesh.dp.get_group() if dp > 1 else None,
-                         max_grad_norm=MAX_NORM, cp=ContextParallel(mesh.world["cp"], attention))
+                         max_grad_norm=MAX_NORM, cp=ContextParallel(mesh, attention))
     val = engine.validation_loss(steps[0][dp_rank])  # through the same sliced path, no grad
     assert abs(val - ref_val) <= 1e-5 * max(1.0, ref_val), (val, ref_val)
     for step, per_dp in enumerate(steps):
@@ -106,7 +106,7 @@ def _ring_slices(rank, world):
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, cp_size=world))
     ids = torch.arange(48).reshape(2, 24)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    with ContextParallel(mesh.world["cp"], "ring").sharded(ids, ids + 100) as (local_ids, local_labels, positions):
+    with ContextParallel(mesh, "ring").sharded(ids, ids + 100) as (local_ids, local_labels, positions):
         assert torch.nn.functional.scaled_dot_product_attention is not sdpa  # routed to ring attention
         expected = shard_batch({"input_ids": ids, "labels": ids + 100}, world, rank)
         assert torch.equal(local_ids, expected["input_ids"]) and torch.equal(local_labels, expected["labels"])
@@ -141,7 +141,7 @@ def _run_family(rank, world, model_type):
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="gpipe", pp_batch_size=4, device=torch.device("cpu")).build(
         model, loss_fn=sum_ce,
         parallelize_fn=ComposedParallelizer(ContextParallelizer(mesh, "allgather"), FSDP2Parallelizer(mesh)))
-    engine = TrainEngine(ap, torch.device("cpu"), max_grad_norm=None, cp=ContextParallel(mesh.world["cp"], "allgather"))
+    engine = TrainEngine(ap, torch.device("cpu"), max_grad_norm=None, cp=ContextParallel(mesh, "allgather"))
     out = engine.train_step([{"input_ids": ids, "labels": lb} for ids, lb in batches], [], [])
     assert abs(out["loss"] - ref_loss) <= 1e-5 * max(1.0, ref_loss), (out["loss"], ref_loss)
     for name, p in ap.parts[0].named_parameters():
