@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy, so `import nemo_pp.config` does not pull in transformers.
     if name == "NeMoAutoModelForCausalLM":
-        from .models import NeMoAutoModelForCausalLM
+        from nemo_pp.models import NeMoAutoModelForCausalLM
 
         return NeMoAutoModelForCausalLM
     raise AttributeError(f"module 'nemo_pp' has no attribute {name!r}")

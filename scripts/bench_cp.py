@@ -53,7 +53,8 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from nemo_pp.distributed.context_parallel import ContextParallel, ContextParallelizer
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.training.engine import TrainEngine
 
@@ -71,7 +72,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
 
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="gpipe", pp_batch_size=1, device=torch.device("cpu")).build(
-        model, loss_fn=loss_fn, parallelize_fn=ContextParallelizer(mesh, "allgather") if world > 1 else None)
+        model, loss_fn=loss_fn, parallelize_fn=ContextParallelizer(ContextParallel(mesh, "allgather")) if world > 1 else None)
     cp = ContextParallel(mesh, "allgather") if world > 1 else None
     engine = TrainEngine(ap, torch.device("cpu"), max_grad_norm=None, cp=cp)
     g = torch.Generator().manual_seed(1)

@@ -40,7 +40,9 @@ def worker(ckpt: str, mode: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.loss.masked_ce import MaskedCrossEntropy
     from nemo_pp.models import NeMoAutoModelForCausalLM

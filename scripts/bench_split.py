@@ -35,14 +35,15 @@ def predicted_step_seconds(split: str, microbatches: int) -> float:
     import torch
 
     from nemo_pp.config import parse_cli
-    from nemo_pp.distributed.pipelining.cost import profile_costs, simulated_step_seconds, stage_costs_of_plan
-    from nemo_pp.training.preflight import preflight_check
-    from nemo_pp.training.schema import load_recipe_config
+    from nemo_pp.planning.cost import profile_costs, stage_costs_of_plan
+    from nemo_pp.planning.timeline import simulated_step_seconds
+    from nemo_pp.planning.run_plan import plan_run
+    from nemo_pp.planning.schema import load_recipe_config
 
     path, overrides = parse_cli(["--config", CONFIG, "--distributed.pp_size=2", f"--distributed.pipeline.split={split}",
                                  f"--dataloader.batch_size={microbatches}"])
     cfg = load_recipe_config(path, overrides)
-    run_plan = preflight_check(cfg, 2)
+    run_plan = plan_run(cfg, 2)
     if "pieces" not in _PIECES:
         from transformers import AutoConfig
 

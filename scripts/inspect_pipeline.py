@@ -24,9 +24,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from nemo_pp.config import ConfigError, parse_cli
-    from nemo_pp.distributed.pipelining.visualize import bubble_fraction, save_schedule_png, schedule_actions
-    from nemo_pp.training.preflight import planning_seq_len, preflight_check
-    from nemo_pp.training.schema import load_recipe_config
+    from nemo_pp.distributed.pipelining.visualize import save_schedule_png
+    from nemo_pp.planning.timeline import bubble_fraction, schedule_actions
+    from nemo_pp.planning.run_plan import planning_seq_len, plan_run
+    from nemo_pp.planning.schema import load_recipe_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argparse.ArgumentParser(add_help=False)
@@ -44,15 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_recipe_config(path, overrides)
         d = cfg.distributed
         world = known.world_size or d.pp_size * d.cp_size * d.tp_size * (d.dp_size or 1)
-        run = preflight_check(cfg, world, check_checkpoint=False)  # the recipe's own plan, no weight read
+        run = plan_run(cfg, world, check_checkpoint=False)  # the recipe's own plan, no weight read
     except (ConfigError, ValueError, OSError, NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     from transformers import AutoConfig
 
-    from nemo_pp.distributed.pipelining.memory import memory_plan
-    from nemo_pp.distributed.pipelining.split import stage_parameters
+    from nemo_pp.planning.memory import memory_plan
+    from nemo_pp.models.module_tree import stage_parameters
     from nemo_pp.models.auto_model import resolve_dtype
     from nemo_pp.models.loading import empty_model
 
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if not seq_len:
         print("cost and memory plan: pass --seq-len (no pp_seq_len or dataset.seq_length in the config)")
         return 0
-    from nemo_pp.distributed.pipelining.cost import flop_costs, profile_costs, simulated_step_seconds, stage_costs_of_plan
+    from nemo_pp.planning.cost import flop_costs, profile_costs, stage_costs_of_plan
+    from nemo_pp.planning.timeline import simulated_step_seconds
 
     flops = stage_costs_of_plan(plan, flop_costs(model.config, plan.microbatch_size, seq_len))
     mean = sum(flops) / len(flops)

@@ -24,6 +24,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -183,3 +184,21 @@ class LoraParallelizer:
         n = apply_lora(model, self.cfg)
         logger.info("LoRA: %d modules of this stage adapted (rank %d, alpha %s)", n, self.cfg.dim, self.cfg.alpha)
         return model
+
+
+def merge_lora_weights(state: dict[str, torch.Tensor], part: nn.Module) -> dict[str, torch.Tensor]:
+    """Fold each adapter of ``part`` into its base weight in ``state`` (full tensors by the
+    part's FQNs, as ``nemo_pp.checkpoint.hf_export.stage_state_dict`` collects them): ``<fqn>.base_layer.weight``,
+    ``lora_A`` and ``lora_B`` become ``<fqn>.weight = W + scale * B @ A`` (computed in fp32,
+    stored in W's dtype), ``<fqn>.base_layer.bias`` becomes ``<fqn>.bias``. Returns ``state``."""
+    for fqn, module in lora_modules(part).items():
+        base = state.pop(f"{fqn}.base_layer.weight")
+        a = state.pop(f"{fqn}.lora_A.{ADAPTER_NAME}.weight").float()
+        b = state.pop(f"{fqn}.lora_B.{ADAPTER_NAME}.weight").float()
+        state[f"{fqn}.weight"] = (base.float() + module.scaling[ADAPTER_NAME] * (b @ a)).to(base.dtype).contiguous()
+        bias = state.pop(f"{fqn}.base_layer.bias", None)
+        if bias is not None:
+            state[f"{fqn}.bias"] = bias
+    return state
+
+

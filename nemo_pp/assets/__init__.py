@@ -30,9 +30,9 @@ Usage::
     python -m nemo_pp.assets --force         # rebuild (re-uses downloads/)
 """
 
-from .cli import main
-from .download import fetch_from_simple_index, pip_download
-from .paths import (
+from nemo_pp.assets.cli import main
+from nemo_pp.assets.download import fetch_from_simple_index, pip_download
+from nemo_pp.assets.paths import (
     HOME_ENV,
     MARKER,
     RETRY_COMMAND,
@@ -48,7 +48,7 @@ from .paths import (
     smollm2_dir,
     squad_dir,
 )
-from .smollm2 import (
+from nemo_pp.assets.smollm2 import (
     CHATML_TEMPLATE,
     SMOLLM2_GGUF_MEMBER,
     SMOLLM2_SPEC,
@@ -57,7 +57,7 @@ from .smollm2 import (
     convert_gguf,
     prepare_smollm2,
 )
-from .squad import (
+from nemo_pp.assets.squad import (
     BIGBENCH_SDIST_GLOB,
     BIGBENCH_SPEC,
     SQUAD_MEMBER_SUFFIX,

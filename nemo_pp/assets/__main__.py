@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from nemo_pp.assets.cli import main
 
 sys.exit(main())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from .paths import HOME_ENV, assets_home
-from .smollm2 import prepare_smollm2
-from .squad import prepare_squad
-from .user_data import prepare_bigbench_user_data, prepare_shakespeare
+from nemo_pp.assets.paths import HOME_ENV, assets_home
+from nemo_pp.assets.smollm2 import prepare_smollm2
+from nemo_pp.assets.squad import prepare_squad
+from nemo_pp.assets.user_data import prepare_bigbench_user_data, prepare_shakespeare
 
 
 def main(argv: Sequence[str] | None = None) -> int:

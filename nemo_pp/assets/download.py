@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .paths import RETRY_COMMAND, downloads_dir
+from nemo_pp.assets.paths import RETRY_COMMAND, downloads_dir
 
 
 def pip_download(

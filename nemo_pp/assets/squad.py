@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .download import pip_download
-from .paths import _commit_dir, _fresh_tmp_dir, is_complete, squad_dir
+from nemo_pp.assets.download import pip_download
+from nemo_pp.assets.paths import _commit_dir, _fresh_tmp_dir, is_complete, squad_dir
 
 BIGBENCH_SPEC = "bigbench==1.0.0"
 BIGBENCH_SDIST_GLOB = "bigbench-1.0.0.tar.gz"

@@ -25,9 +25,9 @@ import tarfile
 import time
 from pathlib import Path
 
-from .download import pip_download
-from .paths import _commit_dir, _fresh_tmp_dir, assets_home, is_complete
-from .squad import BIGBENCH_SDIST_GLOB, BIGBENCH_SPEC, read_tar_members, write_jsonl
+from nemo_pp.assets.download import pip_download
+from nemo_pp.assets.paths import _commit_dir, _fresh_tmp_dir, assets_home, is_complete
+from nemo_pp.assets.squad import BIGBENCH_SDIST_GLOB, BIGBENCH_SPEC, read_tar_members, write_jsonl
 
 NI_PREFIX = "bigbench/benchmark_tasks/natural_instructions/"
 INSTRUCTION_TASKS = ("subtask041_qasc_answer_generation", "subtask033_winogrande_answer_generation",

@@ -32,7 +32,7 @@ import torch.distributed.checkpoint as dcp
 
 from nemo_pp.checkpoint import layout
 from nemo_pp.config import write_text_atomic
-from nemo_pp.distributed.init import first_error_of_all_ranks
+from nemo_pp.errors import first_error_of_all_ranks
 from nemo_pp.checkpoint.layout import CorruptCheckpointError
 from nemo_pp.checkpoint.safe_metadata import read_metadata
 from nemo_pp.checkpoint.state import (

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nemo_pp._peft.lora import merge_lora_weights
+
 
 def full_cpu(t: torch.Tensor) -> torch.Tensor:
     """A whole, contiguous CPU copy of ``t`` without autograd history; an FSDP2 / TP DTensor
@@ -29,9 +31,7 @@ def full_cpu(t: torch.Tensor) -> torch.Tensor:
 def stage_state_dict(model_parts: Sequence[nn.Module], tied_head_fqn: str | None = None) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU tensors of this rank's parts, by original FQN, without
     ``tied_head_fqn`` (the output-projection copy of a tied embedding). LoRA adapters
-    are merged into their base weights (``nemo_pp._peft.export.merge_lora_weights``)."""
-    from nemo_pp._peft.export import merge_lora_weights
-
+    are merged into their base weights (``nemo_pp._peft.lora.merge_lora_weights``)."""
     out: dict[str, torch.Tensor] = {}
     for part in model_parts:
         state: dict[str, torch.Tensor] = {}

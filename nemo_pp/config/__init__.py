@@ -3,23 +3,23 @@
 OmegaConf does the loading and interpolation, Hydra the override grammar and the
 instantiation; this package adds NeMo AutoModel's `--a.b value` spelling, a "did you
 mean" for typos, defaults merged under the YAML, and an enforced `_target_` allowlist
-checked before anything runs. The recipe's typed schema: :mod:`nemo_pp.training.schema`.
+checked before anything runs. The recipe's typed schema: :mod:`nemo_pp.planning.schema`.
 
 Typical recipe use::
 
     path, overrides = parse_cli(sys.argv[1:])
-    cfg = load_recipe_config(path, overrides)  # nemo_pp.training.schema: load_config + schema + validate_targets
+    cfg = load_recipe_config(path, overrides)  # nemo_pp.planning.schema: load_config + schema + validate_targets
     model = instantiate(cfg.model)
     optimizer = instantiate(cfg.optimizer, params=model.parameters())
 """
 
-from .cli import USAGE, parse_cli
-from .errors import ConfigError
-from .instantiate import instantiate
-from .keys import get_dotted_keys
-from .loader import load_config
-from .save import config_to_yaml, save_config, write_text_atomic
-from .targets import ALLOWLIST_ENV_VAR, DEFAULT_ALLOWED_PREFIXES, validate_targets
+from nemo_pp.config.cli import USAGE, parse_cli
+from nemo_pp.config.errors import ConfigError
+from nemo_pp.config.instantiate import instantiate
+from nemo_pp.config.keys import get_dotted_keys
+from nemo_pp.config.loader import load_config
+from nemo_pp.config.save import config_to_yaml, save_config, write_text_atomic
+from nemo_pp.config.targets import ALLOWLIST_ENV_VAR, DEFAULT_ALLOWED_PREFIXES, validate_targets
 
 __all__ = [
     "ALLOWLIST_ENV_VAR",

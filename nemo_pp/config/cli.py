@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import ConfigError
+from nemo_pp.config.errors import ConfigError
 
 __all__ = ["USAGE", "OverrideArg", "normalize_overrides", "parse_cli"]
 

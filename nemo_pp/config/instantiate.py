@@ -12,8 +12,8 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
-from .targets import check_target, iter_targets, node_key, rewrite_target, target_key, target_name
+from nemo_pp.config.errors import ConfigError
+from nemo_pp.config.targets import check_target, iter_targets, node_key, rewrite_target, target_key, target_name
 
 __all__ = ["instantiate"]
 

@@ -11,10 +11,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
-from .keys import to_plain
-from .overrides import apply_overrides
-from .targets import targets_differ
+from nemo_pp.config.errors import ConfigError
+from nemo_pp.config.keys import to_plain
+from nemo_pp.config.overrides import apply_overrides
+from nemo_pp.config.targets import targets_differ
 
 __all__ = ["load_config", "load_yaml", "merge_defaults"]
 
@@ -93,7 +93,7 @@ def load_config(
     Interpolations such as `${oc.env:NEMO_PP_HOME,${oc.env:HOME}/.cache/nemo_pp}` or
     `${dataloader.batch_size}` stay lazy in the returned config (so later changes
     propagate) but are all resolved once here, so a broken one fails at load time.
-    A recipe's typed, validated config: :func:`nemo_pp.training.schema.load_recipe_config`.
+    A recipe's typed, validated config: :func:`nemo_pp.planning.schema.load_recipe_config`.
 
     Args:
         config_path: the YAML file.

@@ -17,10 +17,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .cli import normalize_overrides
-from .errors import ConfigError
-from .keys import close_matches, get_dotted_keys, to_plain
-from .targets import targets_differ
+from nemo_pp.config.cli import normalize_overrides
+from nemo_pp.config.errors import ConfigError
+from nemo_pp.config.keys import close_matches, get_dotted_keys, to_plain
+from nemo_pp.config.targets import targets_differ
 
 __all__ = ["apply_overrides", "parse_override"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
+from nemo_pp.config.errors import ConfigError
 
 __all__ = ["config_to_yaml", "save_config", "write_text_atomic"]
 

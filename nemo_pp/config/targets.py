@@ -16,8 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
-from .keys import close_matches
+from nemo_pp.config.errors import ConfigError
+from nemo_pp.config.keys import close_matches
 
 __all__ = [
     "ALLOWLIST_ENV_VAR",

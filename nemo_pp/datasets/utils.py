@@ -6,7 +6,8 @@ from typing import Any, Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from nemo_pp.loss import IGNORE_INDEX
+
 
 
 def _round_up(n: int, multiple: int | None) -> int:

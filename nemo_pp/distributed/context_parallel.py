@@ -42,7 +42,6 @@ from torch import nn
 
 ALLGATHER_ATTENTION = "nemo_pp_cp_allgather"
 RING_ATTENTION = "nemo_pp_cp_ring"
-CP_ATTENTIONS = ("auto", "ring", "allgather")
 
 __all__ = [
     "ALLGATHER_ATTENTION",
@@ -50,29 +49,11 @@ __all__ = [
     "ContextParallel",
     "ContextParallelizer",
     "allgather_attention",
-    "resolve_cp_attention",
     "ring_attention",
     "shard_batch",
     "zigzag_positions",
 ]
 
-
-def resolve_cp_attention(cp_attention: str, on_cuda: bool) -> str:
-    """``auto`` -> ``ring`` on CUDA, ``allgather`` elsewhere; other values unchanged.
-
-    Raises:
-        ValueError: ``ring`` without CUDA, or an unknown value (names ``distributed.cp_attention``).
-    """
-    if cp_attention not in CP_ATTENTIONS:
-        raise ValueError(f"distributed.cp_attention must be one of {CP_ATTENTIONS}, got {cp_attention!r}")
-    if cp_attention == "auto":
-        return "ring" if on_cuda else "allgather"
-    if cp_attention == "ring" and not on_cuda:
-        raise ValueError(
-            "distributed.cp_attention: ring is torch's context_parallel (ring attention over SDPA), which has no CPU "
-            "implementation; set distributed.cp_attention: allgather (or auto) or run on CUDA"
-        )
-    return cp_attention
 
 
 @functools.lru_cache(maxsize=64)
@@ -131,7 +112,8 @@ class ContextParallel:
     Args:
         mesh_bundle: the run's :class:`~nemo_pp.distributed.mesh.MeshBundle` (its ``cp`` axis
             and the flattened ``dp_cp`` view).
-        attention: ``"allgather"`` or ``"ring"`` (resolved, see :func:`resolve_cp_attention`).
+        attention: ``"allgather"`` or ``"ring"`` (resolved by
+            :func:`nemo_pp.planning.checks.resolve_cp_attention`).
     """
 
     mesh_bundle: object
@@ -344,21 +326,25 @@ class ContextParallelizer:
 
     Gives the stage its own copy of the model config with ``_attn_implementation`` set to
     the CP attention (the unsplit model's config, which the HF export writes, is left as it
-    was) and marks every module that reads that config with the cp axis.
+    was) and gives every module that reads that config the run's one :class:`ContextParallel`
+    (the object the engine slices batches with), which the attention function reads from
+    the module transformers hands it.
+
+    Args:
+        cp: the run's :class:`ContextParallel`.
     """
 
-    def __init__(self, mesh_bundle, attention: str):
-        self.mesh_bundle = mesh_bundle
-        self.attention = attention
+    def __init__(self, cp: ContextParallel):
+        self.cp = cp
 
     def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, **_):
         _register_attention_functions()
-        cp = ContextParallel(self.mesh_bundle, self.attention)
+        cp = self.cp
         old = getattr(model, "config", None)
         if old is None:
             raise ValueError(f"{type(model).__name__} has no .config: context parallelism needs a Hugging Face model")
         new = copy.copy(old)
-        new._attn_implementation = ALLGATHER_ATTENTION if self.attention == "allgather" else RING_ATTENTION
+        new._attn_implementation = ALLGATHER_ATTENTION if cp.attention == "allgather" else RING_ATTENTION
         for module in model.modules():
             if getattr(module, "config", None) is old:
                 module.config = new

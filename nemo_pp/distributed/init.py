@@ -64,16 +64,6 @@ def initialize_distributed(device: str | None = None, timeout_s: float = DEFAULT
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
 
-def first_error_of_all_ranks(error: str | None) -> str | None:
-    """The first non-None ``error`` over all ranks, on every rank (collective over the
-    default group; ``error`` itself without one). Lets a check that fails on some ranks
-    only raise the same message everywhere instead of leaving the others in a collective."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors: list = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        return next((e for e in errors if e is not None), None)
-    return error
-
 
 def set_seed(seed: int) -> None:
     """Seed python, torch (CPU and CUDA) identically on every rank."""

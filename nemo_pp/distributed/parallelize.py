@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from .pipelining.split import decoder_layers
+from nemo_pp.models.module_tree import decoder_layers
 
 
 def checkpoint_decoder_layers(model: nn.Module, required: bool = True) -> int:
@@ -90,8 +90,6 @@ class FSDP2Parallelizer:
         kwargs = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward)
         if self.mp_policy is not None:
             kwargs["mp_policy"] = self.mp_policy
-            # what the stage computes in and sends to the next: its static P2P shapes use it
-            model._nemo_pp_activation_dtype = self.mp_policy.output_dtype or self.mp_policy.param_dtype
         try:
             layers = decoder_layers(model)
         except ValueError:  # a stage without layers (lm_head alone): the part is one FSDP unit
@@ -115,7 +113,7 @@ class TensorParallelizer:
         self.sequence_parallel = sequence_parallel
 
     def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, **_):
-        from .tensor_parallel import tensor_parallelize
+        from nemo_pp.distributed.tensor_parallel import tensor_parallelize
 
         return tensor_parallelize(model, self.mesh_bundle.world["tp"], self.sequence_parallel)
 
@@ -130,3 +128,60 @@ class ComposedParallelizer:
         for step in self.steps:
             step(model, world_mesh, moe_mesh, **kwargs)
         return model
+
+
+def parallelize_chain(
+    mesh_bundle,
+    *,
+    sizes=None,
+    peft=None,
+    sequence_parallel: bool = False,
+    cp=None,
+    activation_checkpointing: bool = False,
+    reshard_after_forward: bool = True,
+    mp_policy: MixedPrecisionPolicy | None = None,
+):
+    """The per-stage parallelize_fn of a run, in the one order that composes: LoRA adapters
+    (``peft``), tensor parallelism (tp > 1), the context-parallel attention (``cp``),
+    activation checkpointing, then FSDP2 / HSDP over the data-parallel and cp ranks
+    (``dp * cp > 1``; activation checkpointing is then applied by the FSDP2 step, before it
+    shards). None when nothing applies.
+
+    Args:
+        mesh_bundle: the run's :class:`~nemo_pp.distributed.mesh.MeshBundle`.
+        sizes: the axis sizes (:class:`~nemo_pp.planning.dims.ParallelDims`); default the bundle's.
+        peft: a :class:`~nemo_pp._peft.lora.PeftConfig`, or None.
+        sequence_parallel: tp's sequence parallelism.
+        cp: the run's :class:`~nemo_pp.distributed.context_parallel.ContextParallel`, or None.
+        activation_checkpointing: recompute decoder layers in backward.
+        reshard_after_forward: FSDP2's; False for split-backward schedules (the reshard
+            rule: ``not plan.split_backward``; docs/architecture.md, "Measured torch facts").
+        mp_policy: FSDP2's mixed precision.
+    """
+    from nemo_pp._peft.lora import LoraParallelizer
+    from nemo_pp.distributed.context_parallel import ContextParallelizer
+
+    sizes = sizes if sizes is not None else mesh_bundle.sizes
+    if sizes.fsdp_enabled:
+        rest = FSDP2Parallelizer(mesh_bundle, reshard_after_forward, activation_checkpointing, mp_policy)
+    else:
+        rest = ActivationCheckpointing() if activation_checkpointing else None
+    steps = [
+        LoraParallelizer(peft) if peft is not None else None,
+        TensorParallelizer(mesh_bundle, sequence_parallel) if sizes.tp > 1 else None,
+        ContextParallelizer(cp) if cp is not None and sizes.cp > 1 else None,
+        rest,
+    ]
+    steps = [s for s in steps if s is not None]
+    return None if not steps else steps[0] if len(steps) == 1 else ComposedParallelizer(*steps)
+
+
+def build_parallelize_fn(plan, mesh_bundle, cp=None):
+    """:func:`parallelize_chain` of a :class:`~nemo_pp.planning.run_plan.RunPlan` (its sizes,
+    LoRA, sequence parallelism, activation checkpointing, mixed precision and the
+    schedule's reshard rule) with the run's ``cp``."""
+    return parallelize_chain(
+        mesh_bundle, sizes=plan.sizes, peft=plan.peft, sequence_parallel=plan.sequence_parallel, cp=cp,
+        activation_checkpointing=plan.activation_checkpointing,
+        reshard_after_forward=not plan.pipeline.split_backward, mp_policy=plan.mp_policy,
+    )

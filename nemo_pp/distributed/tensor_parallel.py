@@ -28,7 +28,11 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-__all__ = ["SEQUENCE_PARALLEL_PLAN", "STYLES", "check_tensor_parallel", "layer_tp_plan", "tensor_parallelize"]
+from nemo_pp._peft.lora import ADAPTER_NAME
+from nemo_pp.models.module_tree import is_tied, tied_param_fqns
+from nemo_pp.models.tp_plan import TP_STYLE_NAMES, layer_tp_plan
+
+__all__ = ["SEQUENCE_PARALLEL_PLAN", "STYLES", "tensor_parallelize"]
 
 #: transformers' plan strings -> torch parallel styles (local tensors in and out).
 STYLES = {
@@ -37,73 +41,7 @@ STYLES = {
     "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
     "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate()),
 }
-
-#: nemo_pp's plan where a model ships none: the Llama names most HF decoders share.
-DEFAULT_LAYER_PLAN = {
-    "layers.*.self_attn.q_proj": "colwise",
-    "layers.*.self_attn.k_proj": "colwise",
-    "layers.*.self_attn.v_proj": "colwise",
-    "layers.*.self_attn.o_proj": "rowwise",
-    "layers.*.mlp.gate_proj": "colwise",
-    "layers.*.mlp.up_proj": "colwise",
-    "layers.*.mlp.down_proj": "rowwise",
-}
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def layer_tp_plan(model: nn.Module) -> dict[str, str]:
-    """The decoder's plan (patterns relative to the base model, e.g. ``layers.*.mlp.up_proj``):
-    the model's ``base_model_tp_plan``, else :data:`DEFAULT_LAYER_PLAN` when the model has
-    those modules.
-
-    Raises:
-        ValueError: no plan fits the model, or the plan uses a style nemo_pp does not map
-            (the model type and the entry are named).
-    """
-    config = _text_config(model.config)
-    kind = getattr(config, "model_type", type(model).__name__)
-    plan = dict(getattr(config, "base_model_tp_plan", None) or {})
-    if not plan:
-        names = {name.split(".", 1)[1] if "." in name else name for name, _ in model.named_modules()}
-        if any(fnmatch.fnmatch(n, pat) for n in names for pat in DEFAULT_LAYER_PLAN):
-            plan = dict(DEFAULT_LAYER_PLAN)
-        else:
-            raise ValueError(
-                f"distributed.tp_size > 1: model type '{kind}' ships no tensor-parallel plan (base_model_tp_plan) and "
-                "has none of the Llama-style projections nemo_pp's plan shards; set distributed.tp_size: 1"
-            )
-    unknown = {k: v for k, v in plan.items() if v not in STYLES}
-    if unknown:
-        key, style = next(iter(unknown.items()))
-        raise ValueError(
-            f"distributed.tp_size > 1: model type '{kind}' asks for '{style}' at {key}, a tensor-parallel style "
-            f"nemo_pp does not implement (it maps {', '.join(STYLES)}); set distributed.tp_size: 1"
-        )
-    return plan
-
-
-def check_tensor_parallel(model: nn.Module, tp: int) -> None:
-    """Refuse a ``tp`` the model's shapes cannot split evenly, naming the config field.
-
-    Raises:
-        ValueError: heads, kv heads, hidden, intermediate or vocabulary size not divisible
-            by ``tp``, or no usable plan (:func:`layer_tp_plan`).
-    """
-    if tp == 1:
-        return
-    config = _text_config(model.config)
-    for field in ("num_key_value_heads", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size"):
-        value = getattr(config, field, None)
-        if value is not None and value % tp:
-            divisors = [d for d in range(2, value + 1) if value % d == 0][:6]
-            raise ValueError(
-                f"distributed.tp_size={tp} does not divide the model's {field}={value}; use a tp_size that "
-                f"divides it (e.g. {', '.join(map(str, divisors))}) or distributed.tp_size: 1"
-            )
-    layer_tp_plan(model)
+assert set(STYLES) == set(TP_STYLE_NAMES)  # the model-side check accepts exactly what is mapped here
 
 
 def _base_prefix(model: nn.Module) -> str:
@@ -151,8 +89,6 @@ def _lora_plan(name: str, module: nn.Module, style: str, sp: bool) -> dict:
     Raises:
         ValueError: a style other than colwise/rowwise (nemo_pp has no adapter plan for it).
     """
-    from nemo_pp._peft.lora import ADAPTER_NAME
-
     a, b = f"{name}.lora_A.{ADAPTER_NAME}", f"{name}.lora_B.{ADAPTER_NAME}"
     if style == "colwise":
         plan = {f"{name}.base_layer": ColwiseParallel(), b: ColwiseParallel()}
@@ -179,11 +115,10 @@ def tensor_parallelize(model: nn.Module, tp_mesh, sequence_parallel: bool = Fals
 
     With ``sequence_parallel`` the hidden states between layers and between pipeline
     stages are ``[B, S/tp, H]`` sequence shards (:data:`SEQUENCE_PARALLEL_PLAN`); the
-    model and its decoder get ``_nemo_pp_sequence_shards = tp`` so positions, the causal
-    mask and the static stage shapes use the whole length.
+    stage's forward and static shapes must then be built for ``tp`` sequence shards
+    (``StageSpec.sequence_shards``, which the plan sets), so positions, the causal mask and
+    the shapes use the whole length.
     """
-    from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
-
     tied = is_tied(model)
     tied_fqns = tied_param_fqns(model) if tied else None
     prefix = _base_prefix(model)
@@ -213,10 +148,6 @@ def tensor_parallelize(model: nn.Module, tp_mesh, sequence_parallel: bool = Fals
     for n, p in model.named_parameters():  # SequenceParallel re-creates norm weights as trainable Parameters
         if n in frozen:
             p.requires_grad_(False)
-    if sp:
-        for module in (model, getattr(model, prefix[:-1], None) if prefix else None):
-            if module is not None:
-                module._nemo_pp_sequence_shards = tp_mesh.size()
     if tied:  # each style registered its own Parameter: make the head use the embedding's again
         embed_owner, _, embed_name = tied_fqns[0].rpartition(".")
         head_owner, _, head_name = tied_fqns[1].rpartition(".")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+#: the label of a position that carries no loss (padding, prompt tokens): PyTorch's
+#: ``cross_entropy`` default and Hugging Face's convention
+IGNORE_INDEX = -100
+
 _REDUCTIONS = ("sum", "mean")
 
 
@@ -28,7 +32,7 @@ class MaskedCrossEntropy:
         ValueError: ``reduction`` is not one of ``"sum"``, ``"mean"``.
     """
 
-    def __init__(self, fp32_upcast: bool = True, ignore_index: int = -100, reduction: str = "sum"):
+    def __init__(self, fp32_upcast: bool = True, ignore_index: int = IGNORE_INDEX, reduction: str = "sum"):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.fp32_upcast = fp32_upcast

@@ -66,7 +66,7 @@ class NeMoAutoModelForCausalLM:
         resolved = resolve_dtype(dtype if dtype is not None else torch_dtype) or torch.float32
         kwargs.setdefault("attn_implementation", "sdpa")
         if not load_weights:
-            from .loading import empty_model
+            from nemo_pp.models.loading import empty_model
 
             hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
             for k in _LOAD_ONLY_KWARGS:  # they steer a weight load, which does not happen here

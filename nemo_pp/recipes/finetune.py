@@ -16,21 +16,51 @@ complete checkpoint (``checkpoint.enabled: true``, ``checkpoint.restore_from: nu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import transformers
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
+from nemo_pp.checkpoint.checkpointer import Checkpointer
+from nemo_pp.checkpoint.hf_export import save_consolidated_hf
+from nemo_pp.checkpoint.peft_export import save_peft_adapter
 from nemo_pp.config import ConfigError, config_to_yaml, instantiate, parse_cli, write_text_atomic
-from nemo_pp.training.preflight import RunPlan, preflight_check
-from nemo_pp.training.schema import load_recipe_config
+from nemo_pp.datasets.packed_sequence import PackedSequenceDataset
+from nemo_pp.datasets.utils import SFTCollator
+from nemo_pp.distributed.context_parallel import ContextParallel
+from nemo_pp.distributed.init import destroy_distributed, initialize_distributed, set_seed
+from nemo_pp.distributed.mesh import build_device_mesh
+from nemo_pp.distributed.parallelize import build_parallelize_fn
+from nemo_pp.distributed.pipelining import AutoPipeline
+from nemo_pp.models.module_tree import is_tied, tied_param_fqns
+from nemo_pp.planning.run_plan import RunPlan, plan_run, profile_pipeline_costs, replan
+from nemo_pp.planning.schema import load_recipe_config
+from nemo_pp.training.data import build_dataloader, build_dataset_main_first
+from nemo_pp.training.engine import TrainEngine
+from nemo_pp.training.loggers import build_metric_loggers
+from nemo_pp.training.lr_scheduler import build_lr_scheduler
+from nemo_pp.training.metrics import format_step, peak_memory_bytes
+from nemo_pp.training.preemption import PreemptionWatcher
 
 logger = logging.getLogger("nemo_pp.finetune")
+
+
+@dataclass
+class TrainingPosition:
+    """Where training stands: optimizer steps done, the epoch, and the samples of that
+    epoch the whole data-parallel group has consumed (what a checkpoint records)."""
+
+    step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0
 
 
 class FinetuneRecipe:
@@ -41,34 +71,35 @@ class FinetuneRecipe:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "FinetuneRecipe":
-        from transformers import AutoTokenizer
+        """Plan, then build everything the run needs, in order; returns ``self``.
 
-        from nemo_pp.datasets.utils import SFTCollator
-        from nemo_pp.distributed.context_parallel import ContextParallel
-        from nemo_pp.distributed.init import initialize_distributed, set_seed
-        from nemo_pp.distributed.mesh import build_device_mesh
-        from nemo_pp.distributed.pipelining.tied import is_tied, tied_param_fqns
-        from nemo_pp.models.loading import SafetensorsCheckpoint
-        from nemo_pp.training.data import build_dataloader, build_dataset_main_first
-        from nemo_pp.training.engine import TrainEngine
-        from nemo_pp.training.lr_scheduler import build_lr_scheduler
-        from nemo_pp.training.loggers import build_metric_loggers
+        Raises:
+            ValueError / FileNotFoundError / ConfigError: a config the plan refuses (every
+                rank alike, before any weight is read), data that cannot be read.
+        """
+        self._plan_and_start()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizers()
+        self._setup_engine()
+        self._resume()
+        self.metrics = build_metric_loggers(self.cfg, self.out_dir, self.config_yaml, self.is_main,
+                                            append=self.plan.resume_from is not None)
+        return self
 
+    def _plan_and_start(self) -> None:
+        """Plan on every rank (no process group, no weight read), then start the process
+        group, mesh and seed; ``split: profile`` re-plans the split from piece times measured
+        on rank 0. Saves and prints the resolved config and the plan."""
         cfg = self.cfg
-        # 1. everything that can be checked without weights or communication, and the plan
-        self.plan: RunPlan = preflight_check(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-
-        # 2. processes, mesh, seed
+        self.plan: RunPlan = plan_run(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
         self.dist = initialize_distributed(cfg.dist_env.device, timeout_s=60 * cfg.dist_env.timeout_minutes)
         self.mesh = build_device_mesh(self.dist.device.type, self.plan.sizes)
         set_seed(cfg.seed)
         self.is_main = self.dist.is_main
         if cfg.distributed.pipeline.split == "profile" and self.plan.sizes.pp > 1:
-            # layer boundaries from piece times measured on rank 0's device, shared by all
-            from nemo_pp.training.preflight import profile_pipeline_costs
-
             costs = profile_pipeline_costs(cfg, self.plan, self.dist.device, self.is_main)
-            self.plan = preflight_check(cfg, world_size=self.plan.sizes.world_size, piece_costs=costs)
+            self.plan = replan(self.plan, costs)
             if self.is_main:
                 print(f"split: profile: fwd+bwd per microbatch: embedding {costs.embedding:.3f} s, layer "
                       f"{costs.layers[0]:.3f} s, head + loss {costs.head:.3f} s", flush=True)
@@ -79,7 +110,10 @@ class FinetuneRecipe:
             print(f"Resolved config (saved to {self.out_dir / 'config.yaml'}):\n{self.config_yaml}", flush=True)
             print(self.plan.describe(), flush=True)
 
-        # 3. tokenizer, data (each dp rank its own shard; pp ranks of a group read the same)
+    def _setup_data(self) -> None:
+        """Tokenizer, training and validation loaders: each dp rank its own shard, the pp,
+        cp and tp ranks of one dp rank the same batches."""
+        cfg = self.cfg
         if not self.is_main:
             datasets.disable_progress_bars()
             transformers.utils.logging.disable_progress_bar()
@@ -91,8 +125,6 @@ class FinetuneRecipe:
         train_collate = collate
         pack = cfg.packed_sequence.packed_sequence_size
         if pack:  # rows of several samples, padded to one length (validation stays unpacked)
-            from nemo_pp.datasets.packed_sequence import PackedSequenceDataset
-
             samples = len(train_ds)
             train_ds = PackedSequenceDataset(train_ds, pack, cfg.packed_sequence.split_across_pack)
             train_collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=pack)
@@ -111,66 +143,72 @@ class FinetuneRecipe:
                 shuffle=False, seed=cfg.seed, collate_fn=collate, num_workers=0,
             )
 
-        # 4. model (on the meta device: no weight read) -> this rank's stages, materialised and
-        #    loaded from the checkpoint (the whole model when pp_size is 1) -> optimizer per part
-        weights = None
-        if self.plan.meta_build:
-            model = instantiate(cfg.model, load_weights=False)
-            weights = SafetensorsCheckpoint.for_model(self.plan.model_path, model)
+    def _setup_model(self) -> None:
+        """This rank's stages from the plan: the plan's meta model (built once, in planning)
+        split, materialised and loaded from the checkpoint's tensors, then parallelized by the
+        plan's chain (LoRA, TP, CP, activation checkpointing, FSDP2); another loader's model
+        is built whole here and split the same way."""
+        cfg = self.cfg
+        plan = self.plan
+        if plan.meta_build:
+            model, weights = plan.meta_model, plan.weights
         else:
-            model = instantiate(cfg.model)
+            model, weights = instantiate(cfg.model), None
+            if plan.pipeline_dtype is not None:
+                model = model.to(plan.pipeline_dtype)
         self.model_config = model.config
         self.tied = is_tied(model)  # exported once, as the embedding
         self.tied_fqns = tied_param_fqns(model) if self.tied else None  # (embedding, head)
-        loss_fn = instantiate(cfg.loss_fn)
-        self.ap = instantiate(
-            cfg.distributed.pipeline, world_mesh=self.mesh.world, pp_batch_size=self.plan.local_batch_size,
-            pp_microbatch_size=self.plan.pipeline.microbatch_size, device=self.dist.device,
-        ).build(model, loss_fn=loss_fn, parallelize_fn=self.plan.parallelize_fn(self.mesh), plan=self.plan.pipeline,
-                weights=weights)
+        # the one ContextParallel of the run: the stages' attention and the engine's batch slicing
+        self.cp = ContextParallel(self.mesh, plan.cp_attention) if plan.sizes.cp > 1 else None
+        self.ap = AutoPipeline.from_plan(
+            plan, self.mesh, model=model, device=self.dist.device, loss_fn=instantiate(cfg.loss_fn),
+            parallelize_fn=build_parallelize_fn(plan, self.mesh, self.cp), weights=weights,
+        )
         self.parts = self.ap.parts
         if self.is_main:
             print(self.ap.debug_summary(), flush=True)
-        # only what trains (LoRA: the adapters); a stage with nothing to train gets an empty group
+        if plan.peft is not None and self.is_main:
+            n, total = plan.lora_params
+            print(f"LoRA: {n:,} trainable parameters of {total:,} ({100 * n / total:.2f} %; rank {plan.peft.dim}, "
+                  f"alpha {plan.peft.alpha})", flush=True)
+
+    def _setup_optimizers(self) -> None:
+        """One optimizer and one LR scheduler per model part, over what trains (LoRA: the
+        adapters); a part with nothing to train gets an empty group, so checkpoints stay uniform."""
+        cfg = self.cfg
         self.optimizers = [
             instantiate(cfg.optimizer, params=[{"params": [p for p in part.parameters() if p.requires_grad]}])
             for part in self.parts
         ]
-        if self.plan.peft is not None and self.is_main:
-            n, total = self.plan.lora_params
-            print(f"LoRA: {n:,} trainable parameters of {total:,} ({100 * n / total:.2f} %; rank {self.plan.peft.dim}, "
-                  f"alpha {self.plan.peft.alpha})", flush=True)
         self.total_steps = self.plan.total_steps(len(self.train_loader))
         self.lr_schedulers = [
             build_lr_scheduler(opt, self.total_steps, **dict(cfg.lr_scheduler)) for opt in self.optimizers
         ]
-        cp = ContextParallel(self.mesh, self.plan.cp_attention) if self.plan.sizes.cp > 1 else None
+
+    def _setup_engine(self) -> None:
+        """The step engine and the checkpointer."""
         self.engine = TrainEngine(
             self.ap, self.dist.device, dp_group=self.mesh.dp.get_group() if self.mesh.sizes.dp > 1 else None,
-            max_grad_norm=cfg.clip_grad_norm.max_norm, cp=cp,
+            max_grad_norm=self.cfg.clip_grad_norm.max_norm, cp=self.cp,
         )
-        del model
         self.checkpointer = self._build_checkpointer()
-        # where training starts: step, epoch and samples of that epoch already seen (global)
-        self.start = (0, 0, 0)
-        if self.plan.resume_from is not None:
-            start = time.perf_counter()
-            state = self.checkpointer.load(self.plan.resume_from)
-            self.start = (int(state["step"]), int(state["epoch"]), int(state.get("samples_in_epoch", 0)))
-            if self.is_main:
-                left = "" if self.start[0] < self.total_steps else "; nothing left to train (a new run needs another checkpoint.checkpoint_dir)"
-                print(f"resumed from {self.plan.resume_from} (written at layout {state.get('layout')}): step "
-                      f"{self.start[0]} of {self.total_steps}, epoch {self.start[1]} "
-                      f"[{time.perf_counter() - start:.1f} s]{left}", flush=True)
-        self.metrics = build_metric_loggers(cfg, self.out_dir, self.config_yaml, self.is_main,
-                                            append=self.plan.resume_from is not None)
-        return self
+
+    def _resume(self) -> None:
+        """Load the plan's checkpoint (if any) and set where training starts."""
+        self.start = TrainingPosition()
+        if self.plan.resume_from is None:
+            return
+        start = time.perf_counter()
+        state = self.checkpointer.load(self.plan.resume_from)
+        self.start = TrainingPosition(int(state["step"]), int(state["epoch"]), int(state.get("samples_in_epoch", 0)))
+        if self.is_main:
+            left = "" if self.start.step < self.total_steps else "; nothing left to train (a new run needs another checkpoint.checkpoint_dir)"
+            print(f"resumed from {self.plan.resume_from} (written at layout {state.get('layout')}): step "
+                  f"{self.start.step} of {self.total_steps}, epoch {self.start.epoch} "
+                  f"[{time.perf_counter() - start:.1f} s]{left}", flush=True)
 
     def _build_checkpointer(self):
-        import dataclasses
-
-        from nemo_pp.checkpoint.checkpointer import Checkpointer
-
         ck = self.cfg.checkpoint
         pipe = self.plan.pipeline
         return Checkpointer(
@@ -188,16 +226,12 @@ class FinetuneRecipe:
         """The consolidated Hugging Face folder of the current weights (collective); a
         LoRA run's PEFT adapter folder instead."""
         if self.plan.peft is not None:
-            from nemo_pp._peft.export import save_peft_adapter
-
             return save_peft_adapter(folder, self.parts, self.plan.peft, self.plan.model_path,
                                      is_writer=self.mesh.writes_stage_files)
         return self._export_merged(folder)
 
     def _export_merged(self, folder: Path) -> Path:
         """A Hugging Face model folder (LoRA adapters merged into their weights; collective)."""
-        from nemo_pp.checkpoint.hf_export import save_consolidated_hf
-
         tied = self.tied and not self.plan.lora_adapts_head  # an adapted head no longer equals the embedding
         return save_consolidated_hf(
             folder, self.parts, self.model_config, self.tokenizer, tied=tied,
@@ -218,35 +252,31 @@ class FinetuneRecipe:
         return loss
 
     def _step_batches(self):
-        """Yield lists of ``grad_acc_steps`` batches, one list per optimizer step, from
-        where the run starts (``self.start``); ``self.position`` is (epoch, samples of
-        that epoch consumed by the whole data-parallel group) after the list yielded."""
+        """Yield ``(batches, position)`` per optimizer step from where the run starts:
+        ``grad_acc_steps`` batches, and the :class:`TrainingPosition` after them."""
         acc = self.plan.grad_acc_steps
-        step, first_epoch, consumed = self.start
-        samples_per_step = acc * self.plan.local_batch_size * self.plan.sizes.dp
-        for epoch in range(first_epoch, self.plan.num_epochs):
+        first = self.start
+        step = first.step
+        for epoch in range(first.epoch, self.plan.num_epochs):
             if step >= self.total_steps:
                 return
-            self.train_loader.sampler.set_epoch(epoch, consumed if epoch == first_epoch else 0)
-            in_epoch = consumed if epoch == first_epoch else 0
+            in_epoch = first.samples_in_epoch if epoch == first.epoch else 0
+            self.train_loader.sampler.set_epoch(epoch, in_epoch)
             group = []
             for batch in self.train_loader:
                 group.append(batch)
                 if len(group) == acc:
-                    in_epoch += samples_per_step
-                    self.position = (epoch, in_epoch)
-                    yield group
-                    group = []
+                    in_epoch += self.plan.samples_per_step
                     step += 1
+                    yield group, TrainingPosition(step, epoch, in_epoch)
+                    group = []
                     if step >= self.total_steps:
                         return
 
-    def _save_checkpoint(self, step: int) -> None:
-        epoch, in_epoch = self.position
+    def _save_checkpoint(self, position: TrainingPosition) -> None:
+        step = position.step
         start = time.perf_counter()
-        path = self.checkpointer.save(
-            epoch, step, {"step": step, "epoch": epoch, "samples_in_epoch": in_epoch}, self.config_yaml
-        )
+        path = self.checkpointer.save(position.epoch, step, dataclasses.asdict(position), self.config_yaml)
         seconds = time.perf_counter() - start
         self.metrics.log({"event": "checkpoint", "step": step, "path": str(path), "blocking_s": seconds,
                           "async": self.cfg.checkpoint.is_async})
@@ -255,24 +285,28 @@ class FinetuneRecipe:
             tqdm.write(f"checkpoint {how}: {path} [{seconds:.1f} s blocking]")
 
     def run(self) -> dict:
-        from nemo_pp.training.metrics import format_step, peak_memory_bytes
-        from nemo_pp.training.preemption import PreemptionWatcher
+        """Train from the plan's start to ``total_steps``: validation before and after,
+        metrics per step, checkpoints every ``ckpt_every_steps``, at the end and on SIGTERM
+        (then exit without exporting), the Hugging Face export at the end.
 
+        Returns:
+            the summary record (also written to the metric sinks).
+        """
         cfg = self.cfg
         ck_on = cfg.checkpoint.enabled
         ck_every = cfg.step_scheduler.get("ckpt_every_steps")
         wall_start = time.perf_counter()
-        step = self.start[0]
-        self.position = self.start[1:]
+        step = self.start.step
+        position = self.start
         val_before = self._validate(step, "before training")
         bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", disable=not self.is_main,
                    dynamic_ncols=True)
         train_tokens, train_seconds, record, saved_at, preempted = 0, 0.0, {}, None, False
         val_every = cfg.step_scheduler.get("val_every_steps")
         with PreemptionWatcher(self.dist.device, enabled=ck_on) as watcher:
-            for batches in self._step_batches():
+            for batches, position in self._step_batches():
                 out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
-                step += 1
+                step = position.step
                 global_tokens = out["tokens"]  # summed over dp ranks; pp ranks of a group share them
                 train_tokens += global_tokens
                 train_seconds += out["step_time_s"]
@@ -293,15 +327,15 @@ class FinetuneRecipe:
                 self.checkpointer.poll()
                 preempted = watcher.requested()
                 if ck_on and (preempted or (ck_every and step % ck_every == 0)):
-                    self._save_checkpoint(step)
+                    self._save_checkpoint(position)
                     saved_at = step
                 if preempted:
                     break
                 if val_every and step % val_every == 0 and step < self.total_steps:
                     self._validate(step, "periodic")
             bar.close()
-            if ck_on and not preempted and saved_at != step and step > self.start[0]:
-                self._save_checkpoint(step)  # the end of training is always resumable
+            if ck_on and not preempted and saved_at != step and step > self.start.step:
+                self._save_checkpoint(position)  # the end of training is always resumable
             self.checkpointer.close()
         if preempted:
             if self.is_main:
@@ -311,7 +345,7 @@ class FinetuneRecipe:
             self.metrics.log(summary)
             self.metrics.close()
             return summary
-        val_after = self._validate(step, "after training") if step > self.start[0] else val_before
+        val_after = self._validate(step, "after training") if step > self.start.step else val_before
 
         export_dir = None
         if cfg.checkpoint.save_consolidated in ("final", "every"):
@@ -342,6 +376,11 @@ def _fmt(x: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: ``recipes/finetune.py --config X.yaml [overrides]``.
+
+    Returns:
+        0 after training; 2 for a config or input the plan refuses (printed on every rank).
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank = int(os.environ.get("RANK", 0))
     try:
@@ -356,8 +395,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe.run()
     finally:
-        from nemo_pp.distributed.init import destroy_distributed
-
         destroy_distributed()
     return 0
 

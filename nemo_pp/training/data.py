@@ -84,7 +84,7 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool):
     import torch.distributed as dist
 
     from nemo_pp.config import instantiate
-    from nemo_pp.distributed.init import first_error_of_all_ranks
+    from nemo_pp.errors import first_error_of_all_ranks
 
     def attempt():
         try:

@@ -19,10 +19,10 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from nemo_pp.distributed._torch_compat import run_schedule
+from nemo_pp._torch_compat import run_schedule
 from nemo_pp.distributed.grads import align_grad_placements, divide_grads
+from nemo_pp.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 def _label_tokens(batch: dict) -> int:
@@ -123,7 +123,7 @@ class TrainEngine:
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             # FSDP reduce-scatters once per optimizer step (after the last batch) when deferring
-            self.ap.set_grad_sync(i == len(batches) - 1 or not self.ap.defer_fsdp_grad_sync)
+            self.ap.set_grad_sync(i == len(batches) - 1 or not self.ap.plan.defer_fsdp_grad_sync)
             loss_sum += self._forward(batch, train=True)
         align_grad_placements(p for part in self.parts for p in part.parameters())
         divide_grads(self.parts, float(tokens.clamp(min=1)))

@@ -105,7 +105,7 @@ def build_metric_loggers(cfg, out_dir: Path, config_yaml: str, is_main: bool, ap
     ``cfg`` that are set (main rank only)."""
     from omegaconf import OmegaConf
 
-    from .metrics import JSONLLogger
+    from nemo_pp.training.metrics import JSONLLogger
 
     sinks: list = [JSONLLogger(out_dir / "metrics.jsonl", enabled=is_main, append=append)]
     if is_main and cfg.get("tensorboard") is not None:
@@ -117,15 +117,3 @@ def build_metric_loggers(cfg, out_dir: Path, config_yaml: str, is_main: bool, ap
     return MetricLoggers(sinks)
 
 
-def check_logger_packages(cfg) -> None:
-    """Raise before any work when a configured logger's package is missing.
-
-    Raises:
-        ValueError: names the section and the package to install.
-    """
-    import importlib.util
-
-    for section, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-        if cfg.get(section) is not None and importlib.util.find_spec(package) is None:
-            raise ValueError(f"{section}: the {package} package is not installed; pip install {package} "
-                             f"(or nemo_pp[loggers]), or remove the {section} section")

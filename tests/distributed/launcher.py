@@ -36,8 +36,8 @@ _PRELOAD = [
     "pytest", "torch", "torch.distributed.tensor", "torch.distributed.fsdp", "torch.distributed.pipelining",
     "torch.distributed.checkpoint", "transformers", "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2", "peft", "peft.tuners.lora", "datasets", "omegaconf", "hydra.utils",
-    "nemo_pp.config", "nemo_pp.distributed.pipelining", "nemo_pp.training.engine", "nemo_pp.training.preflight",
-    "nemo_pp.training.data", "nemo_pp.checkpoint.checkpointer", "nemo_pp._peft.export", "nemo_pp.distributed.context_parallel",
+    "nemo_pp.config", "nemo_pp.distributed.pipelining", "nemo_pp.training.engine", "nemo_pp.planning.run_plan",
+    "nemo_pp.training.data", "nemo_pp.checkpoint.checkpointer", "nemo_pp.checkpoint.peft_export", "nemo_pp.distributed.context_parallel",
     "tests.tiny_models", "tests.distributed.test_pipeline_parity", "tests.distributed.test_training_parity",
 ]
 

@@ -14,7 +14,8 @@ from tests.tiny_models import tiny_model
 
 
 def _build(world, schedule, model, batch=4, **kw):
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))

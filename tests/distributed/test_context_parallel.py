@@ -23,7 +23,8 @@ from tests.tiny_models import tiny_model
 
 def _run(rank, world, pp, dp_replicate, cp, tp, arch, tied, sp, ac, schedule, attention="allgather", device="cpu"):
     from nemo_pp.distributed.context_parallel import ContextParallel, ContextParallelizer
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, TensorParallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.training.engine import TrainEngine
@@ -44,7 +45,7 @@ def _run(rank, world, pp, dp_replicate, cp, tp, arch, tied, sp, ac, schedule, at
 
     parallelize = ComposedParallelizer(
         TensorParallelizer(mesh, sp) if tp > 1 else None,
-        ContextParallelizer(mesh, attention),
+        ContextParallelizer(ContextParallel(mesh, attention)),
         FSDP2Parallelizer(mesh, activation_checkpointing=ac),  # over dp_shard x cp (HSDP: dp_replicate too)
     )
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4,
@@ -101,7 +102,8 @@ def test_ring_attention_matches_the_unsplit_model_on_cuda(layout):
 
 def _ring_slices(rank, world):
     from nemo_pp.distributed.context_parallel import ContextParallel, shard_batch
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, cp_size=world))
     ids = torch.arange(48).reshape(2, 24)
@@ -123,7 +125,8 @@ def test_ring_path_slices_batches_as_the_allgather_path():
 
 def _run_family(rank, world, model_type):
     from nemo_pp.distributed.context_parallel import ContextParallel, ContextParallelizer
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.training.engine import TrainEngine
@@ -140,7 +143,7 @@ def _run_family(rank, world, model_type):
     ref_loss, ref_grads, _ = reference(ref, batches)
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="gpipe", pp_batch_size=4, device=torch.device("cpu")).build(
         model, loss_fn=sum_ce,
-        parallelize_fn=ComposedParallelizer(ContextParallelizer(mesh, "allgather"), FSDP2Parallelizer(mesh)))
+        parallelize_fn=ComposedParallelizer(ContextParallelizer(ContextParallel(mesh, "allgather")), FSDP2Parallelizer(mesh)))
     engine = TrainEngine(ap, torch.device("cpu"), max_grad_norm=None, cp=ContextParallel(mesh, "allgather"))
     out = engine.train_step([{"input_ids": ids, "labels": lb} for ids, lb in batches], [], [])
     assert abs(out["loss"] - ref_loss) <= 1e-5 * max(1.0, ref_loss), (out["loss"], ref_loss)

@@ -53,7 +53,8 @@ def family_model(model_type: str, **overrides) -> torch.nn.Module:
 
 
 def _run(rank, world, model_type):
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
@@ -88,7 +89,7 @@ def test_family_matches_hf_forward(model_type, pp):
 
 
 def test_moe_router_loss_is_refused_not_dropped():
-    from nemo_pp.distributed.pipelining.hf_utils import validate_hf_model_for_pipeline_support
+    from nemo_pp.models.stage_forward import validate_hf_model_for_pipeline_support
 
     model = family_model("mixtral")
     validate_hf_model_for_pipeline_support(model)

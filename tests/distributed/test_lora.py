@@ -60,10 +60,11 @@ def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir, tp=1, sp=F
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from nemo_pp._peft.export import save_peft_adapter
+    from nemo_pp.checkpoint.peft_export import save_peft_adapter
     from nemo_pp._peft.lora import LoraParallelizer, PeftConfig, matched_linear_modules
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, TensorParallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.training.engine import TrainEngine

@@ -14,11 +14,13 @@ from tests.tiny_models import tiny_model
 def _run_meta(rank, world, ckpt, pp, schedule):
     from transformers import AutoModelForCausalLM
 
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import FSDP2Parallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
-    from nemo_pp.distributed.pipelining.schedules import SPLIT_BACKWARD_SCHEDULES, canonical_schedule_name
-    from nemo_pp.distributed.pipelining.tied import is_tied
+    from nemo_pp.planning.schedules import SPLIT_BACKWARD_SCHEDULES, canonical_schedule_name
+    from nemo_pp.models.module_tree import is_tied
     from nemo_pp.models import NeMoAutoModelForCausalLM
     from nemo_pp.models.loading import SafetensorsCheckpoint
 

@@ -51,7 +51,8 @@ def test_pp1_is_a_one_stage_pipeline_with_virtual_stages_too():
 
 
 def _run_bf16(rank, world):
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
     from tests.distributed.test_pipeline_parity import step_once
 
@@ -82,7 +83,9 @@ def test_dtype_by_name_is_applied():
 def _run_tools(rank, world):
     import torch.distributed as dist
 
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
@@ -158,7 +161,8 @@ def test_empty_split_fails_with_the_same_error_on_every_rank(real_assets, tmp_pa
 
 
 def _run_checkpointed(rank, world):
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import ActivationCheckpointing
     from nemo_pp.distributed.pipelining import AutoPipeline
     from tests.distributed.test_pipeline_parity import reference, step_once
@@ -198,7 +202,9 @@ def test_a_stage_of_lm_head_alone_applies_it(world, schedule):
 def _run_fsdp_mixed_precision(rank, world):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import FSDP2Parallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
     from tests.distributed.test_pipeline_parity import reference, step_once
@@ -234,7 +240,8 @@ def test_fsdp2_mixed_precision_bf16_compute_on_fp32_masters():
 
 
 def _run_balanced(rank, world):
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
     from tests.distributed.test_pipeline_parity import reference, step_once
 

@@ -46,7 +46,8 @@ def assert_weights_match(ap, ref) -> None:
 
 def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir, sp=False):
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, TensorParallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.training.engine import TrainEngine
@@ -66,7 +67,7 @@ def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir, sp=False):
                    for part in ap.parts for p in part.parameters())
     if sp:  # norms compute on sequence shards: their weights became (replicated) DTensors
         assert all(getattr(part, "_nemo_pp_sequence_shards", 1) == tp for part in ap.parts)
-        from nemo_pp.distributed.pipelining.split import decoder_layers
+        from nemo_pp.models.module_tree import decoder_layers
 
         assert all(hasattr(layer.input_layernorm.weight, "placements") for part in ap.parts for layer in decoder_layers(part))
     opts = [torch.optim.AdamW(p.parameters(), lr=LR, weight_decay=0.1) for p in ap.parts]

@@ -73,7 +73,8 @@ def _count_reduce_scatters() -> list:
 
 def _run_training(rank, world, pp, arch, tied, schedule, export_dir, activation_checkpointing=False, defer=True):
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
-    from nemo_pp.distributed.mesh import build_device_mesh, resolve_parallel_sizes
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import FSDP2Parallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.training.engine import TrainEngine
@@ -85,7 +86,7 @@ def _run_training(rank, world, pp, arch, tied, schedule, export_dir, activation_
     steps = _batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
     ref_norms = [r["norm"] for r in reference_training(ref, steps)]
 
-    from nemo_pp.distributed.pipelining.schedules import SPLIT_BACKWARD_SCHEDULES, canonical_schedule_name
+    from nemo_pp.planning.schedules import SPLIT_BACKWARD_SCHEDULES, canonical_schedule_name
 
     reshard = canonical_schedule_name(schedule) not in SPLIT_BACKWARD_SCHEDULES
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4, device=torch.device("cpu"),

@@ -1,4 +1,4 @@
-"""nemo_pp.training.schema: the recipe's typed config, its defaults and its checks."""
+"""nemo_pp.planning.schema: the recipe's typed config, its defaults and its checks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from nemo_pp.config import ConfigError, instantiate, parse_cli, save_config, validate_targets
-from nemo_pp.training.schema import FinetuneConfig, PipelineConfig, load_recipe_config, schema_defaults
+from nemo_pp.planning.schema import FinetuneConfig, PipelineConfig, load_recipe_config, schema_defaults
 
 REAL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smollm2_135m_squad_pp2.yaml"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_pp.distributed.context_parallel import _allowed, resolve_cp_attention, shard_batch, zigzag_positions
+from nemo_pp.distributed.context_parallel import _allowed, shard_batch, zigzag_positions
+from nemo_pp.planning.checks import resolve_cp_attention
 
 
 @pytest.mark.parametrize("cp", [2, 3, 4])

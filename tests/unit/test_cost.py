@@ -11,13 +11,13 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from nemo_pp.distributed.pipelining.cost import (
+from nemo_pp.planning.cost import (
     PieceCosts,
     balanced_layer_counts,
     flop_costs,
-    simulated_step_seconds,
 )
-from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
+from nemo_pp.planning.timeline import simulated_step_seconds
+from nemo_pp.planning.pipeline import make_pipeline_plan
 from nemo_pp.models.loading import empty_model
 
 SMOLLM2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

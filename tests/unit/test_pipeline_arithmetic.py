@@ -2,8 +2,8 @@
 
 import pytest
 
-from nemo_pp.distributed.mesh import resolve_parallel_sizes
-from nemo_pp.distributed.pipelining.split import MULTIMODAL_ENCODER_NAMES
+from nemo_pp.planning.dims import resolve_parallel_sizes
+from nemo_pp.planning.split import MULTIMODAL_ENCODER_NAMES
 from nemo_pp.distributed.pipelining.functional import (
     calculate_virtual_stages,
     canonical_schedule_name,
@@ -113,7 +113,7 @@ def test_grad_sync_switches_torch_already_covers_are_refused_with_the_reason():
 
 
 def test_plan_of_a_csv_schedule_reads_placement_from_the_file(tmp_path):
-    from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
+    from nemo_pp.planning.pipeline import make_pipeline_plan
 
     plan = make_pipeline_plan(None, 2, None, "configs/schedules/1f1b_pp2_mb4_swapped.csv", 1, 4)
     assert (plan.placement, plan.stage_ids, plan.owner(0), plan.n_microbatches) == ("csv", ((1,), (0,)), 1, 4)
@@ -126,7 +126,7 @@ def test_plan_of_a_csv_schedule_reads_placement_from_the_file(tmp_path):
 
 
 def test_csv_plan_knows_split_backward_from_its_actions(tmp_path):
-    from nemo_pp.distributed.pipelining.plan import make_pipeline_plan
+    from nemo_pp.planning.pipeline import make_pipeline_plan
 
     zb = tmp_path / "zb.csv"
     zb.write_text("0F0,0F1,0I0,0W0,0I1,0W1\n1F0,1I0,1W0,1F1,1I1,1W1\n")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nemo_pp.config import ConfigError
-from nemo_pp.training.schema import load_recipe_config
-from nemo_pp.training.preflight import preflight_check
+from nemo_pp.planning.schema import load_recipe_config
+from nemo_pp.planning.run_plan import plan_run
 from tests.tiny_models import tiny_model
 
 YAML = """
@@ -38,7 +38,7 @@ def cfg_file(tmp_path):
 
 def check(path, *overrides, world=2):
     cfg = load_recipe_config(path, list(overrides))
-    return preflight_check(cfg, world_size=world)
+    return plan_run(cfg, world_size=world)
 
 
 def test_good_config_derives_the_plan(cfg_file):
@@ -109,7 +109,9 @@ def test_pp1_plan_is_one_stage_and_max_steps_0_is_an_evaluate_only_run(cfg_file)
 def test_tp_plans_where_the_heads_divide(cfg_file):
     plan = check(cfg_file, "distributed.tp_size=2", world=4)
     assert (plan.sizes.pp, plan.sizes.tp, plan.sizes.dp) == (2, 2, 1)
-    assert type(plan.parallelize_fn(None)).__name__ == "TensorParallelizer"  # nothing else to compose
+    from nemo_pp.distributed.parallelize import build_parallelize_fn
+
+    assert type(build_parallelize_fn(plan, None)).__name__ == "TensorParallelizer"  # nothing else to compose
 
 
 def test_smollm2_tp_2_refused_naming_kv_heads_and_tp_3_planned(real_assets, tmp_path):
@@ -195,7 +197,7 @@ def test_bad_packing_names_the_key(cfg_file, overrides, message):
 
 
 def test_packing_plans_stages_at_the_row_length(cfg_file):
-    from nemo_pp.training.preflight import planning_seq_len
+    from nemo_pp.planning.run_plan import planning_seq_len
 
     cfg = load_recipe_config(cfg_file, ["packed_sequence.packed_sequence_size=512", "+dataset.seq_length=128"])
     assert planning_seq_len(cfg) == 512
@@ -204,14 +206,14 @@ def test_packing_plans_stages_at_the_row_length(cfg_file):
 
 def test_context_parallel_plan(cfg_file):
     """cp 2 on the CPU: the all-gather attention, batches padded to whole chunks, FSDP2 over dp_shard x cp."""
-    from nemo_pp.distributed.context_parallel import ContextParallelizer
-    from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer
+    from nemo_pp.distributed.context_parallel import ContextParallel, ContextParallelizer
+    from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, build_parallelize_fn
 
     plan = check(cfg_file, "distributed.cp_size=2", "dataloader.pad_seq_len_divisible=6", world=4)
     assert (plan.sizes.pp, plan.sizes.dp, plan.sizes.cp, plan.cp_attention) == (2, 1, 2, "allgather")
     assert plan.pad_seq_len_divisible == 12  # lcm(6, 2 * cp)
     assert "Context parallel: 2 ranks per sequence" in plan.describe()
-    fn = plan.parallelize_fn(mesh=None)
+    fn = build_parallelize_fn(plan, None, ContextParallel(None, plan.cp_attention))
     assert isinstance(fn, ComposedParallelizer)
     assert [type(s) for s in fn.steps[-2:]] == [ContextParallelizer, FSDP2Parallelizer]
     sp = check(cfg_file, "distributed.cp_size=2", "distributed.tp_size=2", "distributed.sequence_parallel=true", world=8)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from nemo_pp.config import parse_cli
-from nemo_pp.training.preflight import preflight_check
-from nemo_pp.training.schema import load_recipe_config
+from nemo_pp.planning.run_plan import plan_run
+from nemo_pp.planning.schema import load_recipe_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,5 +50,5 @@ def test_readme_command_passes_preflight(real_assets, command):
     # a checkpoint a command names exists only after a run: check the rest of the command
     overrides = [o for o in overrides if not o.startswith("checkpoint.restore_from=")]
     cfg = load_recipe_config(ROOT / path, overrides)
-    plan = preflight_check(cfg, world_size(tokens[:at]))
+    plan = plan_run(cfg, world_size(tokens[:at]))
     assert plan.sizes.world_size == world_size(tokens[:at])

@@ -5,7 +5,7 @@ cannot be installed beside 2.13)."""
 import pytest
 import torch
 
-from nemo_pp.distributed import _torch_compat as compat
+from nemo_pp import _torch_compat as compat
 
 
 class Stage211:

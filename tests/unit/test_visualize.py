@@ -2,7 +2,8 @@
 
 import pytest
 
-from nemo_pp.distributed.pipelining.visualize import bubble_fraction, save_schedule_png, schedule_actions
+from nemo_pp.distributed.pipelining.visualize import save_schedule_png
+from nemo_pp.planning.timeline import bubble_fraction, schedule_actions
 
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b"])

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .loading import load_rows
-from .sft import IGNORE_INDEX, check_seq_length, check_tokenizer
+from nemo_pp.datasets.llm.loading import load_rows
+from nemo_pp.datasets.llm.sft import IGNORE_INDEX, check_seq_length, check_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .loading import load_rows
-from .sft import check_seq_length, check_tokenizer, prompt_answer_example
+from nemo_pp.datasets.llm.loading import load_rows
+from nemo_pp.datasets.llm.sft import check_seq_length, check_tokenizer, prompt_answer_example
 
 ROLES = ("context", "question", "answer")
 REQUIRED_ROLES = ("question", "answer")

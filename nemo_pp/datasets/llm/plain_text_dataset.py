@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .loading import load_rows
-from .sft import check_seq_length, check_tokenizer
+from nemo_pp.datasets.llm.loading import load_rows
+from nemo_pp.datasets.llm.sft import check_seq_length, check_tokenizer
 
 
 class PlainTextDataset(torch.utils.data.Dataset):

@@ -8,7 +8,8 @@ The loss does not shift again.
 
 from __future__ import annotations
 
-IGNORE_INDEX = -100
+from nemo_pp.loss import IGNORE_INDEX
+
 
 
 def truncate_prompt_answer(prompt: list[int], answer: list[int], seq_length: int) -> tuple[list[int], list[int]]:

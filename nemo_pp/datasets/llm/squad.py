@@ -18,7 +18,7 @@ import torch
 
 from nemo_pp.assets import looks_like_local_path, missing_asset_message, squad_dir
 
-from .sft import IGNORE_INDEX, prompt_answer_example  # noqa: F401  (IGNORE_INDEX: re-exported)
+from nemo_pp.datasets.llm.sft import IGNORE_INDEX, prompt_answer_example  # noqa: F401  (IGNORE_INDEX: re-exported)
 
 
 def load_squad_rows(path_or_dataset: str, split: str):

@@ -1,5 +1,5 @@
 """Pipeline parallelism for Hugging Face causal LMs (``AutoPipeline`` and the functional API)."""
 
-from .autopipeline import AutoPipeline, PipelineInfo
+from nemo_pp.distributed.pipelining.autopipeline import AutoPipeline, PipelineInfo
 
 __all__ = ["AutoPipeline", "PipelineInfo"]

@@ -11,12 +11,15 @@ from torch import nn
 
 from nemo_pp.models.auto_model import resolve_dtype
 
-from ..grads import clip_grad_norm_across_stages, divide_grads
-from .functional import ParallelizeFnProtocol, check_grad_sync_options, pipeline_from_plan, reset_pp_stage_shapes
-from .hf_utils import validate_hf_model_for_pipeline_support
-from .plan import PipelinePlan, make_pipeline_plan
-from .split import stage_parameters, validate_stage_modules
-from .tied import TiedEmbeddingSync, is_tied, tied_param_fqns
+from nemo_pp.distributed.grads import clip_grad_norm_across_stages, divide_grads
+from nemo_pp.distributed.pipelining.build import build_pipeline, pp_submesh
+from nemo_pp.distributed.pipelining.functional import ParallelizeFnProtocol, reset_pp_stage_shapes
+from nemo_pp.distributed.pipelining.tied import TiedEmbeddingSync
+from nemo_pp.models.module_tree import is_tied, stage_parameters, tied_param_fqns
+from nemo_pp.models.stage_forward import validate_hf_model_for_pipeline_support
+from nemo_pp.planning.checks import check_grad_sync_options
+from nemo_pp.planning.pipeline import PipelinePlan, StageSpec, make_pipeline_plan
+from nemo_pp.planning.split import validate_stage_modules
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +113,9 @@ class AutoPipeline:
         max_stage_params: Optional[int] = None,
     ):
         check_grad_sync_options(patch_stage_backward_maybe_with_nosync)
-        if world_mesh is None:
-            raise ValueError("AutoPipeline needs world_mesh (a DeviceMesh with a 'pp' axis)")
-        if pp_axis_name not in (world_mesh.mesh_dim_names or ()):
-            raise ValueError(f"world_mesh has no axis '{pp_axis_name}' (axes: {world_mesh.mesh_dim_names})")
-        self.world_mesh = world_mesh
-        self.moe_mesh = moe_mesh
-        self.pp_axis_name = pp_axis_name
+        self._init_runtime(world_mesh, moe_mesh, pp_axis_name, dp_axis_names, cp_axis_name, tp_axis_name,
+                           ep_axis_name, ep_shard_axis_names, device)
+        # NeMo's settings, read by make_plan / build (from_plan takes them from the plan)
         self.dp_axis_names = tuple(dp_axis_names)
         self.cp_axis_name = cp_axis_name
         self.tp_axis_name = tp_axis_name
@@ -133,21 +132,11 @@ class AutoPipeline:
         self.patch_causal_lm_model = patch_causal_lm_model
         self.patch_stage_backward_maybe_with_nosync = patch_stage_backward_maybe_with_nosync
         self.defer_fsdp_grad_sync = defer_fsdp_grad_sync
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.device = torch.device(device)  # an int is a CUDA index, as torch.device reads it
         self.dtype = resolve_dtype(dtype, "distributed.pipeline.dtype")
         self.scale_grads_in_schedule = scale_grads_in_schedule
         self.pp_seq_len = pp_seq_len
         self.split = split
         self.max_stage_params = max_stage_params
-
-        self._info = PipelineInfo(False, None, False, False, None, None)
-        self._plan: Optional[PipelinePlan] = None
-        self._param_counts: dict[bool, list[int]] = {}
-        self._model_config = None
-        self._seq_len: Optional[int] = None
-        self._tied: Optional[TiedEmbeddingSync] = None
 
     # ------------------------------------------------------------------ build
     @property
@@ -156,8 +145,7 @@ class AutoPipeline:
 
     @property
     def _pp_mesh(self):
-        mesh = self.world_mesh
-        return mesh[self.pp_axis_name] if mesh.ndim > 1 else mesh
+        return pp_submesh(self.world_mesh, self.pp_axis_name)
 
     def make_plan(self, model: nn.Module) -> PipelinePlan:
         """The :class:`PipelinePlan` of these settings for ``model`` (meta-device is fine);
@@ -170,7 +158,10 @@ class AutoPipeline:
             model, self.pp_size, self.pp_schedule, self.pp_schedule_csv, self.pp_microbatch_size,
             self.pp_batch_size, self.layers_per_stage, self.round_virtual_stages_to_pp_multiple,
             self.module_fqns_per_model_part, split=self.split, seq_len=self.pp_seq_len,
-            max_stage_params=self.max_stage_params,
+            max_stage_params=self.max_stage_params, scale_grads=self.scale_grads_in_schedule,
+            defer_fsdp_grad_sync=self.defer_fsdp_grad_sync,
+            stage=StageSpec(patch_inner_model=self.patch_inner_model, patch_causal_lm_model=self.patch_causal_lm_model,
+                            activation_dtype=self.dtype, seq_len=self.pp_seq_len),
         )
 
     def build(
@@ -181,15 +172,16 @@ class AutoPipeline:
         plan: Optional[PipelinePlan] = None,
         weights=None,
     ) -> "AutoPipeline":
-        """Validate, split into this rank's stages, parallelize each part, build the schedule.
+        """Plan (or check the given plan against ``model``), split into this rank's stages,
+        parallelize each part, build the schedule: NeMo AutoModel's entry point. A plan made
+        beforehand without these checks is built by :meth:`from_plan`.
 
         Args:
             model: the full model (HF ``...ForCausalLM`` or a custom module).
             loss_fn: ``loss_fn(output, target) -> scalar`` for the last stage.
             parallelize_fn: applied once per model part (TP / FSDP2 / checkpointing); it
                 receives only the keyword arguments its signature accepts.
-            plan: a plan made beforehand (the recipe's preflight makes it from a
-                meta-device model); None: :meth:`make_plan` of ``model``.
+            plan: a plan made beforehand; None: :meth:`make_plan` of ``model``.
             weights: where a meta-device ``model``'s stages read their tensors
                 (``nemo_pp.models.loading.SafetensorsCheckpoint``): each rank allocates
                 and reads only its own stages.
@@ -215,19 +207,98 @@ class AutoPipeline:
                 f"from this AutoPipeline's pp_batch_size={self.pp_batch_size}, pp_microbatch_size={self.pp_microbatch_size}"
             )
         validate_hf_model_for_pipeline_support(model, self.patch_inner_model, self.patch_causal_lm_model, plan.num_stages)
+        return self._materialise(model, plan, loss_fn, parallelize_fn, weights)
+
+    @classmethod
+    def from_plan(
+        cls,
+        plan,
+        world_mesh,
+        *,
+        model: Optional[nn.Module] = None,
+        device: Optional[torch.device] = None,
+        loss_fn: Optional[Callable] = None,
+        parallelize_fn: Optional[ParallelizeFnProtocol] = None,
+        weights=None,
+        moe_mesh=None,
+        pp_axis_name: str = "pp",
+        dp_axis_names: tuple[str, ...] = ("dp",),
+        cp_axis_name: Optional[str] = None,
+        tp_axis_name: Optional[str] = None,
+        ep_axis_name: Optional[str] = None,
+        ep_shard_axis_names: Optional[tuple[str, ...]] = None,
+    ) -> "AutoPipeline":
+        """Build this rank's pipeline from a plan, trusting it: nothing the plan decided
+        (stage modules, microbatches, model support) is checked again.
+
+        Args:
+            plan: a :class:`~nemo_pp.planning.run_plan.RunPlan` (its ``pipeline`` and its
+                ``meta_model``) or a :class:`PipelinePlan`.
+            world_mesh: the DeviceMesh with a ``pp_axis_name`` axis, or a
+                :class:`~nemo_pp.distributed.mesh.MeshBundle` (its ``world``).
+            model: the model to split; default the run plan's meta model (then each rank
+                materialises only its stages from ``weights``). A model the plan was not
+                made from has its stage modules checked against the plan.
+            device: where the stages go (default: CUDA if available, else CPU).
+            loss_fn: ``loss_fn(output, target) -> scalar`` for the last stage.
+            parallelize_fn: applied once per model part
+                (:func:`nemo_pp.distributed.parallelize.build_parallelize_fn` for a run plan).
+            weights: a ``SafetensorsCheckpoint`` for a meta-device model.
+            moe_mesh, *_axis_name(s): passed to ``parallelize_fn``.
+
+        Raises:
+            ValueError: no model to build, a mesh without the pp axis or of another pp
+                size, or a given model that lacks the plan's modules.
+        """
+        pipeline = getattr(plan, "pipeline", plan)
+        planned = getattr(plan, "meta_model", None)
+        if model is None:
+            model = planned
+        if model is None:
+            raise ValueError("AutoPipeline.from_plan needs model= (the plan holds no meta model)")
+        if pipeline.module_fqns is None:
+            raise ValueError("AutoPipeline.from_plan needs a plan made with the model (module_fqns is None)")
+        if model is not planned:  # the plan never saw this model
+            validate_stage_modules(model, [list(m) for m in pipeline.module_fqns])
+        self = cls.__new__(cls)
+        self._init_runtime(getattr(world_mesh, "world", world_mesh), moe_mesh, pp_axis_name, dp_axis_names,
+                           cp_axis_name, tp_axis_name, ep_axis_name, ep_shard_axis_names, device)
+        return self._materialise(model, pipeline, loss_fn, parallelize_fn, weights)
+
+    def _init_runtime(self, world_mesh, moe_mesh, pp_axis_name, dp_axis_names, cp_axis_name, tp_axis_name,
+                      ep_axis_name, ep_shard_axis_names, device) -> None:
+        if world_mesh is None:
+            raise ValueError("AutoPipeline needs world_mesh (a DeviceMesh with a 'pp' axis)")
+        if pp_axis_name not in (world_mesh.mesh_dim_names or ()):
+            raise ValueError(f"world_mesh has no axis '{pp_axis_name}' (axes: {world_mesh.mesh_dim_names})")
+        self.world_mesh = world_mesh
+        self.moe_mesh = moe_mesh
+        self.pp_axis_name = pp_axis_name
+        self._parallelize_kwargs = dict(
+            dp_axis_names=tuple(dp_axis_names), cp_axis_name=cp_axis_name, tp_axis_name=tp_axis_name,
+            ep_axis_name=ep_axis_name, ep_shard_axis_names=ep_shard_axis_names)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device(device)  # an int is a CUDA index, as torch.device reads it
+        self._info = PipelineInfo(False, None, False, False, None, None)
+        self._plan: Optional[PipelinePlan] = None
+        self._param_counts: dict[bool, list[int]] = {}
+        self._model_config = None
+        self._seq_len: Optional[int] = None
+        self._tied: Optional[TiedEmbeddingSync] = None
+
+    def _materialise(self, model: nn.Module, plan: PipelinePlan, loss_fn, parallelize_fn, weights) -> "AutoPipeline":
+        """Stages, parallelize_fn, schedule and tied-embedding sync of ``plan`` on this rank."""
         tied = plan.num_stages > 1 and is_tied(model)
         tied_fqns = tied_param_fqns(model) if tied else None
         self._model_config = getattr(model, "config", None)
         self._param_counts = {only: [_count(model, names, only) for names in plan.module_fqns] for only in (False, True)}
-        schedule, parts, has_first, has_last, stages = pipeline_from_plan(
+        schedule, parts, has_first, has_last, stages = build_pipeline(
             model, plan, self.world_mesh, self.moe_mesh, self.pp_axis_name, self.device, loss_fn, parallelize_fn,
-            dict(dp_axis_names=self.dp_axis_names, cp_axis_name=self.cp_axis_name, tp_axis_name=self.tp_axis_name,
-                 ep_axis_name=self.ep_axis_name, ep_shard_axis_names=self.ep_shard_axis_names),
-            self.patch_inner_model, self.patch_causal_lm_model, self.scale_grads_in_schedule,
-            self.pp_seq_len, self.dtype, weights,
+            self._parallelize_kwargs, weights,
         )
         self._plan = plan
-        self._seq_len = self.pp_seq_len if self._model_config is not None else None
+        self._seq_len = plan.stage.seq_len if self._model_config is not None else None
         self._info = PipelineInfo(True, schedule, has_first, has_last, parts, stages)
         if tied:
             pp_dim = list(self.world_mesh.mesh_dim_names).index(self.pp_axis_name) if self.world_mesh.ndim > 1 else 0
@@ -279,14 +350,9 @@ class AutoPipeline:
             return
         if self._model_config is None:
             raise RuntimeError("update_seq_len needs a model with a .config (hidden_size, vocab_size)")
-        reset_pp_stage_shapes(
-            self._info.schedule,
-            self._info.stages,
-            self._model_config,
-            self.plan.microbatch_size,
-            int(seq_len),
-            self.dtype,
-        )
+        spec = self.plan.stage
+        reset_pp_stage_shapes(self._info.schedule, self._info.stages, self._model_config, self.plan.microbatch_size,
+                              int(seq_len), spec.activation_dtype, spec.sequence_shards)
         self._seq_len = int(seq_len)
 
     # --------------------------------------------------------------- grads
@@ -338,11 +404,13 @@ class AutoPipeline:
         return self.plan.describe(self.get_stage_param_counts(trainable_only), max_modules_per_stage)
 
     def debug_summary(self) -> str:
-        info = self._info
+        """This rank's pipeline in a few lines: schedule, microbatches, local stages and their
+        parameter counts (local: after sharding), tied embeddings."""
+        info, plan = self._info, self._plan
         lines = [
             f"AutoPipeline: enabled={info.enabled} schedule={type(info.schedule).__name__ if info.schedule else None}",
-            f"  pp_microbatch_size={self.pp_microbatch_size} pp_batch_size={self.pp_batch_size} "
-            f"microbatches={self._plan.n_microbatches if self._plan else None} seq_len={self._seq_len}",
+            f"  pp_microbatch_size={plan.microbatch_size if plan else None} pp_batch_size={plan.batch_size if plan else None} "
+            f"microbatches={plan.n_microbatches if plan else None} seq_len={self._seq_len}",
             f"  local stages={[s.stage_index for s in info.stages or []]} has_first={info.has_first_stage} "
             f"has_last={info.has_last_stage} tied_embeddings={self._tied is not None}",
         ]
@@ -357,11 +425,12 @@ class AutoPipeline:
         (``pp_batch_size // pp_microbatch_size``; NeMo passes the microbatch size there),
         so CSV schedules draw too. Returns the file name (default ``pipeline_schedule.png``).
         """
-        from .visualize import save_schedule_png, schedule_actions
+        from nemo_pp.distributed.pipelining.visualize import save_schedule_png, schedule_actions
 
         return save_schedule_png(schedule_actions(self._info.schedule), filename or "pipeline_schedule.png")
 
     def log_debug_summary(self) -> None:
+        """Log :meth:`debug_summary` at INFO level (NeMo's name)."""
         logger.info("%s", self.debug_summary())
 
 

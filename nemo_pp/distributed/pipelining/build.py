@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
+from nemo_pp._torch_compat import NemoPipelineStage, load_schedule_actions, runtime_schedule_class
+from nemo_pp.distributed.pipelining.shapes import _precompute_stage_shapes
 from nemo_pp.models.loading import materialize
-
-from .._torch_compat import NemoPipelineStage, load_schedule_actions, runtime_schedule_class
-from .plan import PipelinePlan
-from .split import copy_pruned
+from nemo_pp.models.module_tree import copy_pruned
+from nemo_pp.models.stage_forward import make_stage_emit_tensor, patch_hf_model_for_pp
+from nemo_pp.planning.pipeline import PipelinePlan
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,6 @@ def build_stages(
     pp_rank: int,
     pp_group,
     device: torch.device,
-    patch_inner_model: bool = True,
-    patch_causal_lm_model: bool = True,
     weights=None,
 ) -> tuple[list, list[nn.Module]]:
     """Copy this rank's stages out of ``model`` (pruned copies, original FQNs) and wrap them.
@@ -39,8 +38,9 @@ def build_stages(
         plan: the pipeline plan (its ``module_fqns`` must be set).
         pp_rank / pp_group: this rank's index in, and the process group of, the pp axis.
         device: where the stage modules go.
-        patch_inner_model / patch_causal_lm_model: install the tensor-returning forwards
-            of ``hf_utils``; with neither, ``ModelOutput`` results are unwrapped to tensors.
+            Its ``stage`` spec says which forwards to install (``patch_inner_model`` /
+            ``patch_causal_lm_model``; with neither, ``ModelOutput`` results are unwrapped
+            to tensors) and for how many sequence shards.
         weights: for a meta-device model, an object with ``load_into(module)`` (e.g.
             ``nemo_pp.models.loading.SafetensorsCheckpoint``).
 
@@ -50,18 +50,15 @@ def build_stages(
     Raises:
         ValueError: a meta-device model without ``weights``.
     """
-    from .hf_utils import make_stage_emit_tensor, patch_hf_model_for_pp
-
     if plan.module_fqns is None:
         raise ValueError("build_stages needs a plan made with the model (module_fqns is None)")
     stages, parts = [], []
     for stage_idx in plan.stages_of(pp_rank):
         part = copy_pruned(model, plan.module_fqns[stage_idx])
-        if patch_inner_model or patch_causal_lm_model:
-            patch_hf_model_for_pp(part, patch_inner_model, patch_causal_lm_model)
+        spec = plan.stage
+        if spec.patch_inner_model or spec.patch_causal_lm_model:
+            patch_hf_model_for_pp(part, spec.patch_inner_model, spec.patch_causal_lm_model, spec.sequence_shards)
         make_stage_emit_tensor(part)
-        part._pp_stage_index = stage_idx
-        part._pp_module_fqns = list(plan.module_fqns[stage_idx])
         if any(p.is_meta for p in part.parameters()):
             if weights is None:
                 raise ValueError("the model has meta-device parameters: pass weights= (a SafetensorsCheckpoint) to load them")
@@ -120,3 +117,51 @@ def build_schedule(plan: PipelinePlan, stages: list, loss_fn: Callable | None, s
     logger.info("built %s schedule: %d stages over %d ranks, %d microbatches of %d",
                 plan.schedule, plan.num_stages, plan.pp_size, n_mb, plan.microbatch_size)
     return schedule
+
+
+def build_pipeline(
+    model: nn.Module,
+    plan: PipelinePlan,
+    world_mesh,
+    moe_mesh=None,
+    pp_axis_name: str = "pp",
+    device: torch.device | None = None,
+    loss_fn: Callable | None = None,
+    parallelize_fn: Callable | None = None,
+    parallelize_kwargs: dict | None = None,
+    weights=None,
+):
+    """This rank's part of ``plan``, trusting it (nothing is validated again): stages
+    (materialised and loaded from ``weights`` when ``model`` is on the meta device),
+    ``parallelize_fn`` per part, the schedule, and static shapes when ``plan.stage.seq_len``
+    is set.
+
+    Returns:
+        ``(schedule, model_parts, has_first_stage, has_last_stage, stages)``.
+
+    Raises:
+        ValueError: the mesh's pp axis is not the plan's pp size.
+    """
+    mesh = pp_submesh(world_mesh, pp_axis_name)
+    if mesh.size() != plan.pp_size:
+        raise ValueError(f"the plan is for pp_size {plan.pp_size} but the mesh's '{pp_axis_name}' axis has {mesh.size()}")
+    device = device if device is not None else torch.device("cpu")
+    stages, parts = build_stages(model, plan, mesh.get_local_rank(), mesh.get_group(), device, weights)
+    if parallelize_fn is not None:
+        for part in parts:
+            call_parallelize_fn(parallelize_fn, part, world_mesh, moe_mesh, pp_enabled=plan.pp_size > 1,
+                                **(parallelize_kwargs or {}))
+    schedule = build_schedule(plan, stages, loss_fn, plan.scale_grads)
+    config = getattr(model, "config", None)
+    spec = plan.stage
+    if spec.seq_len is not None and config is not None:
+        _precompute_stage_shapes(stages, config, plan.microbatch_size, spec.seq_len, spec.activation_dtype,
+                                 spec.sequence_shards)
+    return schedule, parts, any(s.is_first for s in stages), any(s.is_last for s in stages), stages
+
+
+def pp_submesh(world_mesh, pp_axis_name: str = "pp"):
+    """The 1D pipeline mesh of ``world_mesh`` (itself when it is 1D or has no such axis)."""
+    if world_mesh.mesh_dim_names and pp_axis_name in world_mesh.mesh_dim_names and world_mesh.ndim > 1:
+        return world_mesh[pp_axis_name]
+    return world_mesh

@@ -1,7 +1,9 @@
-"""Model-agnostic pipelining building blocks (NeMo AutoModel's ``functional`` module, name for name).
+"""NeMo AutoModel's ``functional`` module, name for name: a façade over the plan and the builder.
 
-The pieces live in small modules (``split``, ``schedules``, ``shapes``); this module
-is their public namespace plus :func:`pipeline_model`, which composes them.
+Each function turns its arguments into a :class:`~nemo_pp.planning.pipeline.PipelinePlan`
+(:func:`~nemo_pp.planning.pipeline.make_pipeline_plan`, which checks them) and builds from
+it (:mod:`.build`), the same path :meth:`AutoPipeline.from_plan` takes. The building
+blocks (stage ids, virtual stages, FQN tables, shapes) are re-exported under NeMo's names.
 """
 
 from __future__ import annotations
@@ -12,11 +14,18 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from ..grads import divide_grads
-from .build import build_schedule, build_stages, call_parallelize_fn
-from .hf_utils import make_stage_emit_tensor as _wrap_stage_forward_to_emit_tensor  # noqa: F401  (NeMo's name)
-from .plan import PipelinePlan, make_pipeline_plan
-from .schedules import (  # noqa: F401  (re-exported)
+from nemo_pp.distributed.grads import divide_grads
+from nemo_pp.distributed.pipelining.build import build_pipeline, build_schedule, build_stages, pp_submesh
+from nemo_pp.distributed.pipelining.shapes import (  # noqa: F401  (NeMo's names)
+    _get_hidden_and_vocab_size,
+    _precompute_stage_shapes,
+    reset_pp_stage_shapes,
+)
+from nemo_pp.models.module_tree import copy_pruned  # noqa: F401  (re-exported)
+from nemo_pp.models.stage_forward import make_stage_emit_tensor as _wrap_stage_forward_to_emit_tensor  # noqa: F401
+from nemo_pp.planning.checks import check_grad_sync_options
+from nemo_pp.planning.pipeline import StageSpec, make_pipeline_plan
+from nemo_pp.planning.schedules import (  # noqa: F401  (re-exported)
     SCHEDULE_NAMES,
     V_STYLE_SCHEDULES,
     canonical_schedule_name,
@@ -24,10 +33,8 @@ from .schedules import (  # noqa: F401  (re-exported)
     is_single_stage_schedule,
     schedule_style,
 )
-from .shapes import _get_hidden_and_vocab_size, _precompute_stage_shapes, reset_pp_stage_shapes  # noqa: F401
-from .split import (  # noqa: F401
+from nemo_pp.planning.split import (  # noqa: F401  (re-exported)
     calculate_virtual_stages,
-    copy_pruned,
     generate_hf_model_fqn_per_model_part,
     stage_ids_this_rank,
 )
@@ -57,7 +64,7 @@ class ParallelizeFnProtocol(Protocol):
 
 
 def _get_optional_hook(module: object, name: str) -> Callable | None:
-    """``module.name`` if it is callable, else None (hooks models may or may not define)."""
+    """``module.name`` if it is callable, else None (hooks a model may or may not define)."""
     hook = getattr(module, name, None)
     return hook if callable(hook) else None
 
@@ -65,12 +72,6 @@ def _get_optional_hook(module: object, name: str) -> Callable | None:
 def scale_grads_by_divisor(stages: list, divisor: float) -> None:
     """Divide every gradient of the local stages by ``divisor`` (e.g. label tokens)."""
     divide_grads([stage.submod for stage in stages], divisor)
-
-
-def _pp_mesh(world_mesh, pp_axis_name: str):
-    if world_mesh.mesh_dim_names and pp_axis_name in world_mesh.mesh_dim_names and world_mesh.ndim > 1:
-        return world_mesh[pp_axis_name]
-    return world_mesh
 
 
 def split_model_into_stages(
@@ -107,12 +108,13 @@ def split_model_into_stages(
     Raises:
         ValueError: see :func:`make_pipeline_plan`.
     """
-    mesh = _pp_mesh(pp_mesh, pp_axis_name)
+    mesh = pp_submesh(pp_mesh, pp_axis_name)
     plan = make_pipeline_plan(
         model, mesh.size(), pp_schedule, pp_schedule_csv, layers_per_stage=layers_per_stage,
         round_virtual_stages_to_pp_multiple=round_to_pp_multiple, module_fqns_per_model_part=module_names_per_stage,
+        stage=StageSpec(patch_inner_model=patch_inner_model, patch_causal_lm_model=patch_causal_lm_model),
     )
-    return build_stages(model, plan, mesh.get_local_rank(), mesh.get_group(), device, patch_inner_model, patch_causal_lm_model)
+    return build_stages(model, plan, mesh.get_local_rank(), mesh.get_group(), device)
 
 
 def build_pipeline_schedule(
@@ -147,47 +149,6 @@ def build_pipeline_schedule(
     return build_schedule(plan, stages, loss_fn, scale_grads)
 
 
-def pipeline_from_plan(
-    model: nn.Module,
-    plan: PipelinePlan,
-    world_mesh,
-    moe_mesh=None,
-    pp_axis_name: str = "pp",
-    device: torch.device | None = None,
-    loss_fn: Callable | None = None,
-    parallelize_fn: Callable | None = None,
-    parallelize_kwargs: dict | None = None,
-    patch_inner_model: bool = True,
-    patch_causal_lm_model: bool = True,
-    scale_grads: bool = False,
-    seq_len: int | None = None,
-    tensor_dtype: torch.dtype | None = None,
-    weights=None,
-):
-    """Build this rank's part of ``plan``: stages (materialised and loaded from ``weights``
-    when ``model`` is on the meta device), ``parallelize_fn`` per part, schedule, static
-    shapes (when ``seq_len`` is given).
-
-    Returns:
-        ``(schedule, model_parts, has_first_stage, has_last_stage, stages)``.
-    """
-    mesh = _pp_mesh(world_mesh, pp_axis_name)
-    if mesh.size() != plan.pp_size:
-        raise ValueError(f"the plan is for pp_size {plan.pp_size} but the mesh's '{pp_axis_name}' axis has {mesh.size()}")
-    device = device if device is not None else torch.device("cpu")
-    stages, parts = build_stages(model, plan, mesh.get_local_rank(), mesh.get_group(), device,
-                                 patch_inner_model, patch_causal_lm_model, weights)
-    if parallelize_fn is not None:
-        for part in parts:
-            call_parallelize_fn(parallelize_fn, part, world_mesh, moe_mesh, pp_enabled=plan.pp_size > 1,
-                                **(parallelize_kwargs or {}))
-    schedule = build_schedule(plan, stages, loss_fn, scale_grads)
-    config = getattr(model, "config", None)
-    if seq_len is not None and config is not None:
-        _precompute_stage_shapes(stages, config, plan.microbatch_size, seq_len, tensor_dtype)
-    return schedule, parts, any(s.is_first for s in stages), any(s.is_last for s in stages), stages
-
-
 def pipeline_model(
     model: nn.Module,
     world_mesh,
@@ -219,7 +180,8 @@ def pipeline_model(
     """Plan, split, parallelize and schedule a model in one call.
 
     ``patch_stage_backward_maybe_with_nosync`` and ``reduce_grad_per_microbatch`` must
-    stay False: see :func:`check_grad_sync_options`.
+    stay False: see :func:`check_grad_sync_options`. ``moe_mesh`` and the ``ep_*`` names
+    are passed to ``parallelize_fn`` as they are.
 
     Returns:
         ``(schedule, model_parts, has_first_stage, has_last_stage, stages)``.
@@ -229,40 +191,14 @@ def pipeline_model(
     """
     check_grad_sync_options(patch_stage_backward_maybe_with_nosync, reduce_grad_per_microbatch)
     plan = make_pipeline_plan(
-        model, _pp_mesh(world_mesh, pp_axis_name).size(), pipeline_parallel_schedule, pipeline_parallel_schedule_csv,
-        microbatch_size, local_batch_size, layers_per_stage, round_to_pp_multiple, module_fqns_per_model_part,
+        model, pp_submesh(world_mesh, pp_axis_name).size(), pipeline_parallel_schedule,
+        pipeline_parallel_schedule_csv, microbatch_size, local_batch_size, layers_per_stage, round_to_pp_multiple,
+        module_fqns_per_model_part, scale_grads=scale_grads,
+        stage=StageSpec(patch_inner_model=patch_inner_model, patch_causal_lm_model=patch_causal_lm_model,
+                        activation_dtype=tensor_dtype, seq_len=seq_len),
     )
-    return pipeline_from_plan(
+    return build_pipeline(
         model, plan, world_mesh, moe_mesh, pp_axis_name, device, loss_fn, parallelize_fn,
         dict(dp_axis_names=dp_axis_names, cp_axis_name=cp_axis_name, tp_axis_name=tp_axis_name,
              ep_axis_name=ep_axis_name, ep_shard_axis_names=ep_shard_axis_names),
-        patch_inner_model, patch_causal_lm_model, scale_grads, seq_len, tensor_dtype,
     )
-
-
-def check_grad_sync_options(
-    patch_stage_backward_maybe_with_nosync: bool = False,
-    reduce_grad_per_microbatch: bool = False,
-) -> None:
-    """Refuse the reference's gradient-sync switches that torch's own PipelineStage makes moot.
-
-    torch's ``PipelineStage`` (read and measured on 2.13) already runs every microbatch's backward without FSDP
-    gradient sync and reduces once per step in its ``REDUCE_GRAD`` action
-    (``PipelineStage.backward_maybe_with_nosync`` / ``perform_reduce_grad``), which is
-    what the reference's patch adds. (``defer_fsdp_grad_sync`` goes further, across the
-    batches of one optimizer step: see ``AutoPipeline.set_grad_sync``.)
-
-    Raises:
-        ValueError: a non-default value, naming the key and the reason.
-    """
-    key = "distributed.pipeline"
-    if patch_stage_backward_maybe_with_nosync:
-        raise ValueError(
-            f"{key}.patch_stage_backward_maybe_with_nosync: true is not needed: torch's PipelineStage already skips "
-            "FSDP gradient sync on all but the step's last backward and reduces once (REDUCE_GRAD); remove it or set false"
-        )
-    if reduce_grad_per_microbatch:
-        raise ValueError(
-            "reduce_grad_per_microbatch=True is not supported: gradients are reduced once per step after the last "
-            "microbatch (torch's REDUCE_GRAD); per-microbatch reduction would only add communication"
-        )

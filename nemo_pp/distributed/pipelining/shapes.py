@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._torch_compat import mark_schedule_uninitialized, set_static_stage_meta
+from nemo_pp._torch_compat import mark_schedule_uninitialized, set_static_stage_meta
 
 
 def _get_hidden_and_vocab_size(model_config) -> tuple[int, int]:
@@ -29,12 +29,9 @@ def _get_hidden_and_vocab_size(model_config) -> tuple[int, int]:
 
 
 def _stage_float_dtype(stage, default: torch.dtype | None) -> torch.dtype:
-    """dtype of the activations a stage receives and sends: the compute dtype FSDP2 mixed
-    precision set (``_nemo_pp_activation_dtype``: it casts whatever the parameters are),
-    else the pipeline's dtype, else the stage's parameter dtype."""
-    activation = getattr(stage.submod, "_nemo_pp_activation_dtype", None)
-    if activation is not None:
-        return activation
+    """dtype of the activations a stage receives and sends: ``default`` (the plan's
+    ``StageSpec.activation_dtype``: FSDP2 mixed precision's compute dtype, which it casts
+    whatever the parameters are, else the pipeline's dtype), else the stage's parameter dtype."""
     if default is not None:
         return default
     for p in stage.submod.parameters():
@@ -53,6 +50,7 @@ def _precompute_stage_shapes(
     microbatch_size: int,
     seq_len: int,
     tensor_dtype: torch.dtype | None = None,
+    sequence_shards: int = 1,
 ) -> None:
     """Set static input/output metadata of every local stage, so ``step()`` runs no
     shape-inference forward and no serial point-to-point chain.
@@ -68,12 +66,14 @@ def _precompute_stage_shapes(
         microbatch_size: samples per microbatch.
         seq_len: tokens per sample of the coming batches.
         tensor_dtype: dtype of activations; None: the stage parameters' dtype.
+        sequence_shards: tp under sequence parallelism (hidden states travel as
+            ``[mb, S / tp, H]``), else 1.
     """
     hidden, vocab = _get_hidden_and_vocab_size(model_config)
     for stage in stages:
         dtype = _stage_float_dtype(stage, tensor_dtype)
         # sequence parallelism: hidden states travel as [mb, S/tp, H] shards (logits are gathered)
-        shard_len = seq_len // getattr(stage.submod, "_nemo_pp_sequence_shards", 1)
+        shard_len = seq_len // sequence_shards
         if stage.is_first:
             inputs = (torch.empty(microbatch_size, seq_len, dtype=torch.int64, device="meta"),)
         else:
@@ -91,6 +91,7 @@ def reset_pp_stage_shapes(
     microbatch_size: int,
     seq_len: int,
     tensor_dtype: torch.dtype | None = None,
+    sequence_shards: int = 1,
 ) -> None:
     """Re-size the pipeline for a new sequence length without any forward pass.
 
@@ -98,5 +99,5 @@ def reset_pp_stage_shapes(
     uninitialised, so the next ``step()`` rebuilds recv/send buffers from it.
     Gradients accumulated so far survive (``NemoPipelineStage``).
     """
-    _precompute_stage_shapes(stages, model_config, microbatch_size, seq_len, tensor_dtype)
+    _precompute_stage_shapes(stages, model_config, microbatch_size, seq_len, tensor_dtype, sequence_shards)
     mark_schedule_uninitialized(schedule)

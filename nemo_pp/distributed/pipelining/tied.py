@@ -15,24 +15,6 @@ import torch.distributed as dist
 from torch import nn
 
 
-def is_tied(model: nn.Module) -> bool:
-    """True when the model's output projection shares its weight with the input embedding."""
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    if get_in is None or get_out is None:
-        return False
-    try:  # a pipeline stage may lack the module or the base model holding it
-        emb, head = get_in(), get_out()
-    except AttributeError:
-        return False
-    return emb is not None and head is not None and head.weight is emb.weight
-
-
-def tied_param_fqns(model: nn.Module) -> tuple[str, str]:
-    """FQNs of the (input embedding, output projection) weights, e.g.
-    ``("model.embed_tokens.weight", "lm_head.weight")``."""
-    names = {id(m): n for n, m in model.named_modules()}
-    return names[id(model.get_input_embeddings())] + ".weight", names[id(model.get_output_embeddings())] + ".weight"
-
 
 def _weight_of(part: nn.Module, fqn: str) -> nn.Parameter | None:
     """The parameter ``fqn`` of ``part``, through the module that owns it, so a head that

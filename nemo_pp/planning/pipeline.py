@@ -11,12 +11,13 @@ nothing downstream derives stage counts, placement or CSV contents again
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
+import torch
 from torch import nn
 
-from .schedules import (
+from nemo_pp.planning.schedules import (
     SPLIT_BACKWARD_SCHEDULES,
     canonical_schedule_name,
     check_schedule_constraints,
@@ -28,20 +29,42 @@ from .schedules import (
     runs_action_lists,
     schedule_style,
 )
-from .cost import PieceCosts, balanced_layer_counts, flop_costs
-from .split import (
+from nemo_pp.planning.cost import PieceCosts, balanced_layer_counts, flop_costs
+from nemo_pp.planning.split import (
     auto_stage_module_names,
     calculate_virtual_stages,
-    find_layer_stack,
-    outer_modules,
     stage_ids_this_rank,
-    stage_parameters,
     validate_stage_modules,
 )
+from nemo_pp.models.module_tree import find_layer_stack, outer_modules, stage_parameters
 
-__all__ = ["PipelinePlan", "make_pipeline_plan"]
+__all__ = ["PipelinePlan", "StageSpec", "make_pipeline_plan"]
 
 _KEY = "distributed.pipeline"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How every stage of a run executes: what its forward and its static P2P shapes need
+    to know beyond its modules (the same for all stages of a run).
+
+    Attributes:
+        patch_inner_model / patch_causal_lm_model: install nemo_pp's tensor-returning
+            forwards on the decoder / the causal-LM wrapper (``models.stage_forward``).
+        sequence_shards: under sequence parallelism the tp size (hidden states travel as
+            ``[mb, S / tp, H]``; positions and masks are built for the whole ``S``), else 1.
+        activation_dtype: dtype of the hidden states stages exchange: FSDP2 mixed
+            precision's compute dtype, else the pipeline's ``dtype``; None: the
+            parameters' dtype.
+        seq_len: tokens per sample the static shapes are set for at build time
+            (``pp_seq_len``); None: set by the first ``update_seq_len``.
+    """
+
+    patch_inner_model: bool = True
+    patch_causal_lm_model: bool = True
+    sequence_shards: int = 1
+    activation_dtype: torch.dtype | None = None
+    seq_len: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +85,11 @@ class PipelinePlan:
             planned without a model (a schedule alone).
         microbatch_size: samples per microbatch (``pp_microbatch_size``).
         batch_size: samples per ``schedule.step`` (``pp_batch_size``); None when unknown.
+        stage: how the stages execute (:class:`StageSpec`).
+        scale_grads: torch divides all gradients by the microbatch count after every
+            ``step`` (``scale_grads_in_schedule``; the recipe refuses it).
+        defer_fsdp_grad_sync: FSDP2 reduce-scatters once per optimizer step, not once per
+            accumulated batch (``AutoPipeline.set_grad_sync``).
     """
 
     pp_size: int
@@ -73,6 +101,9 @@ class PipelinePlan:
     module_fqns: tuple[tuple[str, ...], ...] | None
     microbatch_size: int
     batch_size: int | None
+    stage: StageSpec = field(default_factory=StageSpec)
+    scale_grads: bool = False
+    defer_fsdp_grad_sync: bool = True
 
     @property
     def num_stages(self) -> int:
@@ -87,11 +118,6 @@ class PipelinePlan:
     def n_microbatches(self) -> int | None:
         """Microbatches per ``schedule.step``; None when ``batch_size`` is unknown."""
         return None if self.batch_size is None else self.batch_size // self.microbatch_size
-
-    @property
-    def single_stage_schedule(self) -> bool:
-        """True for GPipe / 1F1B (one stage per rank, torch's ``PipelineScheduleSingle``)."""
-        return self.schedule_csv is None and is_single_stage_schedule(self.schedule)
 
     @property
     def split_backward(self) -> bool:
@@ -241,6 +267,9 @@ def make_pipeline_plan(
     seq_len: int | None = None,
     piece_costs: PieceCosts | None = None,
     max_stage_params: int | None = None,
+    stage: StageSpec | None = None,
+    scale_grads: bool = False,
+    defer_fsdp_grad_sync: bool = True,
 ) -> PipelinePlan:
     """Plan the pipeline: stage count, placement, each stage's modules, microbatches.
 
@@ -273,6 +302,8 @@ def make_pipeline_plan(
             shared, so every rank plans the same split).
         max_stage_params: a cap on any stage's parameters for the balanced split (a
             memory budget: parameters, their gradients and optimizer state scale with it).
+        stage / scale_grads / defer_fsdp_grad_sync: carried into the plan unchanged (see
+            :class:`PipelinePlan`); ``stage`` defaults to ``StageSpec()``.
 
     Returns:
         the :class:`PipelinePlan`.
@@ -332,4 +363,6 @@ def make_pipeline_plan(
         csv_actions=csv_actions, placement=placement, stage_ids=tuple(tuple(i) for i in stage_ids),
         module_fqns=module_fqns, microbatch_size=int(pp_microbatch_size),
         batch_size=None if pp_batch_size is None else int(pp_batch_size),
+        stage=stage if stage is not None else StageSpec(), scale_grads=bool(scale_grads),
+        defer_fsdp_grad_sync=bool(defer_fsdp_grad_sync),
     )

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hf_utils import make_stage_emit_tensor, patch_hf_model_for_pp
-from .plan import PipelinePlan
-from .split import copy_pruned, decoder_layers
+from nemo_pp.models.stage_forward import make_stage_emit_tensor, patch_hf_model_for_pp
+from nemo_pp.planning.pipeline import PipelinePlan
+from nemo_pp.planning.timeline import microbatches_in_flight
+from nemo_pp.models.module_tree import copy_pruned, decoder_layers
 
 
 @dataclass(frozen=True)
@@ -125,26 +126,6 @@ def _owner_bytes(t: torch.Tensor) -> int:
     base = t._base if t._base is not None else t
     return base.numel() * base.element_size()
 
-
-def microbatches_in_flight(plan: PipelinePlan) -> list[list[dict]]:
-    """Per rank, per time slot of the simulated schedule: ``{stage: microbatches whose
-    forward ran and whose backward (the weight part, for split backward) has not}``."""
-    from .visualize import schedule_actions
-
-    timelines = []
-    for row in schedule_actions(plan):
-        held: dict[int, int] = {}
-        slots = []
-        for action in row:
-            if action is not None:
-                kind = action.computation_type.name
-                if kind == "FORWARD":
-                    held[action.stage_index] = held.get(action.stage_index, 0) + 1
-                elif kind in ("FULL_BACKWARD", "BACKWARD_WEIGHT"):
-                    held[action.stage_index] -= 1
-            slots.append(dict(held))
-        timelines.append(slots)
-    return timelines
 
 
 def memory_plan(

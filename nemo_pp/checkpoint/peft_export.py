@@ -20,7 +20,7 @@ from torch import nn
 
 from nemo_pp.checkpoint.hf_export import full_cpu
 
-from .lora import ADAPTER_NAME, PeftConfig, lora_modules
+from nemo_pp._peft.lora import ADAPTER_NAME, PeftConfig, lora_modules
 
 PEFT_PREFIX = "base_model.model."  # what peft.PeftModel puts before the wrapped model's FQNs
 
@@ -37,21 +37,6 @@ def adapter_state_dict(model_parts: Sequence[nn.Module]) -> dict[str, torch.Tens
                 out[f"{PEFT_PREFIX}{fqn}.{which}.weight"] = full_cpu(weight)
     return out
 
-
-def merge_lora_weights(state: dict[str, torch.Tensor], part: nn.Module) -> dict[str, torch.Tensor]:
-    """Fold each adapter of ``part`` into its base weight in ``state`` (full tensors by the
-    part's FQNs, as ``hf_export.stage_state_dict`` collects them): ``<fqn>.base_layer.weight``,
-    ``lora_A`` and ``lora_B`` become ``<fqn>.weight = W + scale * B @ A`` (computed in fp32,
-    stored in W's dtype), ``<fqn>.base_layer.bias`` becomes ``<fqn>.bias``. Returns ``state``."""
-    for fqn, module in lora_modules(part).items():
-        base = state.pop(f"{fqn}.base_layer.weight")
-        a = state.pop(f"{fqn}.lora_A.{ADAPTER_NAME}.weight").float()
-        b = state.pop(f"{fqn}.lora_B.{ADAPTER_NAME}.weight").float()
-        state[f"{fqn}.weight"] = (base.float() + module.scaling[ADAPTER_NAME] * (b @ a)).to(base.dtype).contiguous()
-        bias = state.pop(f"{fqn}.base_layer.bias", None)
-        if bias is not None:
-            state[f"{fqn}.bias"] = bias
-    return state
 
 
 def save_peft_adapter(

@@ -8,11 +8,12 @@ at one pp size load at another.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Sequence
 
 from torch import nn
+
+from nemo_pp.models.module_tree import find_layer_stack, is_tied, outer_modules, tied_param_fqns
 
 #: Stage-0 modules of multimodal models (vision / audio towers and projectors).
 MULTIMODAL_ENCODER_NAMES = (
@@ -178,44 +179,6 @@ def generate_hf_model_fqn_per_model_part(
 _OPTIONAL_MODULE_NAMES = frozenset(MULTIMODAL_ENCODER_NAMES) | {"rotary_emb"}
 
 
-def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(fqn, module)`` of the decoder layer stack: the shallowest ``nn.ModuleList``
-    called ``layers`` (``model.layers`` in Hugging Face causal LMs, ``layers`` in a
-    custom model).
-
-    Raises:
-        ValueError: the model has none; the message names the key to set instead.
-    """
-    found = [(name, m) for name, m in model.named_modules() if name.rpartition(".")[2] == "layers"
-             and isinstance(m, (nn.ModuleList, nn.ModuleDict))]
-    if not found:
-        raise ValueError(
-            f"cannot find the decoder layer stack of {type(model).__name__} (an nn.ModuleList named 'layers'); "
-            "set distributed.pipeline.module_fqns_per_model_part to give the split by hand"
-        )
-    depth = min(name.count(".") for name, _ in found)
-    shallowest = [item for item in found if item[0].count(".") == depth]
-    if len(shallowest) > 1:
-        raise ValueError(
-            f"{type(model).__name__} has several layer stacks at the same depth ({[n for n, _ in shallowest]}); "
-            "set distributed.pipeline.module_fqns_per_model_part to give the split by hand"
-        )
-    return shallowest[0]
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a model or stage, in order (the layer stack of
-    :func:`find_layer_stack`).
-
-    Raises:
-        ValueError: no layer stack.
-    """
-    return [layer for _, layer in _modules_of(find_layer_stack(model)[1])]
-
-
-def _modules_of(stack: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(k, m) for k, m in stack._modules.items() if m is not None]
-
 
 def auto_stage_module_names(model: nn.Module, num_stages: int, counts: Sequence[int] | None = None) -> list[list[str]]:
     """Module FQNs of every stage, read from the model's module tree.
@@ -248,32 +211,6 @@ def auto_stage_module_names(model: nn.Module, num_stages: int, counts: Sequence[
         out.append(names + everywhere)
     return out
 
-
-def outer_modules(model: nn.Module) -> tuple[list[str], list[str], list[str]]:
-    """``(first, last, everywhere)``: the FQNs of the modules outside the layer stack that
-    go to the first stage, to the last stage and to every stage
-    (see :func:`auto_stage_module_names`)."""
-    stack_fqn, _ = find_layer_stack(model)
-    parts = stack_fqn.split(".")
-    first, last, everywhere = [], [], []
-    node, prefix = model, ""
-    for depth, step in enumerate(parts):
-        before = True
-        tail_here = []
-        for name, child in node.named_children():
-            if name == step:
-                before = False
-                continue
-            fqn = prefix + name
-            if next(child.parameters(), None) is None:
-                everywhere.append(fqn)
-            elif before:
-                first.append(fqn)
-            else:
-                tail_here.append(fqn)
-        last[:0] = tail_here  # deeper levels (the final norm) before outer ones (lm_head)
-        node, prefix = getattr(node, step), prefix + step + "."
-    return first, last, everywhere
 
 
 def validate_stage_modules(model: nn.Module, module_names_per_stage: list[list[str]]) -> list[list[str]]:
@@ -327,7 +264,6 @@ def validate_stage_modules(model: nn.Module, module_names_per_stage: list[list[s
 def _check_shared_parameters(model: nn.Module, all_params, stage_of: dict[str, int]) -> None:
     """Refuse a parameter shared by modules of different stages, except the input/output
     embedding tie, which ``TiedEmbeddingSync`` keeps in step."""
-    from .tied import is_tied, tied_param_fqns
 
     by_id: dict[int, list[str]] = {}
     for name, p in all_params:
@@ -343,43 +279,4 @@ def _check_shared_parameters(model: nn.Module, all_params, stage_of: dict[str, i
             )
 
 
-def stage_parameters(model: nn.Module, module_fqns: Sequence[str]) -> list[nn.Parameter]:
-    """The parameters of a stage's modules, each once (a tie inside the stage is one tensor)."""
-    unique = {id(p): p for name in module_fqns for p in model.get_submodule(name).parameters()}
-    return list(unique.values())
 
-
-def copy_pruned(model: nn.Module, keep: Sequence[str]) -> nn.Module:
-    """Deep-copy only the modules named in ``keep`` (and their ancestors).
-
-    Unkept modules become ``None``; a ``ModuleList`` with some (not all) kept children
-    becomes an ``nn.ModuleDict`` keyed by the original indices. Unkept modules are never copied
-    (``deepcopy``'s memo maps them to ``None``), so a stage costs only its own memory.
-    """
-    keep = set(keep)
-    ancestors = {".".join(k.split(".")[:i]) for k in keep for i in range(1, len(k.split(".")))}
-    memo: dict[int, object] = {}
-    lists_to_convert: list[str] = []
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        for name, child in module._modules.items():
-            if child is None:
-                continue
-            fqn = f"{prefix}{name}"
-            if fqn in keep:
-                continue
-            if fqn in ancestors:
-                if isinstance(child, nn.ModuleList) and any(f"{fqn}.{k}" not in keep for k in child._modules):
-                    lists_to_convert.append(fqn)
-                visit(child, fqn + ".")
-            else:
-                memo[id(child)] = None
-
-    visit(model, "")
-    stage_model = copy.deepcopy(model, memo)
-    for fqn in lists_to_convert:
-        parent_name, _, attr = fqn.rpartition(".")
-        parent = stage_model.get_submodule(parent_name) if parent_name else stage_model
-        old = getattr(parent, attr)
-        setattr(parent, attr, nn.ModuleDict({k: v for k, v in old._modules.items() if v is not None}))
-    return stage_model

@@ -60,7 +60,7 @@ def is_single_stage_schedule(name: str) -> bool:
 def runs_action_lists(name: str) -> bool:
     """True for schedules that execute a per-rank action list (torch's runtime subclasses),
     so they can run a CSV schedule."""
-    from .._torch_compat import runtime_schedule_class
+    from nemo_pp._torch_compat import runtime_schedule_class
 
     cls = get_schedule_class(canonical_schedule_name(name))
     return runtime_schedule_class(cls) is cls
@@ -181,7 +181,7 @@ def read_schedule_csv(path: str) -> list[list]:
     """
     import csv
 
-    from .._torch_compat import action_from_str
+    from nemo_pp._torch_compat import action_from_str
 
     key = "distributed.pipeline.pp_schedule_csv"
     if not os.path.isfile(path):

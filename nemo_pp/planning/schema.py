@@ -7,7 +7,7 @@ errors); a field typed `Any` is a free-form `_target_` section (`model`, `loss_f
 beyond the type (bounds, choices, required `_target_`) ride in each field's metadata via
 :func:`setting`; :func:`validate_config` checks them all, in one place. Checks that need
 the world size (divisibility, schedule constraints) are
-:func:`nemo_pp.training.preflight.preflight_check`'s.
+:func:`nemo_pp.planning.run_plan.preflight_check`'s.
 
     cfg = load_recipe_config(path, overrides)   # typed: cfg.step_scheduler.max_steps is an int
 """

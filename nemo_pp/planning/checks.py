@@ -1,0 +1,239 @@
+"""The recipe's checks that need the world size or the model's module tree: each refuses
+a config it cannot honour, naming the key and the fix, before any work.
+
+All of them are pure: they read the config, the meta-device model and files on disk
+(the checkpoint to resume), and communicate nothing, so every rank fails alike.
+:func:`nemo_pp.planning.run_plan.plan_run` runs them in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from nemo_pp._peft.lora import PeftConfig, apply_lora, matched_linear_modules
+from nemo_pp.checkpoint.checkpointer import check_checkpoint
+from nemo_pp.checkpoint.layout import CorruptCheckpointError, resolve_restore_from
+from nemo_pp.config import instantiate
+from nemo_pp.models.module_tree import decoder_layers
+
+CP_ATTENTIONS = ("auto", "ring", "allgather")
+
+
+def resolve_cp_attention(cp_attention: str, on_cuda: bool) -> str:
+    """``auto`` -> ``ring`` on CUDA, ``allgather`` elsewhere; other values unchanged.
+
+    Raises:
+        ValueError: ``ring`` without CUDA, or an unknown value (names ``distributed.cp_attention``).
+    """
+    if cp_attention not in CP_ATTENTIONS:
+        raise ValueError(f"distributed.cp_attention must be one of {CP_ATTENTIONS}, got {cp_attention!r}")
+    if cp_attention == "auto":
+        return "ring" if on_cuda else "allgather"
+    if cp_attention == "ring" and not on_cuda:
+        raise ValueError(
+            "distributed.cp_attention: ring is torch's context_parallel (ring attention over SDPA), which has no CPU "
+            "implementation; set distributed.cp_attention: allgather (or auto) or run on CUDA"
+        )
+    return cp_attention
+
+
+
+def on_cpu(device) -> bool:
+    return device == "cpu" or (device in (None, "auto") and not torch.cuda.is_available())
+
+
+def check_sequence_lengths(cfg, text_cfg) -> None:
+    limit = getattr(text_cfg, "max_position_embeddings", None)
+    if limit is None:
+        return
+    for key in ("dataset.seq_length", "validation_dataset.seq_length", "distributed.pipeline.pp_seq_len"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and int(value) > int(limit):
+            raise ValueError(
+                f"{key}={value} exceeds the model's max_position_embeddings={limit}; "
+                f"set {key} to at most {limit}"
+            )
+
+
+def check_context_parallel(cfg, sizes) -> tuple[str | None, int | None]:
+    """The resolved ``cp_attention`` (None at cp 1) and the collators' padding multiple.
+
+    Under cp > 1 every sequence is cut into ``2 * cp`` chunks (and each rank's slice into tp
+    shards under sequence parallelism), so batches are padded to a multiple of that: the
+    least common multiple with ``dataloader.pad_seq_len_divisible``.
+
+    Raises:
+        ValueError: ``cp_attention: ring`` without CUDA; packed sequences with cp > 1.
+    """
+    pad = cfg.dataloader.pad_seq_len_divisible
+    if sizes.cp == 1:
+        return None, pad
+    attention = resolve_cp_attention(cfg.distributed.cp_attention, on_cuda=not on_cpu(cfg.dist_env.device))
+    if cfg.packed_sequence.packed_sequence_size:
+        raise ValueError(
+            "packed_sequence with distributed.cp_size > 1 is not supported yet: a packed row's per-sample positions "
+            "and block-causal mask are not split over the cp ranks; set packed_sequence.packed_sequence_size: 0 or "
+            "distributed.cp_size: 1"
+        )
+    multiple = 2 * sizes.cp * (sizes.tp if cfg.distributed.sequence_parallel else 1)
+    return attention, math.lcm(pad or 1, multiple)
+
+
+def check_ring_attention(text_cfg) -> None:
+    """torch's ring attention is plain causal SDPA: refuse attention it cannot compute.
+
+    Raises:
+        ValueError: sliding-window or soft-capped attention, naming ``distributed.cp_attention``.
+    """
+    layer_types = getattr(text_cfg, "layer_types", None) or ()
+    window = getattr(text_cfg, "sliding_window", None) and getattr(text_cfg, "use_sliding_window", True)
+    if "sliding_attention" in layer_types or (window and not layer_types):
+        raise ValueError("distributed.cp_attention: ring computes plain causal attention, but this model uses a "
+                         "sliding window; set distributed.cp_attention: allgather")
+    if getattr(text_cfg, "attn_logit_softcapping", None):
+        raise ValueError("distributed.cp_attention: ring cannot soft-cap attention logits "
+                         "(attn_logit_softcapping); set distributed.cp_attention: allgather")
+
+
+def checkpoint_to_resume(cfg, model, dp: int) -> Path | None:
+    """``checkpoint.restore_from`` resolved (null: the latest complete checkpoint when
+    checkpointing is enabled) and checked against ``model`` (meta tensors) and the data-parallel size.
+
+    Raises:
+        CorruptCheckpointError: an incomplete, truncated or unsafe checkpoint, one of
+            another model, or a data position this dp size cannot resume.
+    """
+    ck = cfg.checkpoint
+    if ck.restore_from is None and not ck.enabled:
+        return None
+    path = resolve_restore_from(ck.checkpoint_dir, ck.restore_from)
+    if path is None:
+        return None
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    saved = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in frozen}  # LoRA: adapters only
+    state = check_checkpoint(path, saved)
+    samples = int(state.get("samples_in_epoch", 0))
+    if samples % dp:
+        raise CorruptCheckpointError(
+            f"{path} stopped {samples} samples into epoch {state['epoch']}, which {dp} data-parallel ranks cannot "
+            "split evenly; resume with a data-parallel size that divides it"
+        )
+    return path
+
+
+def check_peft(cfg, model, sizes):
+    """The ``peft:`` section built and checked against ``model`` (meta tensors); whether it
+    adapts the output projection; (adapter, base) parameter counts; and an adapted copy of
+    ``model`` (meta tensors, ``model`` itself left as it is) whose trainable tensors are what
+    a LoRA checkpoint holds. (None, False, (0, 0), model) without the section.
+
+    Raises:
+        ValueError: the section is not a PeftConfig, matches no linear module (the
+            model's linear module names listed), or adapts the output projection under tp > 1.
+    """
+    if cfg.get("peft") is None:
+        return None, False, (0, 0), model
+    peft = instantiate(cfg.peft)
+    if not isinstance(peft, PeftConfig):
+        raise ValueError(f"peft._target_ must build a nemo_pp._peft.lora.PeftConfig, not a {type(peft).__name__}")
+    matched = matched_linear_modules(model, peft)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    adapts_head = head is not None and names.get(id(head)) in matched
+    if sizes.tp > 1 and adapts_head:
+        raise ValueError(
+            f"peft with distributed.tp_size > 1 cannot adapt the output projection '{names[id(head)]}' (its logits are "
+            "gathered over tp; nemo_pp has no adapter plan for that); leave it out (e.g. peft.target_modules: "
+            "['*_proj'] instead of match_all_linear) or set distributed.tp_size: 1"
+        )
+    if not matched:
+        names = sorted({fqn.rsplit(".", 1)[-1] for fqn, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"peft: target_modules={peft.target_modules} exclude_modules={peft.exclude_modules} match no linear module "
+            f"of the model; its linear modules are named {names} (patterns may use *, e.g. '*.layers.0.*.q_proj')"
+        )
+    base = sum(p.numel() for p in model.parameters())
+    adapted = copy.deepcopy(model)  # meta tensors: the copy costs no memory
+    apply_lora(adapted, peft)
+    return peft, adapts_head, (sum(p.numel() for p in adapted.parameters() if p.requires_grad), base), adapted
+
+
+def check_packing(cfg, sizes) -> None:
+    """Refuse packed sequences where they cannot work (before any data is read).
+
+    Raises:
+        ValueError: rows shorter than a sample may be, split samples, or sequence parallelism.
+    """
+    pk = cfg.packed_sequence
+    if not pk.packed_sequence_size:
+        return
+    seq = OmegaConf.select(cfg, "dataset.seq_length")
+    if seq is not None and pk.packed_sequence_size < seq:
+        raise ValueError(
+            f"packed_sequence.packed_sequence_size={pk.packed_sequence_size} is shorter than a sample may be "
+            f"(dataset.seq_length={seq}); set it to at least {seq}, typically a few samples' worth"
+        )
+    if pk.split_across_pack:
+        raise ValueError("packed_sequence.split_across_pack: true is not supported (the second part of a sample "
+                         "could not attend to its first); set it to false")
+    if cfg.distributed.sequence_parallel:
+        raise ValueError("packed_sequence with distributed.sequence_parallel is not supported yet: the per-sample "
+                         "positions are not sharded with the sequence; set one of them off")
+
+
+def check_grad_sync_options(
+    patch_stage_backward_maybe_with_nosync: bool = False,
+    reduce_grad_per_microbatch: bool = False,
+) -> None:
+    """Refuse the reference's gradient-sync switches that torch's own PipelineStage makes moot.
+
+    torch's ``PipelineStage`` (read and measured on 2.13) already runs every microbatch's backward without FSDP
+    gradient sync and reduces once per step in its ``REDUCE_GRAD`` action
+    (``PipelineStage.backward_maybe_with_nosync`` / ``perform_reduce_grad``), which is
+    what the reference's patch adds. (``defer_fsdp_grad_sync`` goes further, across the
+    batches of one optimizer step: see ``AutoPipeline.set_grad_sync``.)
+
+    Raises:
+        ValueError: a non-default value, naming the key and the reason.
+    """
+    key = "distributed.pipeline"
+    if patch_stage_backward_maybe_with_nosync:
+        raise ValueError(
+            f"{key}.patch_stage_backward_maybe_with_nosync: true is not needed: torch's PipelineStage already skips "
+            "FSDP gradient sync on all but the step's last backward and reduces once (REDUCE_GRAD); remove it or set false"
+        )
+    if reduce_grad_per_microbatch:
+        raise ValueError(
+            "reduce_grad_per_microbatch=True is not supported: gradients are reduced once per step after the last "
+            "microbatch (torch's REDUCE_GRAD); per-microbatch reduction would only add communication"
+        )
+
+
+def check_logger_packages(cfg) -> None:
+    """Raise before any work when a configured logger's package is missing.
+
+    Raises:
+        ValueError: names the section and the package to install.
+    """
+    for section, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if cfg.get(section) is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(f"{section}: the {package} package is not installed; pip install {package} "
+                             f"(or nemo_pp[loggers]), or remove the {section} section")
+
+
+def check_activation_checkpointing(model) -> None:
+    """Activation checkpointing wraps the decoder layers: refuse a model without a layer stack.
+
+    Raises:
+        ValueError: no decoder layer stack, naming ``distributed.activation_checkpointing``.
+    """
+    try:
+        decoder_layers(model)
+    except ValueError as exc:
+        raise ValueError(f"distributed.activation_checkpointing: {exc}") from None
