@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 from datetime import timedelta
@@ -23,11 +22,7 @@ from datetime import timedelta
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from nemo_pp.distributed.init import free_port
 
 
 class SavedBytes:
@@ -54,8 +49,8 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
 
     from nemo_pp.distributed.context_parallel import ContextParallel, ContextParallelizer
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
 
     torch.set_num_threads(1)
@@ -100,7 +95,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
 def measure(world: int, args) -> list[tuple]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -41,12 +41,11 @@ def worker(ckpt: str, mode: str, out: str) -> None:
     import torch.distributed as dist
 
     from nemo_pp.distributed.mesh import build_device_mesh
-
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.loss.masked_ce import MaskedCrossEntropy
     from nemo_pp.models import NeMoAutoModelForCausalLM
     from nemo_pp.models.loading import SafetensorsCheckpoint
+    from nemo_pp.planning.dims import resolve_parallel_sizes
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(minutes=20))

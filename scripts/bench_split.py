@@ -36,9 +36,9 @@ def predicted_step_seconds(split: str, microbatches: int) -> float:
 
     from nemo_pp.config import parse_cli
     from nemo_pp.planning.cost import profile_costs, stage_costs_of_plan
-    from nemo_pp.planning.timeline import simulated_step_seconds
     from nemo_pp.planning.run_plan import plan_run
     from nemo_pp.planning.schema import load_recipe_config
+    from nemo_pp.planning.timeline import simulated_step_seconds
 
     path, overrides = parse_cli(["--config", CONFIG, "--distributed.pp_size=2", f"--distributed.pipeline.split={split}",
                                  f"--dataloader.batch_size={microbatches}"])

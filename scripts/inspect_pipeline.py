@@ -25,9 +25,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from nemo_pp.config import ConfigError, parse_cli
     from nemo_pp.distributed.pipelining.visualize import save_schedule_png
-    from nemo_pp.planning.timeline import bubble_fraction, schedule_actions
-    from nemo_pp.planning.run_plan import planning_seq_len, plan_run
+    from nemo_pp.planning.run_plan import plan_run, planning_seq_len
     from nemo_pp.planning.schema import load_recipe_config
+    from nemo_pp.planning.timeline import bubble_fraction, schedule_actions
 
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argparse.ArgumentParser(add_help=False)
@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoConfig
 
-    from nemo_pp.planning.memory import memory_plan
-    from nemo_pp.models.module_tree import stage_parameters
     from nemo_pp.models.auto_model import resolve_dtype
     from nemo_pp.models.loading import empty_model
+    from nemo_pp.models.module_tree import stage_parameters
+    from nemo_pp.planning.memory import memory_plan
 
     model = empty_model(AutoConfig.from_pretrained(run.model_path), resolve_dtype(cfg.model.get("torch_dtype")))
     plan = run.pipeline

@@ -36,9 +36,6 @@ from nemo_pp.assets.paths import (
     HOME_ENV,
     MARKER,
     RETRY_COMMAND,
-    _commit_dir,
-    _dir_size,
-    _fresh_tmp_dir,
     assets_home,
     downloads_dir,
     is_complete,
@@ -53,7 +50,6 @@ from nemo_pp.assets.smollm2 import (
     SMOLLM2_GGUF_MEMBER,
     SMOLLM2_SPEC,
     SMOLLM2_WHEEL_GLOB,
-    _generate_check,
     convert_gguf,
     prepare_smollm2,
 )

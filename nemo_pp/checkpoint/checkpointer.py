@@ -31,8 +31,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from nemo_pp.checkpoint import layout
-from nemo_pp.config import write_text_atomic
-from nemo_pp.errors import first_error_of_all_ranks
 from nemo_pp.checkpoint.layout import CorruptCheckpointError
 from nemo_pp.checkpoint.safe_metadata import read_metadata
 from nemo_pp.checkpoint.state import (
@@ -44,6 +42,8 @@ from nemo_pp.checkpoint.state import (
     set_rng_state,
     set_scheduler_state,
 )
+from nemo_pp.config import write_text_atomic
+from nemo_pp.errors import first_error_of_all_ranks
 
 __all__ = ["Checkpointer", "TRAINER_STATE", "check_checkpoint"]
 

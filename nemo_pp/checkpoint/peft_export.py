@@ -18,9 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nemo_pp.checkpoint.hf_export import full_cpu
-
 from nemo_pp._peft.lora import ADAPTER_NAME, PeftConfig, lora_modules
+from nemo_pp.checkpoint.hf_export import full_cpu
 
 PEFT_PREFIX = "base_model.model."  # what peft.PeftModel puts before the wrapped model's FQNs
 

@@ -9,7 +9,6 @@ import torch
 from nemo_pp.loss import IGNORE_INDEX
 
 
-
 def _round_up(n: int, multiple: int | None) -> int:
     if not multiple or multiple <= 1:
         return n

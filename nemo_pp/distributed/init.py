@@ -39,7 +39,8 @@ def pick_device(local_rank: int = 0, device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it), for a local rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -52,7 +53,7 @@ def initialize_distributed(device: str | None = None, timeout_s: float = DEFAULT
     launch becomes a world of one so the same code path runs.
     """
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(local_rank, device)
     backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-_DTYPES = {
+#: every dtype spelling nemo_pp accepts (also with a ``torch.`` prefix), the one table
+#: behind ``model.torch_dtype``, ``distributed.pipeline.dtype`` and ``distributed.mp_policy``
+DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -22,9 +24,9 @@ def resolve_dtype(dtype, key: str = "model.torch_dtype") -> torch.dtype | None:
     name = str(dtype).removeprefix("torch.")
     if name == "auto":
         return None
-    if name not in _DTYPES:
-        raise ValueError(f"{key}: unknown dtype '{dtype}'; use one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"{key}: unknown dtype '{dtype}'; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def check_model_path(path: str, key: str = "model.pretrained_model_name_or_path") -> None:

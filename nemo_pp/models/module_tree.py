@@ -68,7 +68,7 @@ def outer_modules(model: nn.Module) -> tuple[list[str], list[str], list[str]]:
     parts = stack_fqn.split(".")
     first, last, everywhere = [], [], []
     node, prefix = model, ""
-    for depth, step in enumerate(parts):
+    for step in parts:
         before = True
         tail_here = []
         for name, child in node.named_children():

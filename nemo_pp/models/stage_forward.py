@@ -191,7 +191,7 @@ def scale_logits(logits: torch.Tensor, config) -> torch.Tensor:
     patched forward replaces the wrapper's): divide by ``logits_scaling`` (Granite),
     multiply by ``logit_scale`` (Cohere), soft-cap by ``final_logit_softcapping`` as
     ``cap * tanh(logits / cap)`` (Gemma 2 and 3)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     scaling = getattr(cfg, "logits_scaling", None)
     if scaling not in (None, 1, 1.0):
         logits = logits / scaling
@@ -321,7 +321,7 @@ def validate_hf_model_for_pipeline_support(
             f"distributed.pipeline.patch_inner_model: false keeps {type(inner).__name__}'s own forward, which cannot "
             f"run a stage of a {num_stages}-stage split (it slices self.layers); set it to true"
         )
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     if getattr(text, "output_router_logits", False):
         # HF adds router_aux_loss_coef * load-balancing loss to its training loss; the stages
         # pass hidden states only, so that term would silently go missing

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nemo_pp.models.module_tree import text_config
+
 
 @dataclass(frozen=True)
 class PieceCosts:
@@ -65,7 +67,7 @@ def flop_costs(config, microbatch_size: int, seq_len: int) -> PieceCosts:
         microbatch_size: samples per microbatch (b).
         seq_len: tokens per sample (s).
     """
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     b, s, h = microbatch_size, seq_len, cfg.hidden_size
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or h // heads
@@ -176,7 +178,7 @@ def profile_costs(config, microbatch_size: int, seq_len: int, repeats: int = 3, 
 
     from nemo_pp.loss.masked_ce import MaskedCrossEntropy
 
-    cfg = copy.deepcopy(config.get_text_config() if hasattr(config, "get_text_config") else config)
+    cfg = copy.deepcopy(text_config(config))
     layers = cfg.num_hidden_layers
     cfg.num_hidden_layers = 1
     if getattr(cfg, "layer_types", None):

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemo_pp.models.module_tree import copy_pruned, decoder_layers, text_config
 from nemo_pp.models.stage_forward import make_stage_emit_tensor, patch_hf_model_for_pp
 from nemo_pp.planning.pipeline import PipelinePlan
 from nemo_pp.planning.timeline import microbatches_in_flight
-from nemo_pp.models.module_tree import copy_pruned, decoder_layers
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def memory_plan(
 
         loss_fn = MaskedCrossEntropy()
     mb = plan.microbatch_size
-    hidden = model.config.get_text_config().hidden_size
+    hidden = text_config(model.config).hidden_size
     dtype = next(model.parameters()).dtype
     per_stage, recompute = [], []
     for stage, names in enumerate(plan.module_fqns):

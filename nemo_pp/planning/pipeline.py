@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from nemo_pp.models.module_tree import find_layer_stack, outer_modules, stage_parameters
+from nemo_pp.planning.cost import PieceCosts, balanced_layer_counts, flop_costs
 from nemo_pp.planning.schedules import (
     SPLIT_BACKWARD_SCHEDULES,
     canonical_schedule_name,
@@ -29,14 +31,12 @@ from nemo_pp.planning.schedules import (
     runs_action_lists,
     schedule_style,
 )
-from nemo_pp.planning.cost import PieceCosts, balanced_layer_counts, flop_costs
 from nemo_pp.planning.split import (
     auto_stage_module_names,
     calculate_virtual_stages,
     stage_ids_this_rank,
     validate_stage_modules,
 )
-from nemo_pp.models.module_tree import find_layer_stack, outer_modules, stage_parameters
 
 __all__ = ["PipelinePlan", "StageSpec", "make_pipeline_plan"]
 

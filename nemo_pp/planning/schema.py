@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nemo_pp.config import ConfigError, load_config, validate_targets
 from nemo_pp.config.keys import close_matches
+from nemo_pp.models.auto_model import DTYPES
 
 __all__ = [
     "CheckpointConfig",
@@ -91,8 +92,9 @@ def schema_defaults(schema: type) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(schema))  # type: ignore[return-value]
 
 
-_DTYPES = {name: name for name in ("float32", "bfloat16", "float16")}
-_DTYPES.update({f"torch.{name}": name for name in _DTYPES})  # torch spelling, stored without "torch."
+# every spelling of models.auto_model.DTYPES (with or without "torch."), stored as torch's own name
+_DTYPES = {spelling: str(dtype).removeprefix("torch.") for name, dtype in DTYPES.items()
+           for spelling in (name, f"torch.{name}")}
 
 
 @dataclass

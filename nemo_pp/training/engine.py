@@ -24,7 +24,6 @@ from nemo_pp.distributed.grads import align_grad_placements, divide_grads
 from nemo_pp.loss import IGNORE_INDEX
 
 
-
 def _label_tokens(batch: dict) -> int:
     return int((batch["labels"] != IGNORE_INDEX).sum())
 

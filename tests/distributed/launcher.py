@@ -19,17 +19,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from nemo_pp.distributed.init import free_port
 
 # what every rank needs, imported once by the forkserver (an import that fails is skipped)
 _PRELOAD = [

@@ -15,8 +15,8 @@ from tests.tiny_models import tiny_model
 
 def _build(world, schedule, model, batch=4, **kw):
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
     return AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=batch, device=torch.device("cpu"), **kw).build(

@@ -14,19 +14,22 @@ import torch.distributed as dist
 
 from tests.distributed.launcher import run_ranks
 from tests.distributed.test_pipeline_parity import sum_ce
-from tests.distributed.test_tensor_parallel import _full, assert_grads_match, assert_weights_match, optimizer_step_keeps_tie
+from tests.distributed.test_tensor_parallel import (
+    _full,
+    assert_grads_match,
+    assert_weights_match,
+    optimizer_step_keeps_tie,
+)
 from tests.distributed.test_training_parity import LR, MAX_NORM, _batches, reference_training
 from tests.tiny_models import tiny_model
-
-
 
 
 def _run(rank, world, pp, dp_replicate, cp, tp, arch, tied, sp, ac, schedule, attention="allgather", device="cpu"):
     from nemo_pp.distributed.context_parallel import ContextParallel, ContextParallelizer
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, TensorParallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
 
     sizes = resolve_parallel_sizes(world, pp_size=pp, tp_size=tp, cp_size=cp, dp_replicate_size=dp_replicate)
@@ -49,7 +52,7 @@ def _run(rank, world, pp, dp_replicate, cp, tp, arch, tied, sp, ac, schedule, at
         FSDP2Parallelizer(mesh, activation_checkpointing=ac),  # over dp_shard x cp (HSDP: dp_replicate too)
     )
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4,
-                      device=device).build(model, loss_fn=sum_ce, parallelize_fn=parallelize)
+                      device=device, sequence_shards=tp if sp else 1).build(model, loss_fn=sum_ce, parallelize_fn=parallelize)
     # the CP attention really runs (and only on the stages' configs, not the unsplit model's)
     assert all(part.config._attn_implementation == f"nemo_pp_cp_{attention}" for part in ap.parts)
     assert unsplit_config._attn_implementation == "sdpa"
@@ -126,9 +129,9 @@ def test_ring_path_slices_batches_as_the_allgather_path():
 def _run_family(rank, world, model_type):
     from nemo_pp.distributed.context_parallel import ContextParallel, ContextParallelizer
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
     from tests.distributed.test_family_matrix import family_model
     from tests.distributed.test_pipeline_parity import make_batch, reference

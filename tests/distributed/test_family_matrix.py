@@ -54,8 +54,8 @@ def family_model(model_type: str, **overrides) -> torch.nn.Module:
 
 def _run(rank, world, model_type):
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
     ref = family_model(model_type)

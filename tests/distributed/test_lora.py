@@ -60,13 +60,13 @@ def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir, tp=1, sp=F
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from nemo_pp.checkpoint.peft_export import save_peft_adapter
     from nemo_pp._peft.lora import LoraParallelizer, PeftConfig, matched_linear_modules
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
+    from nemo_pp.checkpoint.peft_export import save_peft_adapter
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, TensorParallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
 
     cfg = PeftConfig(**peft_kwargs)
@@ -80,7 +80,7 @@ def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir, tp=1, sp=F
     expected = reference_training(ref, steps)
 
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4,
-                      device=torch.device("cpu")).build(model, loss_fn=sum_ce, parallelize_fn=chain)
+                      device=torch.device("cpu"), sequence_shards=tp if sp else 1).build(model, loss_fn=sum_ce, parallelize_fn=chain)
     trainable = {n for part in ap.parts for n, p in part.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable), sorted(trainable)
     if tp > 1:  # base weights and adapters really sharded: o_proj's lora_A row-wise, q_proj's lora_B column-wise

@@ -15,14 +15,13 @@ def _run_meta(rank, world, ckpt, pp, schedule):
     from transformers import AutoModelForCausalLM
 
     from nemo_pp.distributed.mesh import build_device_mesh
-
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import FSDP2Parallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
-    from nemo_pp.planning.schedules import SPLIT_BACKWARD_SCHEDULES, canonical_schedule_name
-    from nemo_pp.models.module_tree import is_tied
     from nemo_pp.models import NeMoAutoModelForCausalLM
     from nemo_pp.models.loading import SafetensorsCheckpoint
+    from nemo_pp.models.module_tree import is_tied
+    from nemo_pp.planning.dims import resolve_parallel_sizes
+    from nemo_pp.planning.schedules import SPLIT_BACKWARD_SCHEDULES, canonical_schedule_name
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp))
     eager = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)

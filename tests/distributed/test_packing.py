@@ -31,8 +31,8 @@ def _run(rank, world, schedule, with_positions):
     from nemo_pp.datasets.packed_sequence import PackedSequenceDataset
     from nemo_pp.datasets.utils import SFTCollator
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=2))

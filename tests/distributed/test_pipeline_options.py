@@ -52,8 +52,8 @@ def test_pp1_is_a_one_stage_pipeline_with_virtual_stages_too():
 
 def _run_bf16(rank, world):
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from tests.distributed.test_pipeline_parity import step_once
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
@@ -84,9 +84,8 @@ def _run_tools(rank, world):
     import torch.distributed as dist
 
     from nemo_pp.distributed.mesh import build_device_mesh
-
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
     model = tiny_model("llama", True, 4)
@@ -162,9 +161,9 @@ def test_empty_split_fails_with_the_same_error_on_every_rank(real_assets, tmp_pa
 
 def _run_checkpointed(rank, world):
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import ActivationCheckpointing
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from tests.distributed.test_pipeline_parity import reference, step_once
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
@@ -203,10 +202,9 @@ def _run_fsdp_mixed_precision(rank, world):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from nemo_pp.distributed.mesh import build_device_mesh
-
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import FSDP2Parallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from tests.distributed.test_pipeline_parity import reference, step_once
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=2))
@@ -214,7 +212,7 @@ def _run_fsdp_mixed_precision(rank, world):
     batch = make_batch(4, 16, ref.config.vocab_size, seed=7)
     ref_loss, ref_grads, tokens = reference(copy.deepcopy(ref), [batch])
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b", pp_batch_size=4, pp_seq_len=16,
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b", pp_batch_size=4, pp_seq_len=16, activation_dtype=mp.param_dtype,
                       device=torch.device("cpu")).build(ref, loss_fn=sum_ce, parallelize_fn=FSDP2Parallelizer(mesh, mp_policy=mp))
     sent = []
     if ap.info.has_first_stage:
@@ -241,8 +239,8 @@ def test_fsdp2_mixed_precision_bf16_compute_on_fp32_masters():
 
 def _run_balanced(rank, world):
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from tests.distributed.test_pipeline_parity import reference, step_once
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))

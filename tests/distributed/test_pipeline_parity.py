@@ -54,8 +54,8 @@ def reference(model, batches):
 
 def _run_parity(rank, world, arch, tied, schedule, layers, batch_size, seq_lens, layers_per_stage, pp=None, ap_kwargs=None):
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp or world))
     ref_model = tiny_model(arch, tied, layers)
@@ -133,8 +133,8 @@ def test_seq_len_change_with_accumulation_matches_reference(schedule):
 def _run_csv(rank, world, csv_path):
     """A CSV schedule through AutoPipeline: stage count and placement come from the file."""
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
     ref = tiny_model("llama", True, 4)

@@ -47,9 +47,9 @@ def assert_weights_match(ap, ref) -> None:
 def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir, sp=False):
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, TensorParallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, tp_size=tp, dp_replicate_size=dp_replicate))
@@ -61,12 +61,12 @@ def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir, sp=False):
 
     steps_fn = [TensorParallelizer(mesh, sp) if tp > 1 else None, FSDP2Parallelizer(mesh) if dp > 1 else None]
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b" if pp > 1 else "gpipe", pp_batch_size=4,
-                      device=torch.device("cpu")).build(model, loss_fn=sum_ce, parallelize_fn=ComposedParallelizer(*steps_fn))
+                      device=torch.device("cpu"), sequence_shards=tp if sp else 1).build(model, loss_fn=sum_ce, parallelize_fn=ComposedParallelizer(*steps_fn))
     if tp > 1:  # really sharded: some parameter is a DTensor over the tp axis
         assert any("tp" in (getattr(p, "device_mesh", None) and p.device_mesh.mesh_dim_names or ())
                    for part in ap.parts for p in part.parameters())
     if sp:  # norms compute on sequence shards: their weights became (replicated) DTensors
-        assert all(getattr(part, "_nemo_pp_sequence_shards", 1) == tp for part in ap.parts)
+        assert ap.plan.stage.sequence_shards == tp
         from nemo_pp.models.module_tree import decoder_layers
 
         assert all(hasattr(layer.input_layernorm.weight, "placements") for part in ap.parts for layer in decoder_layers(part))

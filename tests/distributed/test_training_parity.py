@@ -74,9 +74,9 @@ def _count_reduce_scatters() -> list:
 def _run_training(rank, world, pp, arch, tied, schedule, export_dir, activation_checkpointing=False, defer=True):
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.distributed.parallelize import FSDP2Parallelizer
     from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp))

@@ -93,11 +93,11 @@ def test_commit_dir_replaces_old_folder_and_writes_marker_last(home):
     final = home / "thing"
     final.mkdir(parents=True)
     (final / "stale.txt").write_text("old")
-    tmp = assets._fresh_tmp_dir(final)
+    tmp = assets.paths._fresh_tmp_dir(final)
     assert tmp.parent == final.parent and tmp.name.startswith(".thing.tmp-")
     (tmp / "new.txt").write_text("new")
     assert not assets.is_complete(tmp)
-    assets._commit_dir(tmp, final, {"rows": 3})
+    assets.paths._commit_dir(tmp, final, {"rows": 3})
     assert sorted(p.name for p in final.iterdir()) == [".complete", "new.txt"]
     assert json.loads((final / ".complete").read_text())["rows"] == 3
     assert sorted(p.name for p in home.iterdir()) == ["thing"]  # no tmp/old leftovers

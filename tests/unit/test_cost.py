@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from nemo_pp.models.loading import empty_model
 from nemo_pp.planning.cost import (
     PieceCosts,
     balanced_layer_counts,
     flop_costs,
 )
-from nemo_pp.planning.timeline import simulated_step_seconds
 from nemo_pp.planning.pipeline import make_pipeline_plan
-from nemo_pp.models.loading import empty_model
+from nemo_pp.planning.timeline import simulated_step_seconds
 
 SMOLLM2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)

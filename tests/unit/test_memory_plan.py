@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nemo_pp.models.loading import empty_model
+from nemo_pp.models.module_tree import copy_pruned
+from nemo_pp.models.stage_forward import make_stage_emit_tensor, patch_hf_model_for_pp
 from nemo_pp.planning.memory import memory_plan, saved_activation_bytes
 from nemo_pp.planning.pipeline import make_pipeline_plan
-from nemo_pp.models.stage_forward import make_stage_emit_tensor, patch_hf_model_for_pp
-from nemo_pp.models.module_tree import copy_pruned
-from nemo_pp.models.loading import empty_model
 from tests.tiny_models import tiny_config, tiny_model
 
 

@@ -2,8 +2,6 @@
 
 import pytest
 
-from nemo_pp.planning.dims import resolve_parallel_sizes
-from nemo_pp.planning.split import MULTIMODAL_ENCODER_NAMES
 from nemo_pp.distributed.pipelining.functional import (
     calculate_virtual_stages,
     canonical_schedule_name,
@@ -12,6 +10,8 @@ from nemo_pp.distributed.pipelining.functional import (
     schedule_style,
     stage_ids_this_rank,
 )
+from nemo_pp.planning.dims import resolve_parallel_sizes
+from nemo_pp.planning.split import MULTIMODAL_ENCODER_NAMES
 
 
 def test_stage_ids_loop_and_v_match_the_guide():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nemo_pp.config import ConfigError
-from nemo_pp.planning.schema import load_recipe_config
 from nemo_pp.planning.run_plan import plan_run
+from nemo_pp.planning.schema import load_recipe_config
 from tests.tiny_models import tiny_model
 
 YAML = """

@@ -6,9 +6,9 @@ import torch
 from transformers import LlamaConfig
 
 from nemo_pp.distributed.pipelining.functional import _get_hidden_and_vocab_size, _wrap_stage_forward_to_emit_tensor
+from nemo_pp.models.module_tree import copy_pruned
 from nemo_pp.models.stage_forward import patch_hf_model_for_pp
 from nemo_pp.planning.pipeline import make_pipeline_plan
-from nemo_pp.models.module_tree import copy_pruned
 from nemo_pp.planning.split import generate_hf_model_fqn_per_model_part
 from tests.tiny_models import tiny_model
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from nemo_pp.loss import IGNORE_INDEX
 
 
-
 def truncate_prompt_answer(prompt: list[int], answer: list[int], seq_length: int) -> tuple[list[int], list[int]]:
     """Fit ``prompt + answer`` into ``seq_length + 1`` tokens (the inputs are one shorter).
 

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from nemo_pp.assets import looks_like_local_path, missing_asset_message, squad_dir
-
 from nemo_pp.datasets.llm.sft import IGNORE_INDEX, prompt_answer_example  # noqa: F401  (IGNORE_INDEX: re-exported)
 
 

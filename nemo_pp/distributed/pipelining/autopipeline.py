@@ -9,12 +9,11 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import nn
 
-from nemo_pp.models.auto_model import resolve_dtype
-
 from nemo_pp.distributed.grads import clip_grad_norm_across_stages, divide_grads
 from nemo_pp.distributed.pipelining.build import build_pipeline, pp_submesh
 from nemo_pp.distributed.pipelining.functional import ParallelizeFnProtocol, reset_pp_stage_shapes
 from nemo_pp.distributed.pipelining.tied import TiedEmbeddingSync
+from nemo_pp.models.auto_model import resolve_dtype
 from nemo_pp.models.module_tree import is_tied, stage_parameters, tied_param_fqns
 from nemo_pp.models.stage_forward import validate_hf_model_for_pipeline_support
 from nemo_pp.planning.checks import check_grad_sync_options
@@ -73,6 +72,12 @@ class AutoPipeline:
             ``"profile"`` balances by piece times measured on the device (the recipe times
             them on rank 0 and passes the plan; here, without a plan, it is ``balanced``).
         max_stage_params: cap on any stage's parameters for the balanced split.
+        sequence_shards / activation_dtype (nemo_pp's, not NeMo's): what ``parallelize_fn``
+            does to the activations stages exchange, which their forwards and static shapes
+            must know: the tp size when it applies sequence parallelism (hidden states
+            ``[mb, S / tp, H]``), and the dtype it computes in (FSDP2 mixed precision's
+            ``param_dtype``; default ``dtype``, else the parameters'). The recipe plans both
+            (``StageSpec``) and builds with :meth:`from_plan`.
 
     ``moe_mesh`` and ``ep_*`` are passed to ``parallelize_fn``.
     ``patch_stage_backward_maybe_with_nosync`` must stay False: torch already defers FSDP
@@ -111,6 +116,8 @@ class AutoPipeline:
         pp_seq_len: Optional[int] = None,
         split: str = "balanced",
         max_stage_params: Optional[int] = None,
+        sequence_shards: int = 1,
+        activation_dtype: Optional[torch.dtype] = None,
     ):
         check_grad_sync_options(patch_stage_backward_maybe_with_nosync)
         self._init_runtime(world_mesh, moe_mesh, pp_axis_name, dp_axis_names, cp_axis_name, tp_axis_name,
@@ -137,6 +144,8 @@ class AutoPipeline:
         self.pp_seq_len = pp_seq_len
         self.split = split
         self.max_stage_params = max_stage_params
+        self.sequence_shards = int(sequence_shards)
+        self.activation_dtype = resolve_dtype(activation_dtype, "activation_dtype")
 
     # ------------------------------------------------------------------ build
     @property
@@ -161,7 +170,8 @@ class AutoPipeline:
             max_stage_params=self.max_stage_params, scale_grads=self.scale_grads_in_schedule,
             defer_fsdp_grad_sync=self.defer_fsdp_grad_sync,
             stage=StageSpec(patch_inner_model=self.patch_inner_model, patch_causal_lm_model=self.patch_causal_lm_model,
-                            activation_dtype=self.dtype, seq_len=self.pp_seq_len),
+                            sequence_shards=self.sequence_shards, activation_dtype=self.activation_dtype or self.dtype,
+                            seq_len=self.pp_seq_len),
         )
 
     def build(

@@ -15,7 +15,6 @@ import torch.distributed as dist
 from torch import nn
 
 
-
 def _weight_of(part: nn.Module, fqn: str) -> nn.Parameter | None:
     """The parameter ``fqn`` of ``part``, through the module that owns it, so a head that
     LoRA wrapped (its weight now at ``lm_head.base_layer.weight``) is still found."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, ScheduleGPipe
 
 from nemo_pp._torch_compat import single_stage_schedule_shape
-from nemo_pp.planning.timeline import bubble_fraction, schedule_actions as planned_schedule_actions
-from nemo_pp.planning.timeline import simulate, single_stage_action_lists
+from nemo_pp.planning.timeline import bubble_fraction, simulate, single_stage_action_lists
+from nemo_pp.planning.timeline import schedule_actions as planned_schedule_actions
 
 _COLORS = {"FORWARD": "#4e79a7", "FULL_BACKWARD": "#f28e2b", "BACKWARD_INPUT": "#e15759", "BACKWARD_WEIGHT": "#76b7b2"}
 
