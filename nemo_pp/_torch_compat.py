@@ -96,6 +96,16 @@ class NemoPipelineStage(PipelineStage):
         super()._post_metadata_inference_cleanup()
 
     def perform_reduce_grad(self, grad_scale_factor: int):
+        """The schedule's REDUCE_GRAD action, run once at the end of each ``schedule.step``.
+
+        With ``grad_sync`` True this is torch's ``PipelineStage.perform_reduce_grad`` (FSDP
+        post-backward: reduce-scatter and reshard, then ``scale_grads``). With ``grad_sync``
+        False the FSDP reduction is skipped and only the local gradients are scaled.
+
+        Args:
+            grad_scale_factor: divisor for every gradient: the microbatch count when the
+                schedule scales gradients (``scale_grads``), else 1 (no division).
+        """
         if self.grad_sync:
             return super().perform_reduce_grad(grad_scale_factor)
         if grad_scale_factor != 1:

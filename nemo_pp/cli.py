@@ -80,6 +80,20 @@ def finetune_command(args: argparse.Namespace, overrides: Sequence[str]) -> list
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nemo-pp`` console script: ``finetune``, ``list`` or ``cp``.
+
+    ``finetune`` replaces this process with torchrun (``os.execv``) and does not return.
+
+    Args:
+        argv: the arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+        The exit status: 0, or 2 (message on stderr) for a config that is not found or a
+        ``cp`` destination that exists.
+
+    Raises:
+        SystemExit: argparse's usage errors, and extra arguments given to ``list`` or ``cp``.
+    """
     args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "finetune":

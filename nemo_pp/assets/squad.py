@@ -107,6 +107,11 @@ def read_tar_members(archive: Path, suffixes: Sequence[str]) -> dict[str, bytes]
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
+    """Write ``rows`` to ``path`` as UTF-8 JSON Lines (one object a line, non-ASCII kept), replacing the file.
+
+    Returns:
+        The number of rows written.
+    """
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:

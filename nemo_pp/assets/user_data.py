@@ -39,14 +39,18 @@ _TURN = re.compile(r'agent_([AB]): "(.*?)"(?= agent_[AB]: "|\s*$)', re.S)
 
 
 def instructions_dir() -> Path:
+    """Folder with the Natural Instructions ``train.jsonl`` and ``validation.jsonl``
+    (``{"task", "definition", "inputs", "targets"}`` rows)."""
     return assets_home() / "data" / "instructions"
 
 
 def chat_dir() -> Path:
+    """Folder with the Topical-Chat ``train.jsonl`` and ``validation.jsonl`` (``{"id", "messages"}`` rows)."""
     return assets_home() / "data" / "chat"
 
 
 def shakespeare_dir() -> Path:
+    """Folder with the Shakespeare plain-text ``train.txt`` and ``validation.txt``."""
     return assets_home() / "data" / "shakespeare"
 
 

@@ -132,14 +132,17 @@ class ContextParallel:
 
     @functools.cached_property
     def size(self) -> int:
+        """The cp degree: ranks sharing one sequence."""
         return self.mesh.size()
 
     @functools.cached_property
     def rank(self) -> int:
+        """This rank's index on the ``cp`` axis, in ``[0, size)``."""
         return self.mesh.get_local_rank()
 
     @functools.cached_property
     def group(self):
+        """The ``cp`` process group (the all-gather attention's collectives)."""
         return self.mesh.get_group()
 
     @contextlib.contextmanager

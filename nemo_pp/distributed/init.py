@@ -17,6 +17,16 @@ DEFAULT_TIMEOUT_S = 600.0
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the default process group, from :func:`initialize_distributed`.
+
+    Attributes:
+        rank: global rank, in ``[0, world_size)``.
+        world_size: number of processes in the default group.
+        local_rank: rank on this node (``LOCAL_RANK``; 0 for a plain launch).
+        device: ``cuda:<local_rank>`` or ``cpu`` (:func:`pick_device`).
+        backend: ``"nccl"`` on CUDA, ``"gloo"`` on CPU.
+    """
+
     rank: int
     world_size: int
     local_rank: int
@@ -25,6 +35,7 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """True on global rank 0."""
         return self.rank == 0
 
 
@@ -75,6 +86,7 @@ def set_seed(seed: int) -> None:
 
 
 def destroy_distributed() -> None:
+    """Barrier, then destroy the default process group; a no-op when none is initialised."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

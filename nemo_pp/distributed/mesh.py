@@ -40,14 +40,17 @@ class MeshBundle:
 
     @property
     def pp(self) -> DeviceMesh:
+        """The 1D ``pp`` sub-mesh."""
         return self.world["pp"]
 
     @property
     def pp_rank(self) -> int:
+        """This rank's index on the ``pp`` axis (its pipeline position), in ``[0, sizes.pp)``."""
         return self.world.get_local_rank("pp")
 
     @property
     def dp_rank(self) -> int:
+        """This rank's index on the flattened ``dp`` view (dp_replicate x dp_shard): its batch shard."""
         return self.dp.get_local_rank()
 
     @property

@@ -81,6 +81,18 @@ class NeMoAutoModelForCausalLM:
 
     @staticmethod
     def from_config(config, *args, torch_dtype=None, dtype=None, **kwargs):
+        """A randomly initialised model of ``config`` (a ``transformers`` config), through
+        ``transformers.AutoModelForCausalLM.from_config``.
+
+        Args:
+            config: the model's ``PretrainedConfig``.
+            torch_dtype / dtype: parameter dtype, a ``torch.dtype`` or a name of :data:`DTYPES`
+                (``dtype`` wins when both are given); None or ``"auto"``: float32.
+            *args / **kwargs: passed to ``from_config`` unchanged.
+
+        Raises:
+            ValueError: an unknown dtype name.
+        """
         from transformers import AutoModelForCausalLM
 
         resolved = resolve_dtype(dtype if dtype is not None else torch_dtype) or torch.float32

@@ -43,12 +43,22 @@ def resolve_cp_attention(cp_attention: str, on_cuda: bool) -> str:
     return cp_attention
 
 
-
 def on_cpu(device) -> bool:
+    """True when ``dist_env.device`` means the CPU: ``"cpu"``, or None/``"auto"`` without CUDA."""
     return device == "cpu" or (device in (None, "auto") and not torch.cuda.is_available())
 
 
 def check_sequence_lengths(cfg, text_cfg) -> None:
+    """Refuse sequence lengths (tokens) the model's positions cannot reach.
+
+    Args:
+        cfg: the recipe config; reads ``dataset.seq_length``, ``validation_dataset.seq_length``
+            and ``distributed.pipeline.pp_seq_len`` (None: not checked).
+        text_cfg: the model's text config; no ``max_position_embeddings``: nothing checked.
+
+    Raises:
+        ValueError: one of them exceeds ``max_position_embeddings``.
+    """
     limit = getattr(text_cfg, "max_position_embeddings", None)
     if limit is None:
         return
@@ -81,8 +91,7 @@ def check_context_parallel(cfg, sizes) -> tuple[str | None, int | None]:
             "and block-causal mask are not split over the cp ranks; set packed_sequence.packed_sequence_size: 0 or "
             "distributed.cp_size: 1"
         )
-    multiple = 2 * sizes.cp * (sizes.tp if cfg.distributed.sequence_parallel else 1)
-    return attention, math.lcm(pad or 1, multiple)
+    return attention, math.lcm(pad or 1, sizes.seq_len_divisor)
 
 
 def check_ring_attention(text_cfg) -> None:

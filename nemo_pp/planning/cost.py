@@ -27,6 +27,10 @@ from dataclasses import dataclass
 
 from nemo_pp.models.module_tree import text_config
 
+#: tokens per sample the split is weighed at when no sequence length is configured (it
+#: only moves the attention share of a layer's cost)
+DEFAULT_PLANNING_SEQ_LEN = 1024
+
 
 @dataclass(frozen=True)
 class PieceCosts:

@@ -34,6 +34,7 @@ class ParallelDims:
 
     @property
     def world_size(self) -> int:
+        """Total ranks: pp x dp x cp x tp."""
         return self.pp * self.dp * self.cp * self.tp
 
     @property

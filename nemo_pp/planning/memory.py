@@ -50,6 +50,7 @@ class RankMemory:
 
     @property
     def total_bytes(self) -> int:
+        """Parameter + gradient + optimizer + activation bytes of this rank."""
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nemo_pp.models.module_tree import find_layer_stack, outer_modules, stage_parameters
-from nemo_pp.planning.cost import PieceCosts, balanced_layer_counts, flop_costs
+from nemo_pp.planning.cost import DEFAULT_PLANNING_SEQ_LEN, PieceCosts, balanced_layer_counts, flop_costs
 from nemo_pp.planning.schedules import (
     SPLIT_BACKWARD_SCHEDULES,
     canonical_schedule_name,
@@ -112,6 +112,7 @@ class PipelinePlan:
 
     @property
     def stages_per_rank(self) -> int:
+        """(Virtual) stages per pp rank: ``num_stages // pp_size`` (above 1 for interleaved and V schedules)."""
         return self.num_stages // self.pp_size
 
     @property
@@ -239,7 +240,7 @@ def _layer_counts(model, num_stages: int, split: str, layers_per_stage, microbat
     if split == "uniform" or layers_per_stage is not None or config is None:
         return None
     try:
-        costs = piece_costs or flop_costs(config, microbatch_size, seq_len or 1024)
+        costs = piece_costs or flop_costs(config, microbatch_size, seq_len or DEFAULT_PLANNING_SEQ_LEN)
     except AttributeError:  # not a transformers decoder config: nothing to weigh
         return None
     if len(costs.layers) != len(find_layer_stack(model)[1]):
@@ -295,7 +296,7 @@ def make_pipeline_plan(
             ``"profile"`` (the same with ``piece_costs`` timed on the device; without
             them, the FLOP model) or ``"uniform"`` (equal layer counts). ``layers_per_stage`` and a manual split
             override it; a model without a transformers config splits uniformly.
-        seq_len: tokens per sample for the cost model (default 1024; it only moves the
+        seq_len: tokens per sample for the cost model (default ``DEFAULT_PLANNING_SEQ_LEN``, 1024; it only moves the
             attention share).
         piece_costs: measured costs to balance with instead of the FLOP model
             (``split: profile``: :func:`.cost.profile_costs`, timed once on one rank and

@@ -29,7 +29,7 @@ from nemo_pp.models.module_tree import text_config
 from nemo_pp.models.stage_forward import validate_hf_model_for_pipeline_support
 from nemo_pp.models.tp_plan import check_tensor_parallel
 from nemo_pp.planning import checks
-from nemo_pp.planning.cost import PieceCosts
+from nemo_pp.planning.cost import DEFAULT_PLANNING_SEQ_LEN, PieceCosts
 from nemo_pp.planning.dims import ParallelDims, resolve_parallel_sizes
 from nemo_pp.planning.pipeline import PipelinePlan, StageSpec, make_pipeline_plan
 from nemo_pp.planning.schedules import is_single_stage_schedule
@@ -37,9 +37,6 @@ from nemo_pp.planning.schedules import is_single_stage_schedule
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunPlan", "plan_run", "planning_seq_len", "profile_pipeline_costs", "replan"]
-
-#: tokens per sample the split is weighed at when no sequence length is configured
-DEFAULT_PLANNING_SEQ_LEN = 1024
 
 
 @dataclass(frozen=True)
@@ -242,6 +239,36 @@ def _check_sequence_parallel(cfg, sizes: ParallelDims) -> None:
         )
 
 
+def _microbatch_size(cfg, sizes: ParallelDims, local_bs: int) -> int:
+    """Samples per microbatch. Without a pipeline, microbatches only cost (small matmuls;
+    measured: 4 x [1, 256] take 1.6x as long as one [4, 256] on 2 threads): one stage of a
+    single-stage schedule runs the whole batch at once; gradient accumulation is the memory
+    knob there."""
+    p = cfg.distributed.pipeline
+    single = sizes.pp == 1 and not p.pp_schedule_csv and p.pp_schedule and is_single_stage_schedule(p.pp_schedule)
+    if not single or local_bs == p.pp_microbatch_size:
+        return p.pp_microbatch_size
+    logger.warning("pp_size 1: the whole batch of %d runs as one microbatch (distributed.pipeline."
+                   "pp_microbatch_size=%d applies to pipelines; lower dataloader.batch_size and raise "
+                   "step_scheduler.global_batch_size to save activation memory)", local_bs, p.pp_microbatch_size)
+    return local_bs
+
+
+def _pipeline_kwargs(cfg, sizes: ParallelDims, microbatch_size: int, local_bs: int, activation_dtype) -> dict:
+    """``make_pipeline_plan``'s arguments from ``distributed.pipeline`` (kept in the plan for :func:`replan`)."""
+    p = cfg.distributed.pipeline
+    return dict(
+        pp_size=sizes.pp, pp_schedule=p.pp_schedule, pp_schedule_csv=p.pp_schedule_csv,
+        pp_microbatch_size=microbatch_size, pp_batch_size=local_bs, layers_per_stage=p.layers_per_stage,
+        round_virtual_stages_to_pp_multiple=p.round_virtual_stages_to_pp_multiple,
+        module_fqns_per_model_part=p.module_fqns_per_model_part, split=p.split, seq_len=planning_seq_len(cfg),
+        max_stage_params=p.max_stage_params, scale_grads=p.scale_grads_in_schedule,
+        defer_fsdp_grad_sync=p.defer_fsdp_grad_sync,
+        stage=StageSpec(patch_inner_model=p.patch_inner_model, patch_causal_lm_model=p.patch_causal_lm_model,
+                        sequence_shards=sizes.sequence_shards, activation_dtype=activation_dtype, seq_len=p.pp_seq_len),
+    )
+
+
 def build_meta_model(cfg, model_path: str) -> tuple[nn.Module, bool]:
     """The model's module tree with parameters on the meta device, and whether the recipe
     builds exactly this model (``NeMoAutoModelForCausalLM.from_pretrained``: each rank then
@@ -304,25 +331,8 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     weights = SafetensorsCheckpoint.for_model(str(model_path), model) if meta_build else None
     if weights is not None and check_checkpoint:
         weights.check_covers(model)  # names only, no weight read
-    # Without a pipeline, microbatches only cost (small matmuls; measured: 4 x [1, 256] take
-    # 1.6x as long as one [4, 256] on 2 threads): one stage of a single-stage schedule runs
-    # the whole batch at once; gradient accumulation is the memory knob there.
-    single = sizes.pp == 1 and not p.pp_schedule_csv and p.pp_schedule and is_single_stage_schedule(p.pp_schedule)
-    microbatch_size = local_bs if single else p.pp_microbatch_size
-    if microbatch_size != p.pp_microbatch_size:
-        logger.warning("pp_size 1: the whole batch of %d runs as one microbatch (distributed.pipeline."
-                       "pp_microbatch_size=%d applies to pipelines; lower dataloader.batch_size and raise "
-                       "step_scheduler.global_batch_size to save activation memory)", local_bs, p.pp_microbatch_size)
-    pipeline_kwargs = dict(
-        pp_size=sizes.pp, pp_schedule=p.pp_schedule, pp_schedule_csv=p.pp_schedule_csv,
-        pp_microbatch_size=microbatch_size, pp_batch_size=local_bs, layers_per_stage=p.layers_per_stage,
-        round_virtual_stages_to_pp_multiple=p.round_virtual_stages_to_pp_multiple,
-        module_fqns_per_model_part=p.module_fqns_per_model_part, split=p.split, seq_len=planning_seq_len(cfg),
-        max_stage_params=p.max_stage_params, scale_grads=p.scale_grads_in_schedule,
-        defer_fsdp_grad_sync=p.defer_fsdp_grad_sync,
-        stage=StageSpec(patch_inner_model=p.patch_inner_model, patch_causal_lm_model=p.patch_causal_lm_model,
-                        sequence_shards=sizes.sequence_shards, activation_dtype=activation_dtype, seq_len=p.pp_seq_len),
-    )
+    microbatch_size = _microbatch_size(cfg, sizes, local_bs)
+    pipeline_kwargs = _pipeline_kwargs(cfg, sizes, microbatch_size, local_bs, activation_dtype)
     pipeline = make_pipeline_plan(model, **pipeline_kwargs, piece_costs=piece_costs)
     validate_hf_model_for_pipeline_support(model, p.patch_inner_model, p.patch_causal_lm_model, pipeline.num_stages)
     check_tensor_parallel(model, sizes.tp)

@@ -72,6 +72,7 @@ class Rule:
     hint: str = ""
 
     def describe(self, optional: bool = False) -> str:
+        """The rule in words for an error message (``">= 1, or null (hint)"``)."""
         parts = [f">= {self.ge:g}" if self.ge is not None else "", f"> {self.gt:g}" if self.gt is not None else ""]
         if self.choices is not None:
             parts.append("one of " + ", ".join(repr(c) for c in self.choices if c is not None))
@@ -99,13 +100,44 @@ _DTYPES = {spelling: str(dtype).removeprefix("torch.") for name, dtype in DTYPES
 
 @dataclass
 class DistEnvConfig:
+    """``dist_env``: the process group (``nemo_pp.distributed.init.initialize_distributed``).
+
+    Attributes:
+        device: ``cuda`` (nccl, one GPU per local rank), ``cpu`` (gloo), or ``auto`` (cuda when available).
+        timeout_minutes: every process group's collective timeout: a hang fails after this many minutes.
+    """
+
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
     timeout_minutes: float = setting(10.0, gt=0)
 
 
 @dataclass
 class PipelineConfig:
-    """AutoPipeline's kwargs (`nemo_pp.distributed.pipelining.AutoPipeline`)."""
+    """``distributed.pipeline``: NeMo AutoModel's ``AutoPipeline`` keys, which the plan reads
+    (``nemo_pp.planning.pipeline.make_pipeline_plan``).
+
+    Attributes:
+        _target_: kept for NeMo's YAML; the recipe builds with ``AutoPipeline.from_plan``.
+        pp_schedule: torch's schedule, any accepted spelling (``1f1b``, ``gpipe``,
+            ``interleaved_1f1b``, ``zbv``, ...).
+        pp_schedule_csv: a compute-only CSV schedule; its rows fix stages and placement.
+        pp_microbatch_size: samples per microbatch (``batch_size`` / this = microbatches per step).
+        layers_per_stage: decoder layers per virtual stage; null: automatic.
+        round_virtual_stages_to_pp_multiple: round the virtual stage count up or down to a
+            multiple of pp_size.
+        module_fqns_per_model_part: a manual split, one FQN list per stage.
+        patch_inner_model / patch_causal_lm_model: install nemo_pp's stage forwards on the
+            decoder / the causal-LM wrapper (``models.stage_forward``).
+        patch_stage_backward_maybe_with_nosync: refused when true (torch already defers FSDP
+            gradient sync to the step's last microbatch).
+        defer_fsdp_grad_sync: FSDP2 reduce-scatters once per optimizer step, not per accumulated batch.
+        scale_grads_in_schedule: refused when true (the recipe normalises by label tokens).
+        pp_seq_len: static stage shapes set at build for this length; also the length the split is weighed at.
+        dtype: cast the model to this dtype before splitting; null: ``model.torch_dtype``.
+        split: how layer boundaries are placed: ``balanced`` (FLOP model incl. the head and
+            loss), ``profile`` (timed on rank 0's device) or ``uniform``.
+        max_stage_params: cap on any stage's parameters for the balanced split.
+    """
 
     _target_: str = "nemo_pp.distributed.pipelining.AutoPipeline"
     pp_schedule: Optional[str] = "1f1b"
@@ -127,7 +159,15 @@ class PipelineConfig:
 
 @dataclass
 class MixedPrecisionConfig:
-    """FSDP2's ``MixedPrecisionPolicy``: compute in ``param_dtype`` on fp32 master weights."""
+    """``distributed.mp_policy``: FSDP2's ``MixedPrecisionPolicy``: compute in ``param_dtype``
+    on fp32 master weights.
+
+    Attributes:
+        param_dtype: the dtype parameters are cast to for forward and backward (and the
+            dtype stages exchange).
+        reduce_dtype: the dtype gradients are reduce-scattered in.
+        output_dtype: the dtype of each FSDP unit's outputs; null: ``param_dtype``.
+    """
 
     param_dtype: Optional[str] = setting("bfloat16", choices=_DTYPES)
     reduce_dtype: Optional[str] = setting("float32", choices=_DTYPES)
@@ -136,6 +176,25 @@ class MixedPrecisionConfig:
 
 @dataclass
 class DistributedConfig:
+    """``distributed``: the mesh ``(pp, dp_replicate, dp_shard, cp, tp)`` and how each stage is
+    parallelized (``nemo_pp.planning.dims.resolve_parallel_sizes``, ``distributed.parallelize``).
+
+    Attributes:
+        strategy: data parallelism's implementation; only ``fsdp2`` (torch's ``fully_shard``).
+        dp_size: data-parallel ranks; null: world size / (pp_size * cp_size * tp_size).
+        dp_replicate_size: HSDP's replica groups (parameters sharded within each, replicated
+            across); 1: plain FSDP2.
+        tp_size: tensor-parallel ranks per stage (the model's ``base_model_tp_plan``).
+        cp_size: context-parallel ranks: each holds ``S / cp`` tokens of every sequence.
+        cp_attention: the attention over the cp group under cp > 1.
+        pp_size: pipeline stages' ranks (1: one stage of the whole model, same code path).
+        sequence_parallel: under tp > 1, hidden states between layers and stages are
+            ``[B, S / tp, H]`` sequence shards (Korthikanti et al., 2022).
+        activation_checkpointing: decoder layers recompute their activations in backward.
+        mp_policy: FSDP2 mixed precision (needs dp * cp > 1); null: one dtype throughout.
+        pipeline: the pipeline's settings (:class:`PipelineConfig`).
+    """
+
     strategy: str = setting("fsdp2", choices=("fsdp2",))
     dp_size: Optional[int] = setting(None, ge=1, hint="null: world_size / (pp_size * cp_size * tp_size)")
     dp_replicate_size: int = setting(1, ge=1)
@@ -152,6 +211,17 @@ class DistributedConfig:
 
 @dataclass
 class DataloaderConfig:
+    """``dataloader``: how samples become batches (``nemo_pp.training.data.build_dataloader``).
+
+    Attributes:
+        batch_size: samples per ``schedule.step`` on one data-parallel rank (the pipeline's
+            ``pp_batch_size``).
+        shuffle: a seeded permutation per epoch (the same on every rank).
+        num_workers: DataLoader worker processes for the training set.
+        pad_seq_len_divisible: pad every batch's length to a multiple of this (raised under
+            cp > 1 to a multiple of ``2 * cp``); null: pad to the longest sample only.
+    """
+
     batch_size: int = setting(1, ge=1)
     shuffle: bool = True
     num_workers: int = setting(0, ge=0)
@@ -160,6 +230,18 @@ class DataloaderConfig:
 
 @dataclass
 class StepSchedulerConfig:
+    """``step_scheduler``: optimizer steps, accumulation, validation and checkpoint cadence.
+
+    Attributes:
+        global_batch_size: samples per optimizer step over all data-parallel ranks; a multiple of
+            ``batch_size * dp`` (the quotient is the gradient-accumulation count); null: ``batch_size * dp``.
+        local_batch_size: NeMo's spelling of ``dataloader.batch_size`` (must equal it when set).
+        num_epochs: passes over the training set.
+        max_steps: stop after this many optimizer steps (0: validate and export only).
+        val_every_steps: validation loss every N steps (it always runs before and after training).
+        ckpt_every_steps: a checkpoint every N steps (also at the end and on SIGTERM).
+    """
+
     global_batch_size: Optional[int] = setting(None, ge=1)
     local_batch_size: Optional[int] = setting(None, ge=1)
     num_epochs: int = setting(1, ge=1)
@@ -170,6 +252,14 @@ class StepSchedulerConfig:
 
 @dataclass
 class LRSchedulerConfig:
+    """``lr_scheduler``: the learning rate per optimizer step (``nemo_pp.training.lr_scheduler``).
+
+    Attributes:
+        lr_warmup_steps: linear warm-up from 0 to the optimizer's ``lr`` over this many steps.
+        lr_decay_style: the decay to ``min_lr`` over the remaining steps.
+        min_lr: the learning rate at the last step.
+    """
+
     lr_warmup_steps: int = setting(0, ge=0)
     lr_decay_style: str = setting("cosine", choices=("cosine", "linear", "constant"))
     min_lr: float = setting(0.0, ge=0)
@@ -177,11 +267,23 @@ class LRSchedulerConfig:
 
 @dataclass
 class ClipGradNormConfig:
+    """``clip_grad_norm``: clip by the global gradient norm over every stage (``distributed.grads``).
+
+    Attributes:
+        max_norm: the L2 norm threshold; null: no clipping (the norm is still reported).
+    """
+
     max_norm: Optional[float] = setting(1.0, gt=0, hint="null: no clipping")
 
 
 @dataclass
 class LoggingConfig:
+    """``logging``: the console.
+
+    Attributes:
+        log_every_steps: print a step's metrics line every N steps (every step goes to metrics.jsonl).
+    """
+
     log_every_steps: int = setting(1, ge=1)
 
 
@@ -190,7 +292,20 @@ _CONSOLIDATED = {"final": "final", "every": "every", "True": "final", "true": "f
 
 @dataclass
 class CheckpointConfig:
-    """NeMo AutoModel's checkpoint keys (docs/architecture.md, "Checkpoints")."""
+    """``checkpoint``: NeMo AutoModel's checkpoint keys (docs/architecture.md, "Checkpoints").
+
+    Attributes:
+        enabled: write resumable DCP checkpoints (and resume from the latest on a rerun).
+        checkpoint_dir: the run's folder: config.yaml, metrics, checkpoints, exports.
+        model_save_format: DCP's own files or Hugging Face safetensors for the model state.
+        save_consolidated: a Hugging Face folder ``hf_model/`` (LoRA: ``hf_adapter/``) at the
+            end (``final``), in every checkpoint too (``every``), or never.
+        is_async: write in a background thread while training goes on (``dcp.async_save``).
+        restore_from: a checkpoint folder to resume from, or ``LATEST`` (an error when none); null: the latest
+            complete one in checkpoint_dir when enabled.
+        max_recent_checkpoints: keep only the newest N complete checkpoints.
+        save_merged_model: a LoRA run also exports the base weights with the adapters merged.
+    """
 
     enabled: bool = False
     checkpoint_dir: str = "outputs/finetune"
@@ -201,12 +316,18 @@ class CheckpointConfig:
     is_async: bool = False
     restore_from: Optional[str] = setting(None, hint="null: the latest complete checkpoint in checkpoint_dir, if any")
     max_recent_checkpoints: Optional[int] = setting(None, ge=1, hint="null: keep all")
-    save_merged_model: bool = False  # a LoRA run: also export the base weights with the adapters merged (hf_model/)
+    save_merged_model: bool = False
 
 
 @dataclass
 class PackedSequenceConfig:
-    """NeMo AutoModel's packing keys (nemo_pp.datasets.packed_sequence)."""
+    """``packed_sequence``: NeMo AutoModel's packing keys (nemo_pp.datasets.packed_sequence).
+
+    Attributes:
+        packed_sequence_size: tokens per packed row of several samples (position ids restart
+            per sample: block-causal attention); 0: no packing.
+        split_across_pack: refused when true (a sample's second part could not attend to its first).
+    """
 
     packed_sequence_size: int = setting(0, ge=0, hint="0: no packing; else tokens per packed row")
     split_across_pack: bool = False
@@ -214,14 +335,24 @@ class PackedSequenceConfig:
 
 @dataclass
 class TensorBoardConfig:
-    """TensorBoard event files (nemo_pp.training.loggers)."""
+    """``tensorboard``: TensorBoard event files (nemo_pp.training.loggers).
+
+    Attributes:
+        log_dir: where the event files go.
+    """
 
     log_dir: Optional[str] = setting(None, hint="null: <checkpoint.checkpoint_dir>/tensorboard")
 
 
 @dataclass
 class WandbConfig:
-    """A Weights & Biases run (NeMo AutoModel's keys, plus mode)."""
+    """``wandb``: a Weights & Biases run (NeMo AutoModel's keys, plus mode).
+
+    Attributes:
+        project / entity / name: the run's W&B project, team and display name.
+        save_dir: where the run's files go.
+        mode: ``offline`` writes locally (no network), ``online`` syncs, ``disabled`` does nothing.
+    """
 
     project: str = "nemo_pp"
     entity: Optional[str] = None
@@ -232,7 +363,20 @@ class WandbConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Everything `recipes/finetune.py` reads; `load_recipe_config` loads a YAML into it."""
+    """Everything `recipes/finetune.py` reads; `load_recipe_config` loads a YAML into it.
+
+    Attributes:
+        seed: python and torch seed of every rank (and the data order's).
+        dist_env / distributed: see :class:`DistEnvConfig`, :class:`DistributedConfig`.
+        model: the model's ``_target_`` and kwargs (``nemo_pp.NeMoAutoModelForCausalLM.from_pretrained``:
+            meta build, each rank reads only its stages).
+        loss_fn: ``loss_fn(logits [mb, S, V], labels [mb, S] int64) -> summed loss``.
+        dataset / validation_dataset: data set ``_target_`` and kwargs (yield input_ids and aligned labels).
+        dataloader / step_scheduler / lr_scheduler / clip_grad_norm: see their classes.
+        logging / checkpoint / packed_sequence / tensorboard / wandb: see their classes.
+        optimizer: a torch optimizer ``_target_`` and kwargs, one per model part.
+        peft: LoRA (``nemo_pp._peft.lora.PeftConfig``); null: full fine-tuning.
+    """
 
     seed: int = 42
     dist_env: DistEnvConfig = setting(factory=DistEnvConfig)

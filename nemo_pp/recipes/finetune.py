@@ -284,6 +284,39 @@ class FinetuneRecipe:
             how = "written in the background" if self.cfg.checkpoint.is_async else "saved"
             tqdm.write(f"checkpoint {how}: {path} [{seconds:.1f} s blocking]")
 
+    def _log_step(self, step: int, out: dict, bar) -> dict:
+        """The step's metrics record: to the sinks, the progress bar and (every
+        ``log_every_steps``) the console; returns it."""
+        record = {
+            "event": "train", "step": step, "total_steps": self.total_steps, "loss": out["loss"],
+            "grad_norm": out["grad_norm"], "lr": self.lr_schedulers[0].get_last_lr()[0],
+            "tokens": out["tokens"], "num_label_tokens": out["num_label_tokens"],
+            "tokens_per_s": out["tokens"] / out["step_time_s"], "step_time_s": out["step_time_s"],
+            "nonpad_tokens_per_s": out["nonpad_tokens"] / out["step_time_s"],
+            "peak_memory_bytes": peak_memory_bytes(self.dist.device),
+        }
+        self.metrics.log(record)
+        if self.is_main:
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % self.cfg.logging.log_every_steps == 0 or step == self.total_steps:
+                tqdm.write(format_step(record))
+        return record
+
+    def _export_final(self) -> Path | None:
+        """The end-of-run export (``checkpoint.save_consolidated``): the Hugging Face folder,
+        a LoRA run's adapter folder (and the merged model with ``save_merged_model``); None
+        when exporting is off. Collective."""
+        ck = self.cfg.checkpoint
+        if ck.save_consolidated not in ("final", "every"):
+            return None
+        export_dir = self._export(self.out_dir / ("hf_adapter" if self.plan.peft is not None else "hf_model"))
+        if self.plan.peft is not None and ck.save_merged_model:
+            merged = self._export_merged(self.out_dir / "hf_model")
+            if self.is_main:
+                print(f"merged model (adapters folded into the weights): {merged}", flush=True)
+        return export_dir
+
     def run(self) -> dict:
         """Train from the plan's start to ``total_steps``: validation before and after,
         metrics per step, checkpoints every ``ckpt_every_steps``, at the end and on SIGTERM
@@ -307,23 +340,9 @@ class FinetuneRecipe:
             for batches, position in self._step_batches():
                 out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
                 step = position.step
-                global_tokens = out["tokens"]  # summed over dp ranks; pp ranks of a group share them
-                train_tokens += global_tokens
+                train_tokens += out["tokens"]  # summed over dp ranks; pp ranks of a group share them
                 train_seconds += out["step_time_s"]
-                record = {
-                    "event": "train", "step": step, "total_steps": self.total_steps, "loss": out["loss"],
-                    "grad_norm": out["grad_norm"], "lr": self.lr_schedulers[0].get_last_lr()[0],
-                    "tokens": global_tokens, "num_label_tokens": out["num_label_tokens"],
-                    "tokens_per_s": global_tokens / out["step_time_s"], "step_time_s": out["step_time_s"],
-                    "nonpad_tokens_per_s": out["nonpad_tokens"] / out["step_time_s"],
-                    "peak_memory_bytes": peak_memory_bytes(self.dist.device),
-                }
-                self.metrics.log(record)
-                if self.is_main:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    if step % cfg.logging.log_every_steps == 0 or step == self.total_steps:
-                        tqdm.write(format_step(record))
+                record = self._log_step(step, out, bar)
                 self.checkpointer.poll()
                 preempted = watcher.requested()
                 if ck_on and (preempted or (ck_every and step % ck_every == 0)):
@@ -346,14 +365,7 @@ class FinetuneRecipe:
             self.metrics.close()
             return summary
         val_after = self._validate(step, "after training") if step > self.start.step else val_before
-
-        export_dir = None
-        if cfg.checkpoint.save_consolidated in ("final", "every"):
-            export_dir = self._export(self.out_dir / ("hf_adapter" if self.plan.peft is not None else "hf_model"))
-            if self.plan.peft is not None and cfg.checkpoint.save_merged_model:
-                merged = self._export_merged(self.out_dir / "hf_model")
-                if self.is_main:
-                    print(f"merged model (adapters folded into the weights): {merged}", flush=True)
+        export_dir = self._export_final()
         summary = {
             "event": "summary", "steps": step, "wall_time_s": time.perf_counter() - wall_start,
             "train_tokens": train_tokens, "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),

@@ -51,10 +51,12 @@ class TensorBoardLogger:
         self.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", 0)
 
     def log(self, record: dict) -> None:
+        """Add the record's scalars (:func:`scalars_of`) at its ``step`` (needed when it has any)."""
         for name, value in scalars_of(record).items():
             self.writer.add_scalar(name, value, int(record["step"]))
 
     def close(self) -> None:
+        """Flush and close the event file."""
         self.writer.close()
 
 
@@ -74,6 +76,7 @@ class WandbLogger:
                               reinit="finish_previous")
 
     def log(self, record: dict) -> None:
+        """Log the record's scalars at its ``step``; a ``summary`` record's numbers go to the run summary."""
         scalars = scalars_of(record)
         if scalars:
             self.run.log(scalars, step=int(record["step"]))
@@ -81,6 +84,7 @@ class WandbLogger:
             self.run.summary.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
 
     def close(self) -> None:
+        """Finish the W&B run (``wandb.Run.finish``)."""
         self.run.finish()
 
 
@@ -91,10 +95,12 @@ class MetricLoggers:
         self.sinks = list(sinks)
 
     def log(self, record: dict) -> None:
+        """Pass ``record`` to every sink, in order."""
         for sink in self.sinks:
             sink.log(record)
 
     def close(self) -> None:
+        """Close every sink that has a ``close``."""
         for sink in self.sinks:
             if hasattr(sink, "close"):
                 sink.close()

@@ -31,6 +31,8 @@ class JSONLLogger:
                 self.path.write_text("")
 
     def log(self, record: dict) -> None:
+        """Append ``record`` as one JSON line, led by ``time`` (Unix seconds, to the ms; a record's
+        own ``time`` wins); a no-op unless ``enabled``."""
         if self.enabled:
             record = {"time": round(time.time(), 3), **record}
             with self.path.open("a") as f:

@@ -353,3 +353,19 @@ def test_nan_lr_is_refused(minimal):
     msg = _error(minimal, "optimizer.lr=nan")
     assert msg.startswith("invalid config value optimizer.lr=nan")
     assert math.isinf(load_recipe_config(minimal, ["dist_env.timeout_minutes=inf"]).dist_env.timeout_minutes)
+
+
+def test_every_schema_field_says_what_it_means():
+    """Each section's docstring documents each of its keys (an ``Attributes:`` entry)."""
+    import dataclasses
+    import re
+
+    from nemo_pp.planning import schema
+
+    for cls in [schema.FinetuneConfig, *(v for v in vars(schema).values()
+                                        if isinstance(v, type) and dataclasses.is_dataclass(v) and v.__name__.endswith("Config"))]:
+        doc = cls.__doc__ or ""
+        described = set(re.findall(r"^\s{8}([\w /]+):", doc, flags=re.M))
+        names = {n.strip() for entry in described for n in entry.split("/")}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in names]
+        assert not missing, f"{cls.__name__} does not document {missing}"

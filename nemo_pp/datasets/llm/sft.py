@@ -47,5 +47,14 @@ def check_tokenizer(tokenizer, owner: str) -> None:
 
 
 def check_seq_length(seq_length: int | None, key: str) -> None:
+    """Check a data set's ``seq_length`` (tokens per example's inputs; None: no truncation).
+
+    Args:
+        seq_length: the value to check.
+        key: the config section named in the error, e.g. ``"dataset"``.
+
+    Raises:
+        ValueError: ``seq_length`` is neither None nor an integer >= 1.
+    """
     if seq_length is not None and (not isinstance(seq_length, int) or seq_length < 1):
         raise ValueError(f"{key}.seq_length must be an integer >= 1 or null, not {seq_length!r}")

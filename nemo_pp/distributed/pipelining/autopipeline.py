@@ -150,6 +150,7 @@ class AutoPipeline:
     # ------------------------------------------------------------------ build
     @property
     def pp_size(self) -> int:
+        """Number of pipeline ranks: the size of ``world_mesh``'s pp axis."""
         return self._pp_mesh.size()
 
     @property
@@ -322,6 +323,7 @@ class AutoPipeline:
     # ------------------------------------------------------------ accessors
     @property
     def info(self) -> PipelineInfo:
+        """The schedule and this rank's stages and model parts (``enabled`` False until built)."""
         return self._info
 
     @property
@@ -342,10 +344,12 @@ class AutoPipeline:
 
     @property
     def pp_group(self):
+        """The process group of this rank's pp axis."""
         return self._pp_mesh.get_group()
 
     @property
     def tied_embeddings(self) -> Optional[TiedEmbeddingSync]:
+        """The tied-embedding gradient sum; None until built, and for an untied or one-stage model."""
         return self._tied
 
     # -------------------------------------------------------------- shapes
