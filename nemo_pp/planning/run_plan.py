@@ -75,7 +75,7 @@ class RunPlan:
             materialises this rank's stages out of it. Not compared.
         weights: where the meta model's tensors are read from (a
             :class:`~nemo_pp.models.loading.SafetensorsCheckpoint`, names already checked),
-            or None when another loader builds the model. Not compared.
+            or None when another loader builds the model or ``check_checkpoint`` was False. Not compared.
         pipeline_kwargs: the arguments the pipeline plan was made with, for :func:`replan`.
     """
 
@@ -328,8 +328,9 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
         model = model.to(pipeline_dtype)  # meta tensors: what the builder casts to, before splitting
     text_cfg = text_config(model.config)
     checks.check_sequence_lengths(cfg, text_cfg)
-    weights = SafetensorsCheckpoint.for_model(str(model_path), model) if meta_build else None
-    if weights is not None and check_checkpoint:
+    # a folder of config only (check_checkpoint False: planning a model that is not here) has no weights
+    weights = SafetensorsCheckpoint.for_model(str(model_path), model) if meta_build and check_checkpoint else None
+    if weights is not None:
         weights.check_covers(model)  # names only, no weight read
     microbatch_size = _microbatch_size(cfg, sizes, local_bs)
     pipeline_kwargs = _pipeline_kwargs(cfg, sizes, microbatch_size, local_bs, activation_dtype)

@@ -219,3 +219,17 @@ def test_context_parallel_plan(cfg_file):
     sp = check(cfg_file, "distributed.cp_size=2", "distributed.tp_size=2", "distributed.sequence_parallel=true", world=8)
     assert sp.pad_seq_len_divisible == 8  # each rank's slice splits again over tp
     assert check(cfg_file).pad_seq_len_divisible is None  # no cp: the config's value
+
+
+def test_a_config_only_folder_plans_without_checking_weights(tmp_path):
+    """``scripts/inspect_pipeline.py`` plans models that are not here (a config.json alone)."""
+    model_dir = tmp_path / "model"
+    tiny_model("llama", layers=4).config.save_pretrained(model_dir)
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text(YAML.format(model=model_dir, data=tmp_path / "data"))
+    cfg = load_recipe_config(path, [])
+    plan = plan_run(cfg, world_size=2, check_checkpoint=False)
+    assert plan.pipeline.num_stages == 2 and plan.weights is None
+    with pytest.raises(FileNotFoundError, match="holds neither model.safetensors"):
+        plan_run(cfg, world_size=2)  # the recipe's own plan reads the weights' names
