@@ -10,4 +10,4 @@ bash scripts/setup_env.sh
 .venv/bin/python -m nemo_pp.assets
 # end-to-end tests must not skip for lack of assets here: they were just prepared
 export NEMO_PP_REQUIRE_ASSETS=1
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=15 "$@"

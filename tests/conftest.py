@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,3 +20,36 @@ def real_assets():
             pytest.fail(msg)
         pytest.skip(msg)
     return model, data
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(real_assets, tmp_path_factory):
+    """A tiny tied Llama (8 layers, SmolLM2's vocabulary and tokenizer) saved as an HF folder,
+    and the SQuAD folder: the recipe's model and data in tests that run the real recipe."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import tiny_model
+
+    smollm2, squad = real_assets
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
+    tiny_model("llama", tied=True, layers=8, vocab=len(tokenizer), hidden=32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, squad
+
+
+_TESTS = Path(__file__).resolve().parent
+_MARK_BY_FOLDER = {"distributed": "distributed", "e2e": "e2e"}  # tests/<folder>/...: the marker every test there carries
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/distributed carries ``distributed``, under tests/e2e ``e2e``
+    (``-m 'not distributed'`` etc. select by them; pyproject.toml declares them)."""
+    for item in items:
+        try:
+            folder = Path(str(item.path)).resolve().relative_to(_TESTS).parts[0]
+        except ValueError:  # a test outside tests/
+            continue
+        marker = _MARK_BY_FOLDER.get(folder)
+        if marker is not None and item.get_closest_marker(marker) is None:
+            item.add_marker(marker)

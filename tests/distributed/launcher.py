@@ -32,7 +32,7 @@ _PRELOAD = [
     "transformers.models.qwen2.modeling_qwen2", "peft", "peft.tuners.lora", "datasets", "omegaconf", "hydra.utils",
     "nemo_pp.config", "nemo_pp.distributed.pipelining", "nemo_pp.training.engine", "nemo_pp.planning.run_plan",
     "nemo_pp.training.data", "nemo_pp.checkpoint.checkpointer", "nemo_pp.checkpoint.peft_export", "nemo_pp.distributed.context_parallel",
-    "tests.tiny_models", "tests.distributed.test_pipeline_parity", "tests.distributed.test_training_parity",
+    "tests.tiny_models", "tests.helpers",
 ]
 
 

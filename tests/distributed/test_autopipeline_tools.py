@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_pipeline_parity import make_batch, step_once, sum_ce
+from tests.helpers import make_batch, step_once, sum_ce
 from tests.tiny_models import tiny_model
 
 

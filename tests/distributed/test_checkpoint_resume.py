@@ -19,68 +19,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = str(ROOT / "configs" / "smollm2_135m_squad_pp2.yaml")
-
-
-@pytest.fixture(scope="module")
-def tiny_assets(real_assets, tmp_path_factory):
-    """A tiny tied Llama (8 layers, SmolLM2's vocabulary and tokenizer) saved as an HF folder."""
-    from transformers import AutoTokenizer
-
-    from tests.tiny_models import tiny_model
-
-    smollm2, squad = real_assets
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
-    tiny_model("llama", tied=True, layers=8, vocab=len(tokenizer), hidden=32).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, squad
-
-
-def _overrides(model: Path, squad: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config", CONFIG,
-        f"--model.pretrained_model_name_or_path={model}",
-        f"--dataset.path_or_dataset={squad}", f"--validation_dataset.path_or_dataset={squad}",
-        "--dataset.seq_length=32", "--validation_dataset.seq_length=32",
-        "--validation_dataset.limit_dataset_samples=4",
-        "--dataloader.pad_seq_len_divisible=8",
-        "--optimizer.lr=1e-3", "--lr_scheduler.lr_warmup_steps=1",
-        f"--checkpoint.checkpoint_dir={out}", "--checkpoint.enabled=true",
-        "--checkpoint.save_consolidated=final", "--step_scheduler.ckpt_every_steps=3",
-        *extra,
-    ]
-
-
-def _run_recipe(rank, world, argv, sigterm_after_step=None, sigterm_rank=1):
-    """``recipes/finetune.py main(argv)`` on this rank; optionally SIGTERM one rank after a step."""
-    import importlib.util
-
-    os.environ["TQDM_DISABLE"] = "1"
-    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    if sigterm_after_step is not None and rank == sigterm_rank % world:
-        from nemo_pp.training.engine import TrainEngine
-
-        original, calls = TrainEngine.train_step, [0]
-
-        def train_step(self, *args, **kwargs):
-            out = original(self, *args, **kwargs)
-            calls[0] += 1
-            if calls[0] == sigterm_after_step:
-                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; the watcher notes it
-            return out
-
-        TrainEngine.train_step = train_step
-    return recipe.main(argv)
-
-
-def _launch(world, argv, **kw):
-    codes = run_ranks(_run_recipe, world, argv, *kw.values(), timeout=240)
-    assert codes == [0] * world, codes
+from tests.helpers import launch_recipe, recipe_overrides, run_recipe_rank
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -100,11 +39,11 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def _stopped_and_resumed(model, squad, base: Path, world: int, extra: tuple) -> Path:
     """3 steps stopped by SIGTERM on rank 1, then the same command again (it resumes)."""
     out = base / "resumed"
-    argv = _overrides(model, squad, out, *extra)
-    _launch(world, argv, sigterm_after_step=3)
+    argv = recipe_overrides(model, squad, out, *extra)
+    launch_recipe(world, argv, sigterm_after_step=3)
     assert [c.name for c in sorted(out.glob("epoch_*"))] == [_step3_name(out)]
     assert max(_losses(out)) == 3 and not (out / "hf_model").exists()  # stopped after step 3, no export
-    _launch(world, argv)
+    launch_recipe(world, argv)
     return out
 
 
@@ -145,7 +84,7 @@ def test_resume_equals_straight_run(tiny_assets, tmp_path, case):
     model, squad = tiny_assets
     world, extra = CASES[case]
     straight = tmp_path / "straight"
-    _launch(world, _overrides(model, squad, straight, *extra))
+    launch_recipe(world, recipe_overrides(model, squad, straight, *extra))
     resumed = _stopped_and_resumed(model, squad, tmp_path, world, extra)
 
     a, b = _losses(straight), _losses(resumed)
@@ -216,12 +155,12 @@ def test_pp2_checkpoint_resumes_at_another_layout(tiny_assets, tmp_path, layout)
              "--step_scheduler.global_batch_size=4")
     straight = tmp_path / "straight"
     # written in the background while steps 4-6 train: the checkpoint must be the state after step 3
-    _launch(2, _overrides(model, squad, straight, *extra, "--checkpoint.is_async=true"))
+    launch_recipe(2, recipe_overrides(model, squad, straight, *extra, "--checkpoint.is_async=true"))
     other = tmp_path / layout
     other.mkdir()
     shutil.copytree(straight / _step3_name(straight), other / _step3_name(straight))
     world, changes = OTHER_LAYOUTS[layout]
-    _launch(world, _overrides(model, squad, other, *extra, *changes))
+    launch_recipe(world, recipe_overrides(model, squad, other, *extra, *changes))
 
     a, b = _losses(straight), _losses(other)
     assert sorted(b) == [4, 5, 6]
@@ -245,7 +184,7 @@ def _crash_while_saving_step_6(argv):
         return future
 
     dcp.FileSystemWriter.write_data = write_data
-    _run_recipe(0, 1, argv)
+    run_recipe_rank(0, 1, argv)
 
 
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny_assets, tmp_path, capfd):
@@ -253,7 +192,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny_asset
 
     model, squad = tiny_assets
     out = tmp_path / "run"
-    argv = _overrides(model, squad, out, "--distributed.pp_size=1", "--dataset.limit_dataset_samples=32",
+    argv = recipe_overrides(model, squad, out, "--distributed.pp_size=1", "--dataset.limit_dataset_samples=32",
                       "--step_scheduler.max_steps=6", "--dataloader.batch_size=4",
                       "--step_scheduler.global_batch_size=4")
     proc = mp.get_context("fork").Process(target=_crash_while_saving_step_6, args=(argv,))
@@ -264,7 +203,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny_asset
     crashed = _losses(out)
     assert sorted(crashed) == [1, 2, 3, 4, 5, 6]  # trained to the end, died while saving
 
-    _launch(1, argv)  # the same command: resumes from step 3, the last complete checkpoint
+    launch_recipe(1, argv)  # the same command: resumes from step 3, the last complete checkpoint
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in records if r["event"] == "train"][6:]
     assert [r["step"] for r in resumed] == [4, 5, 6]
@@ -277,7 +216,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny_asset
     with open(shard, "r+b") as f:
         f.truncate(100)
     capfd.readouterr()
-    assert run_ranks(_run_recipe, 1, argv, timeout=240, start_method="fork") == [2]  # capfd reads its stderr
+    assert run_ranks(run_recipe_rank, 1, argv, timeout=240, start_method="fork") == [2]  # capfd reads its stderr
     err = capfd.readouterr().err
     assert f"{shard} has 100 bytes" in err and "truncated" in err, err[-2000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == len(records)  # nothing ran

@@ -7,58 +7,83 @@ the stages' static shapes are re-sized to the new local length mid-step."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_pipeline_parity import sum_ce
-from tests.distributed.test_tensor_parallel import (
-    _full,
+from tests.helpers import (
+    FAMILIES,
+    LR,
+    MAX_NORM,
     assert_grads_match,
     assert_weights_match,
+    family_model,
+    full_tensor,
+    make_batch,
     optimizer_step_keeps_tie,
+    reference,
+    reference_training,
+    sum_ce,
+    training_batches,
 )
-from tests.distributed.test_training_parity import LR, MAX_NORM, _batches, reference_training
 from tests.tiny_models import tiny_model
 
 
-def _run(rank, world, pp, dp_replicate, cp, tp, arch, tied, sp, ac, schedule, attention="allgather", device="cpu"):
-    from nemo_pp.distributed.context_parallel import ContextParallel, ContextParallelizer
+@dataclass(frozen=True)
+class Layout:
+    """A mesh, a tiny model and a schedule: ``world`` ranks as pp x dp_replicate x dp_shard x cp x tp."""
+
+    world: int
+    pp: int
+    cp: int
+    arch: str
+    tied: bool
+    schedule: str
+    dp_replicate: int = 1
+    tp: int = 1
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+
+
+def _run(rank, world, layout: Layout, attention="allgather", device="cpu"):
+    from nemo_pp.distributed.context_parallel import ContextParallel
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, TensorParallelizer
+    from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
 
-    sizes = resolve_parallel_sizes(world, pp_size=pp, tp_size=tp, cp_size=cp, dp_replicate_size=dp_replicate)
+    tp, sp = layout.tp, layout.sequence_parallel
+    sizes = resolve_parallel_sizes(world, pp_size=layout.pp, tp_size=tp, cp_size=layout.cp,
+                                   dp_replicate_size=layout.dp_replicate)
     device = torch.device(device, rank) if device == "cuda" else torch.device(device)
     mesh = build_device_mesh(device.type, sizes)
     dp, dp_rank = sizes.dp, mesh.dp_rank
-    ref = tiny_model(arch, tied, layers=4)
+    ref = tiny_model(layout.arch, layout.tied, layers=4)
     model = copy.deepcopy(ref)
     unsplit_config = model.config  # what the recipe exports with
-    steps = _batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
+    steps = training_batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
     with torch.no_grad():  # validation loss of the first step's batches, before any training
         flat = [b for group in steps[0] for b in group]
         ref_val = sum(float(sum_ce(ref(input_ids=b["input_ids"]).logits, b["labels"])) for b in flat)
         ref_val /= sum(int((b["labels"] != -100).sum()) for b in flat)
     expected = reference_training(ref, steps)
 
-    parallelize = ComposedParallelizer(
-        TensorParallelizer(mesh, sp) if tp > 1 else None,
-        ContextParallelizer(ContextParallel(mesh, attention)),
-        FSDP2Parallelizer(mesh, activation_checkpointing=ac),  # over dp_shard x cp (HSDP: dp_replicate too)
-    )
-    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4,
+    cp = ContextParallel(mesh, attention)  # one object: the stages' attention and the engine's batch slicing, as in the recipe
+    # TP at tp > 1, the CP attention, FSDP2 over dp_shard x cp (HSDP: dp_replicate too)
+    parallelize = parallelize_chain(mesh, sequence_parallel=sp, cp=cp,
+                                    activation_checkpointing=layout.activation_checkpointing)
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=layout.schedule, pp_batch_size=4,
                       device=device, sequence_shards=tp if sp else 1).build(model, loss_fn=sum_ce, parallelize_fn=parallelize)
     # the CP attention really runs (and only on the stages' configs, not the unsplit model's)
     assert all(part.config._attn_implementation == f"nemo_pp_cp_{attention}" for part in ap.parts)
     assert unsplit_config._attn_implementation == "sdpa"
     opts = [torch.optim.AdamW(p.parameters(), lr=LR, weight_decay=0.1) for p in ap.parts]
     engine = TrainEngine(ap, device, dp_group=mesh.dp.get_group() if dp > 1 else None,
-                         max_grad_norm=MAX_NORM, cp=ContextParallel(mesh, attention))
+                         max_grad_norm=MAX_NORM, cp=cp)
     val = engine.validation_loss(steps[0][dp_rank])  # through the same sliced path, no grad
     assert abs(val - ref_val) <= 1e-5 * max(1.0, ref_val), (val, ref_val)
     for step, per_dp in enumerate(steps):
@@ -74,22 +99,20 @@ def _run(rank, world, pp, dp_replicate, cp, tp, arch, tied, sp, ac, schedule, at
 
 
 LAYOUTS = {
-    # name: (world, pp, dp_replicate, cp, tp, arch, tied, sequence_parallel, activation_checkpointing, schedule)
-    "cp2": (2, 1, 1, 2, 1, "llama", True, False, False, "gpipe"),
-    "cp2-qwen2-ac": (2, 1, 1, 2, 1, "qwen2", False, False, True, "gpipe"),
-    "pp2-cp2-tied": (4, 2, 1, 2, 1, "llama", True, False, False, "1f1b"),
-    "pp2-cp2-untied-interleaved": (4, 2, 1, 2, 1, "llama", False, False, False, "interleaved_1f1b"),
-    "hsdp2-cp2": (4, 1, 2, 2, 1, "qwen2", True, False, False, "gpipe"),
-    "pp2-dp2-cp2": (8, 2, 1, 2, 1, "llama", True, False, False, "1f1b"),
-    "pp2-cp2-tp2": (8, 2, 1, 2, 2, "llama", False, False, False, "1f1b"),
-    "pp2-cp2-tp2-sp": (8, 2, 1, 2, 2, "llama", True, True, False, "1f1b"),
+    "cp2": Layout(world=2, pp=1, cp=2, arch="llama", tied=True, schedule="gpipe"),
+    "cp2-qwen2-ac": Layout(world=2, pp=1, cp=2, arch="qwen2", tied=False, schedule="gpipe", activation_checkpointing=True),
+    "pp2-cp2-tied": Layout(world=4, pp=2, cp=2, arch="llama", tied=True, schedule="1f1b"),
+    "pp2-cp2-untied-interleaved": Layout(world=4, pp=2, cp=2, arch="llama", tied=False, schedule="interleaved_1f1b"),
+    "hsdp2-cp2": Layout(world=4, pp=1, cp=2, arch="qwen2", tied=True, schedule="gpipe", dp_replicate=2),
+    "pp2-dp2-cp2": Layout(world=8, pp=2, cp=2, arch="llama", tied=True, schedule="1f1b"),
+    "pp2-cp2-tp2": Layout(world=8, pp=2, cp=2, arch="llama", tied=False, schedule="1f1b", tp=2),
+    "pp2-cp2-tp2-sp": Layout(world=8, pp=2, cp=2, arch="llama", tied=True, schedule="1f1b", tp=2, sequence_parallel=True),
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_context_parallel_layout_matches_the_unsplit_model(layout):
-    world = LAYOUTS[layout][0]
-    run_ranks(_run, world, *LAYOUTS[layout][1:], timeout=300)
+    run_ranks(_run, LAYOUTS[layout].world, LAYOUTS[layout], timeout=300)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="ring attention is torch's context_parallel: CUDA only, "
@@ -97,10 +120,10 @@ def test_context_parallel_layout_matches_the_unsplit_model(layout):
 @pytest.mark.parametrize("layout", ["cp2", "pp2-cp2-tied"])
 def test_ring_attention_matches_the_unsplit_model_on_cuda(layout):
     """cp_attention: ring (torch's context_parallel over SDPA): the reference runs on the CPU."""
-    world = LAYOUTS[layout][0]
+    world = LAYOUTS[layout].world
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
-    run_ranks(_run, world, *LAYOUTS[layout][1:], "ring", "cuda", timeout=300, backend="nccl")
+    run_ranks(_run, world, LAYOUTS[layout], "ring", "cuda", timeout=300, backend="nccl")
 
 
 def _ring_slices(rank, world):
@@ -127,14 +150,12 @@ def test_ring_path_slices_batches_as_the_allgather_path():
 
 
 def _run_family(rank, world, model_type):
-    from nemo_pp.distributed.context_parallel import ContextParallel, ContextParallelizer
+    from nemo_pp.distributed.context_parallel import ContextParallel
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer
+    from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
-    from tests.distributed.test_family_matrix import family_model
-    from tests.distributed.test_pipeline_parity import make_batch, reference
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, cp_size=world))
     # HF's own eager attention: windows and soft-capping in the family's code; a cap small
@@ -144,25 +165,19 @@ def _run_family(rank, world, model_type):
     model = copy.deepcopy(ref)
     batches = [make_batch(4, 16, ref.config.vocab_size, seed=i) for i in range(2)]
     ref_loss, ref_grads, _ = reference(ref, batches)
+    cp = ContextParallel(mesh, "allgather")  # one object for the stages and the engine
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="gpipe", pp_batch_size=4, device=torch.device("cpu")).build(
-        model, loss_fn=sum_ce,
-        parallelize_fn=ComposedParallelizer(ContextParallelizer(ContextParallel(mesh, "allgather")), FSDP2Parallelizer(mesh)))
-    engine = TrainEngine(ap, torch.device("cpu"), max_grad_norm=None, cp=ContextParallel(mesh, "allgather"))
+        model, loss_fn=sum_ce, parallelize_fn=parallelize_chain(mesh, cp=cp))  # the CP attention, FSDP2 over the cp ranks
+    engine = TrainEngine(ap, torch.device("cpu"), max_grad_norm=None, cp=cp)
     out = engine.train_step([{"input_ids": ids, "labels": lb} for ids, lb in batches], [], [])
     assert abs(out["loss"] - ref_loss) <= 1e-5 * max(1.0, ref_loss), (out["loss"], ref_loss)
     for name, p in ap.parts[0].named_parameters():
         if ref_grads.get(name) is not None:
-            torch.testing.assert_close(_full(p.grad), ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(full_tensor(p.grad), ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     return True
 
 
-def _families():
-    from tests.distributed.test_family_matrix import FAMILIES
-
-    return list(FAMILIES)
-
-
-@pytest.mark.parametrize("model_type", _families())
+@pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_context_parallel_family_matches_hf_forward(model_type):
     """cp 2 on every proven family: sliding windows (Mistral, Gemma 2/3, window 8 of 16 tokens),
     attention soft-capping and query scaling (Gemma 2), per-layer rotary bases (Gemma 3), MoE."""

@@ -1,22 +1,11 @@
 """The guide's CustomModel pipelined through the functional API with a user split."""
 
-import importlib.util
-from pathlib import Path
-
 from tests.distributed.launcher import run_ranks
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_model_pipeline.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("custom_model_pipeline", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_custom_model_example
 
 
 def _run(rank, world):
-    return _load().run()
+    return load_custom_model_example().run()
 
 
 def test_custom_model_matches_unsplit_model():

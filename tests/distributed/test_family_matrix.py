@@ -4,6 +4,9 @@ gradient equal Hugging Face's own forward of the unsplit model (tiny random conf
 Family-specific steps the patched stage forwards must keep (read from config fields):
 Granite's embedding multiplier and logits scaling, Cohere's logit scale, Gemma 2 / 3's
 final-logit soft-capping and sliding-window layers, Gemma's scaled embedding buffer.
+
+The matrix itself (``FAMILIES``, ``family_model``) is in tests/helpers.py: the context-parallel
+tests run every family too.
 """
 
 from __future__ import annotations
@@ -14,42 +17,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_pipeline_parity import ATOL, make_batch, reference, step_once, sum_ce
-
-COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
-
-#: model_type -> extra config fields (small, and switching on what makes the family differ)
-FAMILIES = {
-    "llama": {},
-    "mistral": {"sliding_window": 8},
-    "qwen2": {},
-    "qwen3": {},
-    "gemma": {},
-    "gemma2": {"sliding_window": 8, "final_logit_softcapping": 3.0, "attn_logit_softcapping": 5.0,
-               "query_pre_attn_scalar": 8},
-    "gemma3_text": {"sliding_window": 8, "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 8},
-    "phi3": {"pad_token_id": 0},
-    "olmo2": {},
-    "granite": {"embedding_multiplier": 3.0, "logits_scaling": 4.0, "residual_multiplier": 0.5,
-                "attention_multiplier": 0.2},
-    "cohere": {"logit_scale": 0.5},
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1},
-}
-
-
-def family_model(model_type: str, **overrides) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(model_type, **COMMON, **{**FAMILIES[model_type], **overrides})
-    config._attn_implementation = "eager"  # soft-capping and sliding windows in every family's own code path
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+from tests.helpers import ATOL, FAMILIES, family_model, make_batch, reference, step_once, sum_ce
 
 
 def _run(rank, world, model_type):

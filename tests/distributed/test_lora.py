@@ -6,21 +6,17 @@ equal a single-process ``peft`` model trained on the same global batches; the ba
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_pipeline_parity import sum_ce
-from tests.distributed.test_training_parity import LR, MAX_NORM, _batches, reference_training
+from tests.helpers import LR, MAX_NORM, full_tensor, reference_training, sum_ce, training_batches
 from tests.tiny_models import tiny_model
 
 PEFT_PREFIX = "base_model.model."
-
-
-def _full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def reference_peft_model(arch: str, tied: bool, peft_cfg):
@@ -56,7 +52,21 @@ class CopyAdapters:
         return model
 
 
-def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir, tp=1, sp=False):
+@dataclass(frozen=True)
+class Case:
+    """A mesh, a tiny model, a schedule and the LoRA settings (``PeftConfig`` keyword arguments)."""
+
+    world: int
+    pp: int
+    schedule: str
+    arch: str
+    tied: bool
+    peft: dict
+    tp: int = 1
+    sequence_parallel: bool = False
+
+
+def _run(rank, world, case: Case, out_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -69,17 +79,19 @@ def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir, tp=1, sp=F
     from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
 
-    cfg = PeftConfig(**peft_kwargs)
+    pp, tp, sp, tied = case.pp, case.tp, case.sequence_parallel, case.tied
+    cfg = PeftConfig(**case.peft)
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, tp_size=tp))
     dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
-    pristine, ref = reference_peft_model(arch, tied, cfg)
+    pristine, ref = reference_peft_model(case.arch, tied, cfg)
     model = copy.deepcopy(pristine)
-    steps = _batches(2, 2, dp, 4, (16, 24), pristine.config.vocab_size)
+    steps = training_batches(2, 2, dp, 4, (16, 24), pristine.config.vocab_size)
+    # by hand, not parallelize_chain: CopyAdapters must run between LoRA and TP
     chain = ComposedParallelizer(LoraParallelizer(cfg), CopyAdapters(ref), TensorParallelizer(mesh, sp) if tp > 1 else None,
                                  FSDP2Parallelizer(mesh) if dp > 1 else None)
     expected = reference_training(ref, steps)
 
-    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4,
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=case.schedule, pp_batch_size=4,
                       device=torch.device("cpu"), sequence_shards=tp if sp else 1).build(model, loss_fn=sum_ce, parallelize_fn=chain)
     trainable = {n for part in ap.parts for n, p in part.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable), sorted(trainable)
@@ -88,7 +100,7 @@ def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir, tp=1, sp=F
         assert any(n.endswith("o_proj.lora_A.default.weight") and pl and pl[-1].is_shard(1) for n, pl in placements.items())
         assert any(n.endswith("q_proj.lora_B.default.weight") and pl and pl[-1].is_shard(0) for n, pl in placements.items())
         assert any(n.endswith("q_proj.base_layer.weight") and pl and pl[-1].is_shard(0) for n, pl in placements.items())
-    frozen_before = {n: _full(p).detach().clone() for part in ap.parts for n, p in part.named_parameters()
+    frozen_before = {n: full_tensor(p).detach().clone() for part in ap.parts for n, p in part.named_parameters()
                      if not p.requires_grad}
     opts = [torch.optim.AdamW([{"params": [p for p in part.parameters() if p.requires_grad]}], lr=LR, weight_decay=0.1)
             for part in ap.parts]
@@ -101,7 +113,7 @@ def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir, tp=1, sp=F
         for part in ap.parts:
             for name, p in part.named_parameters():
                 if p.requires_grad:
-                    torch.testing.assert_close(_full(p.grad), want["grads"][PEFT_PREFIX + name], rtol=1e-4, atol=1e-6,
+                    torch.testing.assert_close(full_tensor(p.grad), want["grads"][PEFT_PREFIX + name], rtol=1e-4, atol=1e-6,
                                                msg=lambda m: f"{name}: {m}")
                 else:
                     assert p.grad is None, name  # frozen: no gradient computed, none communicated
@@ -113,10 +125,10 @@ def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir, tp=1, sp=F
     for part in ap.parts:
         for name, p in part.named_parameters():
             if p.requires_grad:
-                torch.testing.assert_close(_full(p).detach(), ref_params[PEFT_PREFIX + name].detach(), atol=2e-5,
+                torch.testing.assert_close(full_tensor(p).detach(), ref_params[PEFT_PREFIX + name].detach(), atol=2e-5,
                                            rtol=1e-4, msg=lambda m: f"{name}: {m}")
             else:
-                assert torch.equal(_full(p).detach(), frozen_before[name]), f"frozen {name} changed"
+                assert torch.equal(full_tensor(p).detach(), frozen_before[name]), f"frozen {name} changed"
 
     adapter_dir, merged_dir = f"{out_dir}/adapter", f"{out_dir}/merged"
     save_peft_adapter(adapter_dir, ap.parts, cfg, is_writer=mesh.writes_stage_files)
@@ -136,21 +148,25 @@ def _run(rank, world, pp, schedule, arch, tied, peft_kwargs, out_dir, tp=1, sp=F
 
 
 CASES = {
-    # name: (world, pp, schedule, arch, tied, peft kwargs)
-    "pp2-1f1b-tied-proj": (2, 2, "1f1b", "llama", True, {"target_modules": ["*_proj"], "dim": 4, "alpha": 8}),
+    "pp2-1f1b-tied-proj": Case(world=2, pp=2, schedule="1f1b", arch="llama", tied=True,
+                               peft={"target_modules": ["*_proj"], "dim": 4, "alpha": 8}),
     # the tied output projection adapted too: its frozen copies stay equal, the merged export unties
-    "pp2-gpipe-all-linear": (2, 2, "gpipe", "llama", True, {"match_all_linear": True, "dim": 4, "alpha": 16}),
+    "pp2-gpipe-all-linear": Case(world=2, pp=2, schedule="gpipe", arch="llama", tied=True,
+                                 peft={"match_all_linear": True, "dim": 4, "alpha": 16}),
     # a V schedule: stages 0 and 3 on one rank; some stages adapt nothing but the attention
-    "pp2-zbv-exclude": (2, 2, "zbv", "qwen2", False, {"exclude_modules": ["lm_head", "*.mlp.*"], "dim": 2, "alpha": 4}),
+    "pp2-zbv-exclude": Case(world=2, pp=2, schedule="zbv", arch="qwen2", tied=False,
+                            peft={"exclude_modules": ["lm_head", "*.mlp.*"], "dim": 2, "alpha": 4}),
     # FSDP2 over 2 dp ranks with frozen and trainable parameters in one layer
-    "pp2-dp2-fsdp2": (4, 2, "1f1b", "llama", True, {"target_modules": ["q_proj", "v_proj"], "dim": 4, "alpha": 8}),
+    "pp2-dp2-fsdp2": Case(world=4, pp=2, schedule="1f1b", arch="llama", tied=True,
+                          peft={"target_modules": ["q_proj", "v_proj"], "dim": 4, "alpha": 8}),
     # tensor parallelism: adapters of column- and row-wise projections sharded to match their base layer
-    "pp2-tp2": (4, 2, "1f1b", "llama", True, {"target_modules": ["*_proj"], "dim": 4, "alpha": 8}, 2),
-    "tp2-sp": (2, 1, "gpipe", "qwen2", False, {"target_modules": ["*_proj"], "dim": 4, "alpha": 8}, 2, True),
+    "pp2-tp2": Case(world=4, pp=2, schedule="1f1b", arch="llama", tied=True,
+                    peft={"target_modules": ["*_proj"], "dim": 4, "alpha": 8}, tp=2),
+    "tp2-sp": Case(world=2, pp=1, schedule="gpipe", arch="qwen2", tied=False,
+                   peft={"target_modules": ["*_proj"], "dim": 4, "alpha": 8}, tp=2, sequence_parallel=True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_lora_matches_single_process_peft(tmp_path, case):
-    world, pp, schedule, arch, tied, peft_kwargs, *tp_sp = CASES[case]
-    run_ranks(_run, world, pp, schedule, arch, tied, peft_kwargs, str(tmp_path), *tp_sp, timeout=300)
+    run_ranks(_run, CASES[case].world, CASES[case], str(tmp_path), timeout=300)

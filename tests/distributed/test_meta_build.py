@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_pipeline_parity import ATOL, make_batch, reference, step_once, sum_ce
+from tests.helpers import ATOL, make_batch, reference, step_once, sum_ce
 from tests.tiny_models import tiny_model
 
 
@@ -15,7 +15,7 @@ def _run_meta(rank, world, ckpt, pp, schedule):
     from transformers import AutoModelForCausalLM
 
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.distributed.parallelize import FSDP2Parallelizer
+    from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.models import NeMoAutoModelForCausalLM
     from nemo_pp.models.loading import SafetensorsCheckpoint
@@ -29,7 +29,7 @@ def _run_meta(rank, world, ckpt, pp, schedule):
     assert all(p.is_meta for p in model.parameters())
     weights = SafetensorsCheckpoint.for_model(ckpt, model)
     split_backward = canonical_schedule_name(schedule) in SPLIT_BACKWARD_SCHEDULES  # FSDP2 must not reshard then
-    fsdp = FSDP2Parallelizer(mesh, reshard_after_forward=not split_backward) if mesh.sizes.dp > 1 else None
+    fsdp = parallelize_chain(mesh, reshard_after_forward=not split_backward)  # FSDP2 at dp > 1, else None
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4, device=torch.device("cpu")).build(
         model, loss_fn=sum_ce, parallelize_fn=fsdp, weights=weights)
 

@@ -6,18 +6,18 @@ import json
 import subprocess
 import sys
 
-from tests.distributed.test_checkpoint_resume import ROOT, _launch, _overrides, tiny_assets  # noqa: F401 (fixture)
+from tests.helpers import ROOT, launch_recipe, recipe_overrides
 
 
-def test_tensorboard_and_wandb_record_what_metrics_jsonl_records(tiny_assets, tmp_path):  # noqa: F811
+def test_tensorboard_and_wandb_record_what_metrics_jsonl_records(tiny_assets, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model, squad = tiny_assets
     out = tmp_path / "run"
-    _launch(2, _overrides(model, squad, out, "--dataset.limit_dataset_samples=16", "--step_scheduler.max_steps=3",
-                          "--dataloader.batch_size=4", "--step_scheduler.global_batch_size=4",
-                          "--checkpoint.enabled=false", "--checkpoint.save_consolidated=false",
-                          "+tensorboard={}", "+wandb={project: nemo_pp_test}"))
+    launch_recipe(2, recipe_overrides(model, squad, out, "--dataset.limit_dataset_samples=16", "--step_scheduler.max_steps=3",
+                                      "--dataloader.batch_size=4", "--step_scheduler.global_batch_size=4",
+                                      "--checkpoint.enabled=false", "--checkpoint.save_consolidated=false",
+                                      "+tensorboard={}", "+wandb={project: nemo_pp_test}"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["event"] == "train"]
     val = [(r["step"], r["val_loss"]) for r in records if r["event"] == "validation"]

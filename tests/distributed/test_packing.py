@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_pipeline_parity import sum_ce
+from tests.helpers import sum_ce
 from tests.tiny_models import tiny_model
 
 LENGTHS = (10, 20, 12, 18, 15, 16, 9, 22)  # greedy into rows of 32: (10, 20) (12, 18) (15, 16) (9, 22)

@@ -6,17 +6,21 @@ a data set error reaching every rank."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_pipeline_parity import _run_parity, make_batch, sum_ce
+from tests.helpers import (
+    ParityCase,
+    load_custom_model_example,
+    make_batch,
+    reference,
+    run_parity,
+    step_once,
+    sum_ce,
+)
 from tests.tiny_models import tiny_model
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _assert_matches_reference(ap, losses, tokens, ref_grads, ref_loss) -> None:
@@ -41,20 +45,21 @@ def _assert_matches_reference(ap, losses, tokens, ref_grads, ref_loss) -> None:
 )
 def test_patch_combinations_match_unsplit_model(world, pp, inner, outer):
     kwargs = {"patch_inner_model": inner, "patch_causal_lm_model": outer}
-    run_ranks(_run_parity, world, "llama", True, "1f1b", 4, 4, (16, 8), None, pp, kwargs)
+    run_ranks(run_parity, world, ParityCase(arch="llama", tied=True, schedule="1f1b", layers=4, batch=4, seq_lens=(16, 8)),
+              pp, kwargs)
 
 
 def test_pp1_is_a_one_stage_pipeline_with_virtual_stages_too():
     """pp_size 1 runs through the same schedule machinery, GPipe and interleaved alike."""
-    run_ranks(_run_parity, 1, "qwen2", False, "gpipe", 4, 4, (16, 24), None, 1)
-    run_ranks(_run_parity, 1, "llama", True, "interleaved_1f1b", 4, 4, (16,), None, 1)
+    run_ranks(run_parity, 1, ParityCase(arch="qwen2", tied=False, schedule="gpipe", layers=4, batch=4, seq_lens=(16, 24)), 1)
+    run_ranks(run_parity, 1, ParityCase(arch="llama", tied=True, schedule="interleaved_1f1b", layers=4, batch=4,
+                                        seq_lens=(16,)), 1)
 
 
 def _run_bf16(rank, world):
     from nemo_pp.distributed.mesh import build_device_mesh
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.planning.dims import resolve_parallel_sizes
-    from tests.distributed.test_pipeline_parity import step_once
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
     ref = tiny_model("llama", True, 4).to(torch.bfloat16)
@@ -114,15 +119,8 @@ def test_parallelize_fn_without_kwargs_and_local_inspection():
     run_ranks(_run_tools, 2, pg_timeout_s=20)
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("custom_model_pipeline", ROOT / "examples/custom_model_pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run_custom_auto(rank, world):
-    return _load_example().run(split=None)
+    return load_custom_model_example().run(split=None)
 
 
 def test_custom_model_splits_without_an_fqn_list():
@@ -161,17 +159,16 @@ def test_empty_split_fails_with_the_same_error_on_every_rank(real_assets, tmp_pa
 
 def _run_checkpointed(rank, world):
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.distributed.parallelize import ActivationCheckpointing
+    from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.planning.dims import resolve_parallel_sizes
-    from tests.distributed.test_pipeline_parity import reference, step_once
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
     ref = tiny_model("llama", True, 4)
     batch = make_batch(4, 16, ref.config.vocab_size, seed=5)
     ref_loss, ref_grads, tokens = reference(copy.deepcopy(ref), [batch])
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b", pp_batch_size=4, device=torch.device("cpu")).build(
-        ref, loss_fn=sum_ce, parallelize_fn=ActivationCheckpointing())
+        ref, loss_fn=sum_ce, parallelize_fn=parallelize_chain(mesh, activation_checkpointing=True))
     calls = [0]
     for part in ap.parts:
         for layer in part.model.layers.values():
@@ -194,18 +191,17 @@ HEAD_ALONE = [["model.embed_tokens", "model.layers.0", "model.layers.1", "model.
 @pytest.mark.parametrize("world,schedule", [(2, "1f1b"), (1, "interleaved_1f1b")])
 def test_a_stage_of_lm_head_alone_applies_it(world, schedule):
     """The costly head (vocabulary x hidden plus the loss) may be a stage of its own."""
-    run_ranks(_run_parity, world, "llama", True, schedule, 4, 4, (16,), None, world,
-              {"module_fqns_per_model_part": HEAD_ALONE})
+    run_ranks(run_parity, world, ParityCase(arch="llama", tied=True, schedule=schedule, layers=4, batch=4, seq_lens=(16,)),
+              world, {"module_fqns_per_model_part": HEAD_ALONE})
 
 
 def _run_fsdp_mixed_precision(rank, world):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.distributed.parallelize import FSDP2Parallelizer
+    from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.planning.dims import resolve_parallel_sizes
-    from tests.distributed.test_pipeline_parity import reference, step_once
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=2))
     ref = tiny_model("llama", True, 4)
@@ -213,7 +209,7 @@ def _run_fsdp_mixed_precision(rank, world):
     ref_loss, ref_grads, tokens = reference(copy.deepcopy(ref), [batch])
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b", pp_batch_size=4, pp_seq_len=16, activation_dtype=mp.param_dtype,
-                      device=torch.device("cpu")).build(ref, loss_fn=sum_ce, parallelize_fn=FSDP2Parallelizer(mesh, mp_policy=mp))
+                      device=torch.device("cpu")).build(ref, loss_fn=sum_ce, parallelize_fn=parallelize_chain(mesh, mp_policy=mp))
     sent = []
     if ap.info.has_first_stage:
         ap.parts[0].register_forward_hook(lambda m, a, out: sent.append(out.dtype))
@@ -241,7 +237,6 @@ def _run_balanced(rank, world):
     from nemo_pp.distributed.mesh import build_device_mesh
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.planning.dims import resolve_parallel_sizes
-    from tests.distributed.test_pipeline_parity import reference, step_once
 
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=world))
     ref = tiny_model("llama", True, 6, vocab=4096)  # a head worth several layers

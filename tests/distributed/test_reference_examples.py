@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_pipeline_parity import make_batch, step_once
+from tests.helpers import make_batch, step_once
 from tests.tiny_models import tiny_config, tiny_model
 
 ATOL = 1e-5

@@ -4,64 +4,57 @@ steps and the consolidated export equal the unsplit model trained on the same gl
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_pipeline_parity import sum_ce
-from tests.distributed.test_training_parity import LR, MAX_NORM, _batches, reference_training
+from tests.helpers import (
+    LR,
+    MAX_NORM,
+    assert_grads_match,
+    assert_weights_match,
+    optimizer_step_keeps_tie,
+    reference_training,
+    sum_ce,
+    training_batches,
+)
 from tests.tiny_models import tiny_model
 
 
-def _full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+@dataclass(frozen=True)
+class Layout:
+    """A mesh and a tiny model: ``world`` ranks as pp x dp_replicate x dp_shard x tp."""
+
+    world: int
+    pp: int
+    tp: int
+    dp_replicate: int
+    arch: str
+    tied: bool
 
 
-def assert_grads_match(ap, grads: dict) -> None:
-    """Every parameter's (gathered) gradient equals the reference's ``grads[FQN]``."""
-    for part in ap.parts:
-        for name, p in part.named_parameters():
-            torch.testing.assert_close(_full(p.grad).cpu(), grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-
-
-def optimizer_step_keeps_tie(ap, opts) -> None:
-    """Step every part's optimizer; the two tied embedding copies must stay identical."""
-    for opt in opts:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    if ap.tied_embeddings is not None:
-        assert ap.tied_embeddings.max_abs_diff() == 0.0
-
-
-def assert_weights_match(ap, ref) -> None:
-    """Every parameter of the parts equals the reference model's after the same steps."""
-    ref_params = dict(ref.named_parameters(remove_duplicate=False))
-    for part in ap.parts:
-        for name, p in part.named_parameters():
-            torch.testing.assert_close(_full(p).detach().cpu(), ref_params[name].detach(), atol=2e-5, rtol=1e-4,
-                                       msg=lambda m: f"{name}: {m}")
-
-
-def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir, sp=False):
+def _run(rank, world, layout: Layout, export_dir, sp=False):
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.distributed.parallelize import ComposedParallelizer, FSDP2Parallelizer, TensorParallelizer
+    from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
 
-    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, tp_size=tp, dp_replicate_size=dp_replicate))
+    pp, tp, arch, tied = layout.pp, layout.tp, layout.arch, layout.tied
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, tp_size=tp, dp_replicate_size=layout.dp_replicate))
     dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
     ref = tiny_model(arch, tied, layers=4)
     model = copy.deepcopy(ref)
-    steps = _batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
+    steps = training_batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
     expected = reference_training(ref, steps)
 
-    steps_fn = [TensorParallelizer(mesh, sp) if tp > 1 else None, FSDP2Parallelizer(mesh) if dp > 1 else None]
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b" if pp > 1 else "gpipe", pp_batch_size=4,
-                      device=torch.device("cpu"), sequence_shards=tp if sp else 1).build(model, loss_fn=sum_ce, parallelize_fn=ComposedParallelizer(*steps_fn))
+                      device=torch.device("cpu"), sequence_shards=tp if sp else 1).build(
+        model, loss_fn=sum_ce, parallelize_fn=parallelize_chain(mesh, sequence_parallel=sp))  # TP at tp > 1, FSDP2 at dp > 1
     if tp > 1:  # really sharded: some parameter is a DTensor over the tp axis
         assert any("tp" in (getattr(p, "device_mesh", None) and p.device_mesh.mesh_dim_names or ())
                    for part in ap.parts for p in part.parameters())
@@ -94,21 +87,19 @@ def _run(rank, world, pp, tp, dp_replicate, arch, tied, export_dir, sp=False):
 
 
 LAYOUTS = {
-    # name: (world, pp, tp, dp_replicate, arch, tied)
-    "tp2": (2, 1, 2, 1, "llama", True),
-    "pp2-tp2-tied": (4, 2, 2, 1, "llama", True),
-    "pp2-tp2-qwen2": (4, 2, 2, 1, "qwen2", False),
-    "pp2-dp2-tp2": (8, 2, 2, 1, "llama", True),
-    "pp2-hsdp2x2": (8, 2, 1, 2, "qwen2", True),
+    "tp2": Layout(world=2, pp=1, tp=2, dp_replicate=1, arch="llama", tied=True),
+    "pp2-tp2-tied": Layout(world=4, pp=2, tp=2, dp_replicate=1, arch="llama", tied=True),
+    "pp2-tp2-qwen2": Layout(world=4, pp=2, tp=2, dp_replicate=1, arch="qwen2", tied=False),
+    "pp2-dp2-tp2": Layout(world=8, pp=2, tp=2, dp_replicate=1, arch="llama", tied=True),
+    "pp2-hsdp2x2": Layout(world=8, pp=2, tp=1, dp_replicate=2, arch="qwen2", tied=True),
     # HSDP x TP: 3D DTensors (dp_replicate, dp_shard, tp) through the one-stage pipeline
-    "hsdp2x2-tp2": (8, 1, 2, 2, "llama", False),
+    "hsdp2x2-tp2": Layout(world=8, pp=1, tp=2, dp_replicate=2, arch="llama", tied=False),
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_the_unsplit_model(tmp_path, layout):
-    world, pp, tp, rep, arch, tied = LAYOUTS[layout]
-    run_ranks(_run, world, pp, tp, rep, arch, tied, str(tmp_path / "export"), timeout=300)
+    run_ranks(_run, LAYOUTS[layout].world, LAYOUTS[layout], str(tmp_path / "export"), timeout=300)
 
 
 SP_LAYOUTS = ["tp2", "pp2-tp2-tied", "pp2-tp2-qwen2", "pp2-dp2-tp2"]
@@ -117,5 +108,4 @@ SP_LAYOUTS = ["tp2", "pp2-tp2-tied", "pp2-tp2-qwen2", "pp2-dp2-tp2"]
 @pytest.mark.parametrize("layout", SP_LAYOUTS)
 def test_sequence_parallel_layout_matches_the_unsplit_model(tmp_path, layout):
     """The same, with hidden states as [B, S/tp, H] sequence shards between layers and stages."""
-    world, pp, tp, rep, arch, tied = LAYOUTS[layout]
-    run_ranks(_run, world, pp, tp, rep, arch, tied, str(tmp_path / "export"), True, timeout=300)
+    run_ranks(_run, LAYOUTS[layout].world, LAYOUTS[layout], str(tmp_path / "export"), True, timeout=300)

@@ -10,52 +10,8 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_pipeline_parity import make_batch, sum_ce
+from tests.helpers import LR, MAX_NORM, reference_training, sum_ce, training_batches
 from tests.tiny_models import tiny_model
-
-MAX_NORM = 0.5  # small enough that clipping is active
-LR = 1e-3  # Adam turns grad noise of ~1e-8 into update noise of ~lr on near-zero grads
-
-
-def _batches(n_steps, acc, dp, batch_size, seq_lens, vocab):
-    """[step][dp_rank][acc] batches of dicts."""
-    out, seed = [], 0
-    for step in range(n_steps):
-        per_dp = []
-        for _ in range(dp):
-            group = []
-            for a in range(acc):
-                ids, lb = make_batch(batch_size, seq_lens[(step + a) % len(seq_lens)], vocab, seed)
-                seed += 1
-                group.append({"input_ids": ids, "labels": lb})
-            per_dp.append(group)
-        out.append(per_dp)
-    return out
-
-
-def reference_training(model, steps) -> list[dict]:
-    """The unsplit model trained with AdamW on each step's global batch (all dp ranks,
-    all accumulated batches): per step the token-mean ``loss``, the global grad ``norm``
-    before clipping and the clipped ``grads`` by FQN (of the parameters that train)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.1)
-    out = []
-    for per_dp in steps:
-        flat = [b for group in per_dp for b in group]
-        tokens = sum(int((b["labels"] != -100).sum()) for b in flat)
-        loss = 0.0
-        for b in flat:
-            batch_loss = sum_ce(model(input_ids=b["input_ids"]).logits, b["labels"])
-            batch_loss.backward()
-            loss += float(batch_loss)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.div_(tokens)
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
-        grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
-        out.append({"loss": loss / tokens, "norm": norm, "grads": grads})
-        opt.step()
-        opt.zero_grad()
-    return out
 
 
 def _count_reduce_scatters() -> list:
@@ -74,7 +30,7 @@ def _count_reduce_scatters() -> list:
 def _run_training(rank, world, pp, arch, tied, schedule, export_dir, activation_checkpointing=False, defer=True):
     from nemo_pp.checkpoint.hf_export import save_consolidated_hf
     from nemo_pp.distributed.mesh import build_device_mesh
-    from nemo_pp.distributed.parallelize import FSDP2Parallelizer
+    from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
@@ -83,7 +39,7 @@ def _run_training(rank, world, pp, arch, tied, schedule, export_dir, activation_
     dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
     ref = tiny_model(arch, tied, layers=4)
     model = copy.deepcopy(ref)
-    steps = _batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
+    steps = training_batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
     ref_norms = [r["norm"] for r in reference_training(ref, steps)]
 
     from nemo_pp.planning.schedules import SPLIT_BACKWARD_SCHEDULES, canonical_schedule_name
@@ -91,7 +47,8 @@ def _run_training(rank, world, pp, arch, tied, schedule, export_dir, activation_
     reshard = canonical_schedule_name(schedule) not in SPLIT_BACKWARD_SCHEDULES
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4, device=torch.device("cpu"),
                       defer_fsdp_grad_sync=defer).build(
-        model, loss_fn=sum_ce, parallelize_fn=FSDP2Parallelizer(mesh, reshard, activation_checkpointing) if dp > 1 else None
+        model, loss_fn=sum_ce,
+        parallelize_fn=parallelize_chain(mesh, activation_checkpointing=activation_checkpointing, reshard_after_forward=reshard),
     )
     opts = [torch.optim.AdamW(p.parameters(), lr=LR, weight_decay=0.1) for p in ap.parts]
     engine = TrainEngine(ap, torch.device("cpu"), dp_group=mesh.dp.get_group() if dp > 1 else None, max_grad_norm=MAX_NORM)

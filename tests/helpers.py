@@ -1,0 +1,307 @@
+"""Helpers that several test modules use: batches and the unsplit model's reference
+loss and gradients, the pipeline-parity rank function, the reference training loop,
+DTensor-aware comparisons, the decoder-family matrix and the recipe run on forked ranks.
+
+Rank functions here (``run_parity``, ``run_recipe_rank``) reach the ranks by pickle, as
+``tests.helpers.<name>``; the forkserver preloads this module (``tests/distributed/launcher.py``).
+Test modules import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tests.distributed.launcher import run_ranks
+from tests.tiny_models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ATOL = 1e-5
+MAX_NORM = 0.5  # small enough that clipping is active
+LR = 1e-3  # Adam turns grad noise of ~1e-8 into update noise of ~lr on near-zero grads
+
+
+# ---------------------------------------------------------------------------------------------
+# batches, loss, one schedule step, the unsplit model's reference
+
+
+def sum_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def make_batch(batch_size: int, seq_len: int, vocab: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    labels = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    labels[torch.rand(batch_size, seq_len, generator=g) < 0.3] = -100
+    return input_ids, labels
+
+
+def step_once(info, ids, labels) -> list | None:
+    """One ``schedule.step`` as every rank calls it; the losses on the last stage."""
+    losses = [] if info.has_last_stage else None
+    info.schedule.step(*((ids,) if info.has_first_stage else ()),
+                       target=labels if info.has_last_stage else None, losses=losses)
+    return losses
+
+
+def reference(model, batches):
+    """Loss (sum / tokens) and grads of the unsplit model, accumulated over ``batches``."""
+    tokens = sum(int((lb != -100).sum()) for _, lb in batches)
+    total = 0.0
+    for ids, lb in batches:
+        loss = sum_ce(model(input_ids=ids).logits, lb)
+        (loss / tokens).backward()
+        total += float(loss.detach())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    return total / tokens, grads, tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline parity: one schedule step of AutoPipeline against the unsplit model
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """A tiny model and the batches :func:`run_parity` pipelines."""
+
+    arch: str
+    tied: bool
+    schedule: str
+    layers: int
+    batch: int
+    seq_lens: tuple  # one batch per length, grads accumulated over them
+    layers_per_stage: int | None = None
+
+
+def run_parity(rank, world, case: ParityCase, pp=None, ap_kwargs=None):
+    """Rank function: loss, every gradient and the forward count of the pipelined model
+    equal the unsplit model's; returns the number of parameters checked."""
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
+
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp or world))
+    ref_model = tiny_model(case.arch, case.tied, case.layers)
+    model = copy.deepcopy(ref_model)
+    vocab = ref_model.config.vocab_size
+    batches = [make_batch(case.batch, s, vocab, seed=i) for i, s in enumerate(case.seq_lens)]
+    ref_loss, ref_grads, tokens = reference(ref_model, batches)
+
+    ap = AutoPipeline(
+        world_mesh=mesh.world, pp_schedule=case.schedule, pp_microbatch_size=1, pp_batch_size=case.batch,
+        layers_per_stage=case.layers_per_stage, device=torch.device("cpu"), **(ap_kwargs or {}),
+    ).build(model, loss_fn=sum_ce)
+    info = ap.info
+    forwards = [0]
+    for part in ap.parts:
+        part.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    total = 0.0
+    for ids, lb in batches:
+        ap.update_seq_len(ids.shape[1])
+        losses = step_once(info, ids, lb)
+        if losses is not None:
+            total += float(sum(l.detach() for l in losses))
+    ap.scale_grads_by_divisor(tokens)
+    ap.sync_tied_grads()
+
+    checked = 0
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            assert p.grad is not None, f"{name} has no grad"
+            torch.testing.assert_close(p.grad, ref_grads[name], atol=ATOL, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            checked += 1
+    if info.has_last_stage:
+        assert abs(total / tokens - ref_loss) < ATOL, (total / tokens, ref_loss)
+    expected_forwards = len(ap.parts) * len(batches) * case.batch  # one per microbatch, no probe forward
+    assert forwards[0] == expected_forwards, (forwards[0], expected_forwards)
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------
+# training against the unsplit model: global batches and the reference AdamW loop
+
+
+def training_batches(n_steps, acc, dp, batch_size, seq_lens, vocab):
+    """[step][dp_rank][acc] batches of dicts."""
+    out, seed = [], 0
+    for step in range(n_steps):
+        per_dp = []
+        for _ in range(dp):
+            group = []
+            for a in range(acc):
+                ids, lb = make_batch(batch_size, seq_lens[(step + a) % len(seq_lens)], vocab, seed)
+                seed += 1
+                group.append({"input_ids": ids, "labels": lb})
+            per_dp.append(group)
+        out.append(per_dp)
+    return out
+
+
+def reference_training(model, steps) -> list[dict]:
+    """The unsplit model trained with AdamW on each step's global batch (all dp ranks,
+    all accumulated batches): per step the token-mean ``loss``, the global grad ``norm``
+    before clipping and the clipped ``grads`` by FQN (of the parameters that train)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.1)
+    out = []
+    for per_dp in steps:
+        flat = [b for group in per_dp for b in group]
+        tokens = sum(int((b["labels"] != -100).sum()) for b in flat)
+        loss = 0.0
+        for b in flat:
+            batch_loss = sum_ce(model(input_ids=b["input_ids"]).logits, b["labels"])
+            batch_loss.backward()
+            loss += float(batch_loss)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(tokens)
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
+        out.append({"loss": loss / tokens, "norm": norm, "grads": grads})
+        opt.step()
+        opt.zero_grad()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# comparisons of (possibly DTensor) parameters and gradients with the reference's
+
+
+def full_tensor(t):
+    """The whole tensor of a DTensor; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def assert_grads_match(ap, grads: dict) -> None:
+    """Every parameter's (gathered) gradient equals the reference's ``grads[FQN]``."""
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(full_tensor(p.grad).cpu(), grads[name], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+def optimizer_step_keeps_tie(ap, opts) -> None:
+    """Step every part's optimizer; the two tied embedding copies must stay identical."""
+    for opt in opts:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if ap.tied_embeddings is not None:
+        assert ap.tied_embeddings.max_abs_diff() == 0.0
+
+
+def assert_weights_match(ap, ref) -> None:
+    """Every parameter of the parts equals the reference model's after the same steps."""
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(full_tensor(p).detach().cpu(), ref_params[name].detach(), atol=2e-5, rtol=1e-4,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoder families (tiny random configs)
+
+FAMILY_COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
+
+#: model_type -> extra config fields (small, and switching on what makes the family differ)
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": 8},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma": {},
+    "gemma2": {"sliding_window": 8, "final_logit_softcapping": 3.0, "attn_logit_softcapping": 5.0,
+               "query_pre_attn_scalar": 8},
+    "gemma3_text": {"sliding_window": 8, "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 8},
+    "phi3": {"pad_token_id": 0},
+    "olmo2": {},
+    "granite": {"embedding_multiplier": 3.0, "logits_scaling": 4.0, "residual_multiplier": 0.5,
+                "attention_multiplier": 0.2},
+    "cohere": {"logit_scale": 0.5},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1},
+}
+
+
+def family_model(model_type: str, **overrides) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **FAMILY_COMMON, **{**FAMILIES[model_type], **overrides})
+    config._attn_implementation = "eager"  # soft-capping and sliding windows in every family's own code path
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# the real recipe (recipes/finetune.py main) on forked gloo ranks
+
+RECIPE_CONFIG = str(ROOT / "configs" / "smollm2_135m_squad_pp2.yaml")
+
+
+def recipe_overrides(model: Path, squad: Path, out: Path, *extra: str) -> list[str]:
+    """The recipe's argv for a tiny model (the ``tiny_assets`` fixture) on SQuAD, writing to ``out``."""
+    return [
+        "--config", RECIPE_CONFIG,
+        f"--model.pretrained_model_name_or_path={model}",
+        f"--dataset.path_or_dataset={squad}", f"--validation_dataset.path_or_dataset={squad}",
+        "--dataset.seq_length=32", "--validation_dataset.seq_length=32",
+        "--validation_dataset.limit_dataset_samples=4",
+        "--dataloader.pad_seq_len_divisible=8",
+        "--optimizer.lr=1e-3", "--lr_scheduler.lr_warmup_steps=1",
+        f"--checkpoint.checkpoint_dir={out}", "--checkpoint.enabled=true",
+        "--checkpoint.save_consolidated=final", "--step_scheduler.ckpt_every_steps=3",
+        *extra,
+    ]
+
+
+def run_recipe_rank(rank, world, argv, sigterm_after_step=None, sigterm_rank=1):
+    """``recipes/finetune.py main(argv)`` on this rank; optionally SIGTERM one rank after a step."""
+    os.environ["TQDM_DISABLE"] = "1"
+    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    if sigterm_after_step is not None and rank == sigterm_rank % world:
+        from nemo_pp.training.engine import TrainEngine
+
+        original, calls = TrainEngine.train_step, [0]
+
+        def train_step(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            calls[0] += 1
+            if calls[0] == sigterm_after_step:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; the watcher notes it
+            return out
+
+        TrainEngine.train_step = train_step
+    return recipe.main(argv)
+
+
+def launch_recipe(world, argv, **kw):
+    """The recipe on ``world`` forked ranks; every rank must exit with 0."""
+    codes = run_ranks(run_recipe_rank, world, argv, *kw.values(), timeout=240)
+    assert codes == [0] * world, codes
+
+
+# ---------------------------------------------------------------------------------------------
+# the guide's custom model (examples/custom_model_pipeline.py)
+
+
+def load_custom_model_example():
+    """``examples/custom_model_pipeline.py`` as a module (it is not a package)."""
+    spec = importlib.util.spec_from_file_location("custom_model_pipeline", ROOT / "examples" / "custom_model_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
