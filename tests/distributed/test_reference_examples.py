@@ -189,6 +189,17 @@ def _assert_grads_match(parts, ref, atol=ATOL):
     return checked
 
 
+def _step_matches_reference(ap, ref, seed: int):
+    """One schedule step on a [4, 16] batch: per-microbatch losses (last stage) and every
+    stage's grads against the unsplit ``ref``; returns the grad check's result."""
+    ids, labels = make_batch(4, 16, 128, seed=seed)
+    losses = step_once(ap.info, ids, labels)
+    ref_losses = _reference_microbatches(ref, ids, labels)
+    if losses is not None:
+        _assert_losses(losses, ref_losses)
+    return _assert_grads_match(ap.parts, ref)
+
+
 # ------------------------------------------------------ functional helpers (no ranks)
 def test_stage_ids_this_rank_examples():
     """guide "1. Stage ID Calculation": the documented return values."""
@@ -424,12 +435,7 @@ def _automatic_distribution(rank, world):
     ).build(model, loss_fn=loss_fn)
     layers = [[n for n in names if ".layers." in n] for names in ap.list_stage_modules()]
     assert layers == [[f"model.layers.{i}" for i in range(s * 8, s * 8 + 8)] for s in range(2)], layers
-    ids, labels = make_batch(4, 16, 128, seed=1)
-    losses = step_once(ap.info, ids, labels)
-    ref_losses = _reference_microbatches(ref, ids, labels)
-    if losses is not None:
-        _assert_losses(losses, ref_losses)
-    return _assert_grads_match(ap.parts, ref)
+    return _step_matches_reference(ap, ref, seed=1)
 
 
 def test_automatic_distribution_layers_per_stage():
@@ -492,12 +498,7 @@ def _splitting(rank, world):
         assert {n for n, _ in part.named_parameters()} == {
             n for n, _ in ref.named_parameters() if any(n.startswith(m + ".") for m in names)}
 
-    ids, labels = make_batch(4, 16, 128, seed=2)
-    losses = step_once(ap.info, ids, labels)
-    ref_losses = _reference_microbatches(ref, ids, labels)
-    if losses is not None:
-        _assert_losses(losses, ref_losses)
-    return _assert_grads_match(ap.parts, ref)
+    return _step_matches_reference(ap, ref, seed=2)
 
 
 def test_manual_distribution_and_splitting_tables():
@@ -855,12 +856,7 @@ def _parallelize_fn_signature(rank, world, signature):
         stage_modules = ap.list_stage_modules()[stage.stage_index]
         assert call["params"] == {n for n, _ in ref.named_parameters()
                                   if any(n.startswith(m + ".") for m in stage_modules)}
-    ids, labels = make_batch(4, 16, 128, seed=7)
-    losses = step_once(ap.info, ids, labels)
-    ref_losses = _reference_microbatches(ref, ids, labels)
-    if losses is not None:
-        _assert_losses(losses, ref_losses)
-    return _assert_grads_match(ap.parts, ref)
+    return _step_matches_reference(ap, ref, seed=7)
 
 
 @pytest.mark.parametrize("signature", ["guide", "protocol", "api_reference"])
