@@ -138,6 +138,7 @@ def _popen_recipe(nproc: int, *overrides: str) -> subprocess.Popen:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # about a minute or more on 2 cores
 def test_sigkilled_rank_then_same_command_resumes_to_the_same_final_loss(real_assets, tmp_path):
     """A pp 2 run on the real SmolLM2 loses a rank to SIGKILL after its step-2 checkpoint;
     the same command again resumes from the last complete checkpoint and ends with the
@@ -183,6 +184,7 @@ def test_sigkilled_rank_then_same_command_resumes_to_the_same_final_loss(real_as
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # about a minute or more on 2 cores
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_pp2_x_tp3_on_six_processes_trains_and_exports(real_assets, tmp_path, sequence_parallel):
     """SmolLM2's 9 heads and 3 kv heads split over tp 3 inside each of 2 stages; with
@@ -209,6 +211,7 @@ def test_pp2_x_tp3_on_six_processes_trains_and_exports(real_assets, tmp_path, se
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # about a minute or more on 2 cores
 def test_pp2_x_cp2_on_four_processes_matches_pp2(real_assets, tmp_path):
     """Each of 2 stages runs on 2 cp ranks holding a head and a mirrored tail quarter of every
     sequence (all-gather attention on the CPU): the step-1 loss equals the pp 2 run's."""
@@ -274,7 +277,7 @@ def test_lora_config_trains_and_its_adapter_reloads_with_peft(real_assets, tmp_p
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("fmt,seq,pack", [("instructions", 64, 0), ("chat", 128, 0), ("shakespeare", 64, 0),
-                                          ("instructions", 64, 256)])
+                                          pytest.param("instructions", 64, 256, marks=pytest.mark.slow)])
 def test_each_data_format_config_trains_with_falling_validation_loss(real_assets, tmp_path, fmt, seq, pack):
     """The shipped config of each data format (column-mapped instructions, chat, plain
     text), as it is on the real model and data, for a few short steps; and the
