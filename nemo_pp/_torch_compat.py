@@ -170,7 +170,7 @@ def mark_schedule_uninitialized(schedule) -> None:
         raise RuntimeError(
             f"{type(schedule).__name__} has none of the initialisation flags nemo_pp knows "
             f"({', '.join(names)}); torch {torch.__version__} changed its private API: "
-            "update nemo_pp/distributed/_torch_compat.py"
+            "update nemo_pp/_torch_compat.py"
         )
 
 

@@ -3,7 +3,7 @@
 OmegaConf does the loading and interpolation, Hydra the override grammar and the
 instantiation; this package adds NeMo AutoModel's `--a.b value` spelling, a "did you
 mean" for typos, defaults merged under the YAML, and an enforced `_target_` allowlist
-checked before anything runs. The recipe's typed schema: :mod:`nemo_pp.planning.schema`.
+checked before anything runs; typed schemas (:mod:`nemo_pp.config.typed`). The recipe's schema: :mod:`nemo_pp.planning.schema`.
 
 Typical recipe use::
 

@@ -81,7 +81,7 @@ def resolve_parallel_sizes(
 
     ``dp_size`` (None: inferred as ``world_size / (pp*cp*tp)``) is split into
     ``dp_replicate_size`` (default 1, i.e. plain FSDP) x ``dp_shard``.
-    ``sequence_parallel`` is recorded as given (the recipe's preflight checks it against tp).
+    ``sequence_parallel`` is recorded as given (``plan_run`` checks it against tp).
 
     Raises:
         ValueError: sizes that do not multiply to the world size, with the arithmetic.
