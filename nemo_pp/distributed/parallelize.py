@@ -10,6 +10,9 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from nemo_pp._peft.lora import LoraParallelizer
+from nemo_pp.distributed.context_parallel import ContextParallelizer
+from nemo_pp.distributed.tensor_parallel import tensor_parallelize
 from nemo_pp.models.module_tree import decoder_layers
 
 
@@ -113,8 +116,6 @@ class TensorParallelizer:
         self.sequence_parallel = sequence_parallel
 
     def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, **_):
-        from nemo_pp.distributed.tensor_parallel import tensor_parallelize
-
         return tensor_parallelize(model, self.mesh_bundle.world["tp"], self.sequence_parallel)
 
 
@@ -157,11 +158,13 @@ def parallelize_chain(
         reshard_after_forward: FSDP2's; False for split-backward schedules (the reshard
             rule: ``not plan.split_backward``; docs/architecture.md, "Measured torch facts").
         mp_policy: FSDP2's mixed precision.
-    """
-    from nemo_pp._peft.lora import LoraParallelizer
-    from nemo_pp.distributed.context_parallel import ContextParallelizer
 
+    Raises:
+        ValueError: cp > 1 without ``cp``.
+    """
     sizes = sizes if sizes is not None else mesh_bundle.sizes
+    if sizes.cp > 1 and cp is None:  # the stages would attend within their own slice only
+        raise ValueError("parallelize_chain: cp_size > 1 needs the run's ContextParallel (cp=...)")
     if sizes.fsdp_enabled:
         rest = FSDP2Parallelizer(mesh_bundle, reshard_after_forward, activation_checkpointing, mp_policy)
     else:
@@ -169,7 +172,7 @@ def parallelize_chain(
     steps = [
         LoraParallelizer(peft) if peft is not None else None,
         TensorParallelizer(mesh_bundle, sequence_parallel) if sizes.tp > 1 else None,
-        ContextParallelizer(cp) if cp is not None and sizes.cp > 1 else None,
+        ContextParallelizer(cp) if sizes.cp > 1 else None,
         rest,
     ]
     steps = [s for s in steps if s is not None]

@@ -213,6 +213,8 @@ def test_context_parallel_plan(cfg_file):
     assert (plan.sizes.pp, plan.sizes.dp, plan.sizes.cp, plan.cp_attention) == (2, 1, 2, "allgather")
     assert plan.pad_seq_len_divisible == 12  # lcm(6, 2 * cp)
     assert "Context parallel: 2 ranks per sequence" in plan.describe()
+    with pytest.raises(ValueError, match="needs the run's ContextParallel"):
+        build_parallelize_fn(plan, None)  # the stages would attend within their own slice
     fn = build_parallelize_fn(plan, None, ContextParallel(None, plan.cp_attention))
     assert isinstance(fn, ComposedParallelizer)
     assert [type(s) for s in fn.steps[-2:]] == [ContextParallelizer, FSDP2Parallelizer]

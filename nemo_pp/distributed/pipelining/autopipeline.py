@@ -38,8 +38,10 @@ class PipelineInfo:
 class AutoPipeline:
     """Orchestrates pipeline-parallel training on top of ``torch.distributed.pipelining``.
 
-    Build it with the mesh and schedule settings, then ``.build(model, loss_fn=...)``;
-    afterwards ``.plan`` holds the whole pipeline's layout and ``.info`` the schedule,
+    Two ways in, one builder: NeMo's, the mesh and schedule settings here, then
+    ``.build(model, loss_fn=...)``, which plans (and checks) first; or
+    :meth:`from_plan` with a plan made beforehand (the recipe's), which checks nothing the
+    plan holds. Afterwards ``.plan`` holds the whole pipeline's layout and ``.info`` the schedule,
     this rank's stages and model parts. ``pp_size`` 1 is a one-stage pipeline of the
     whole model through the same schedule machinery (microbatches included).
 
@@ -68,7 +70,7 @@ class AutoPipeline:
         pp_seq_len: if set, stage shapes are precomputed at build time.
         split: ``"balanced"`` (default) places layer boundaries so the slowest stage is as
             close to the mean as whole layers allow, counting the output head and loss
-            (:mod:`.cost`); ``"uniform"`` spreads layers evenly, as the reference does;
+            (:mod:`nemo_pp.planning.cost`); ``"uniform"`` spreads layers evenly, as the reference does;
             ``"profile"`` balances by piece times measured on the device (the recipe times
             them on rank 0 and passes the plan; here, without a plan, it is ``balanced``).
         max_stage_params: cap on any stage's parameters for the balanced split.
@@ -81,7 +83,7 @@ class AutoPipeline:
 
     ``moe_mesh`` and ``ep_*`` are passed to ``parallelize_fn``.
     ``patch_stage_backward_maybe_with_nosync`` must stay False: torch already defers FSDP
-    gradient sync to the last microbatch (:func:`~.functional.check_grad_sync_options`).
+    gradient sync to the last microbatch (:func:`nemo_pp.planning.checks.check_grad_sync_options`).
     ``defer_fsdp_grad_sync`` (default True) tells the engine to reduce FSDP gradients once
     per optimizer step, not once per accumulated batch (:meth:`set_grad_sync`).
 
