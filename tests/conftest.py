@@ -38,6 +38,16 @@ def tiny_assets(real_assets, tmp_path_factory):
     return folder, squad
 
 
+def pytest_report_header(config):
+    """The free disk space where tests write (a run needs a few GB: the biggest end-to-end
+    test keeps about 5 GB of real-model checkpoints until its teardown)."""
+    import shutil
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    return f"free disk in {tempfile.gettempdir()}: {free / 2**30:.1f} GiB"
+
+
 _TESTS = Path(__file__).resolve().parent
 _MARK_BY_FOLDER = {"distributed": "distributed", "e2e": "e2e"}  # tests/<folder>/...: the marker every test there carries
 
