@@ -21,3 +21,8 @@ def first_error_of_all_ranks(error: str | None) -> str | None:
     return error
 
 
+
+
+class NonFiniteStepError(RuntimeError):
+    """Training stopped: ``step_scheduler.max_consecutive_skipped_steps`` steps in a row had
+    a NaN or inf loss or gradient norm (the finite-step guard of the training engine)."""

@@ -19,8 +19,11 @@ the checkpoint when its write completes, at a later step boundary.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import shutil
 from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +34,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from nemo_pp.checkpoint import layout
+from nemo_pp.checkpoint.finite import check_finite_weights
 from nemo_pp.checkpoint.layout import CorruptCheckpointError
 from nemo_pp.checkpoint.safe_metadata import read_metadata
 from nemo_pp.checkpoint.state import (
@@ -45,11 +49,38 @@ from nemo_pp.checkpoint.state import (
 from nemo_pp.config import write_text_atomic
 from nemo_pp.errors import first_error_of_all_ranks
 
-__all__ = ["Checkpointer", "TRAINER_STATE", "check_checkpoint"]
+__all__ = ["CheckpointWriteError", "Checkpointer", "TRAINER_STATE", "check_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, an unwritable folder); the message
+    names the folder and the bytes. Complete checkpoints already on disk are untouched, and
+    the next run's first save removes the partial folder."""
+
+
+def _local_bytes(*states: dict) -> int:
+    """Bytes of this rank's share of ``states`` (local shards of DTensors)."""
+    total = 0
+    for state in states:
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                t = v.to_local() if hasattr(v, "to_local") else v
+                total += t.numel() * t.element_size()
+            elif isinstance(v, dict):
+                total += _local_bytes(v)
+    return total
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    # torch's zip writer reports ENOSPC as "unexpected pos" (inline_container.cc); DCP wraps
+    # each rank's error in a CheckpointException whose text carries it
+    text = repr(exc)
+    return (getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "ENOSPC" in text
+            or "unexpected pos" in text)
 
 
 def _merge(states: Sequence[dict]) -> dict:
@@ -117,6 +148,7 @@ class Checkpointer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_main = self.rank == 0
         self._pending: tuple[Path, Path, list[Future]] | None = None
+        self._need = 0  # bytes this rank writes per checkpoint, for a failed write's message
         self._started_cleanup = False
         self._groups = None
         if is_async and dist.is_initialized():
@@ -135,46 +167,109 @@ class Checkpointer:
 
         Returns:
             The final folder (still being written when async: see :meth:`wait`).
+
+        Raises:
+            NonFiniteWeightsError: the weights hold NaN or inf (nothing written).
+            CheckpointWriteError: a write failed (full disk, unwritable folder), on every rank.
         """
         self.wait()  # one save in flight at a time
-        if not self._started_cleanup:
-            self._started_cleanup = True
-            if self.is_main:
-                for path in layout.remove_incomplete(self.dir):
-                    logger.warning("removed %s, left by a save that did not finish", path)
-            self._barrier()
         name = layout.checkpoint_name(epoch, step)
         temp, final = layout.temp_dir_for(self.dir, name), self.dir / name
-        (temp / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), temp / "rng" / f"rank_{self.rank:05d}.pt")
-        if self.is_main:
-            state = {
-                **trainer_state, "model_save_format": self.model_save_format,
-                "lr_scheduler": self.lr_schedulers[0].state_dict() if self.lr_schedulers else None,
-                "layout": self.layout_info, "torch_version": torch.__version__,
-            }
-            write_text_atomic(temp / TRAINER_STATE, json.dumps(state, indent=1, default=_jsonable))
-            write_text_atomic(temp / "config.yaml", config_yaml)
-        if self.export_consolidated is not None:
-            self.export_consolidated(temp / "model" / "consolidated")
+        check_finite_weights(self.parts, f"checkpoint {final}", self.rank)
+        self.remove_incomplete()
         model = _merge(model_state(self.parts, self.trainable_only))
         if self.model_save_format == "safetensors":
             model = _unaliased(model)
         optim = _merge(optimizer_state(self.parts, self.optimizers, self.tied))
-        if self.is_async:
-            futures = [
-                dcp.async_save(model, storage_writer=self._model_writer(temp / "model"), process_group=self._group(0)),
-                dcp.async_save(optim, checkpoint_id=str(temp / "optim"), process_group=self._group(1)),
-            ]
-            self._pending = (temp, final, futures)
-        else:
-            dcp.save(model, storage_writer=self._model_writer(temp / "model"))
-            dcp.save(optim, checkpoint_id=str(temp / "optim"))
-            self._barrier()  # every rank's rng file is written
+        self._need = _local_bytes(model, optim)
+        error = None
+        try:  # rank-local writes first: every rank learns of any rank's failure before DCP's collectives
+            (temp / "rng").mkdir(parents=True, exist_ok=True)
+            torch.save(rng_state(), temp / "rng" / f"rank_{self.rank:05d}.pt")
             if self.is_main:
+                state = {
+                    **trainer_state, "model_save_format": self.model_save_format,
+                    "lr_scheduler": self.lr_schedulers[0].state_dict() if self.lr_schedulers else None,
+                    "layout": self.layout_info, "torch_version": torch.__version__,
+                }
+                write_text_atomic(temp / TRAINER_STATE, json.dumps(state, indent=1, default=_jsonable))
+                write_text_atomic(temp / "config.yaml", config_yaml)
+        except (OSError, RuntimeError) as exc:
+            error = self._write_error(temp, exc)
+        error = first_error_of_all_ranks(error)
+        if error is not None:
+            raise CheckpointWriteError(error)
+        with self._writing(temp):
+            if self.export_consolidated is not None:
+                self.export_consolidated(temp / "model" / "consolidated")
+            if self.is_async:
+                futures = [
+                    dcp.async_save(model, storage_writer=self._model_writer(temp / "model"), process_group=self._group(0)),
+                    dcp.async_save(optim, checkpoint_id=str(temp / "optim"), process_group=self._group(1)),
+                ]
+                self._pending = (temp, final, futures)
+            else:
+                dcp.save(model, storage_writer=self._model_writer(temp / "model"))
+                dcp.save(optim, checkpoint_id=str(temp / "optim"))
+                self._barrier()  # every rank's rng file is written
+        error = None
+        if self.is_main and not self.is_async:
+            try:  # the rename, checksums and marker: rank 0 alone, so every rank learns how it went
                 self._finish(temp, final)
-            self._barrier()
+            except (OSError, RuntimeError) as exc:
+                error = self._write_error(temp, exc)
+        if not self.is_async:
+            error = first_error_of_all_ranks(error)  # also the barrier after the marker
+            if error is not None:
+                raise CheckpointWriteError(error)
         return final
+
+    def remove_incomplete(self) -> None:
+        """Remove what a save that did not finish left in ``checkpoint_dir`` (a temporary
+        folder, a folder without its marker), once per run, before its first save
+        (collective: rank 0 removes, every rank waits)."""
+        if self._started_cleanup:
+            return
+        self._started_cleanup = True
+        if self.is_main:
+            for path in layout.remove_incomplete(self.dir):
+                logger.warning("removed %s, left by a save that did not finish", path)
+        self._barrier()
+
+    def _write_error(self, temp: Path, exc: BaseException) -> str:
+        """The message of a failed write: the folder, free and needed bytes, what is kept."""
+        folder = temp if temp.exists() else self.dir
+        while not folder.exists():
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        full = _is_disk_full(exc) or free < self._need
+        kept = layout.complete_checkpoints(self.dir)
+        what = "the disk is full" if full else "the write failed"
+        failures = getattr(exc, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
+        if failures:
+            exc = failures.get(self.rank, next(iter(failures.values())))[0]
+        return (
+            f"cannot write the checkpoint {temp} on rank {self.rank}: {what} ({free / 2**20:.0f} MiB free on that disk; "
+            f"this rank writes about {self._need / 2**20:.0f} MiB of it): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}. "
+            + (f"The last complete checkpoint, {kept[-1].path}, is intact; " if kept else "No complete checkpoint exists yet; ")
+            + "free space (or set checkpoint.checkpoint_dir on another disk) and run the same command to resume "
+            "(the partial folder is removed now, or else by that run)"
+        )
+
+    @contextlib.contextmanager
+    def _writing(self, temp: Path):
+        """Turn a failed write (DCP raises on every rank) into a :class:`CheckpointWriteError`;
+        rank 0 then removes the partial folder (every rank's writes have ended), freeing its space."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except (OSError, RuntimeError, dcp.CheckpointException) as exc:
+            message = self._write_error(temp, exc)
+            if self.is_main:
+                shutil.rmtree(temp, ignore_errors=True)
+            raise CheckpointWriteError(message) from exc
 
     def _group(self, i: int):
         return self._groups[i] if self._groups else None
@@ -196,11 +291,12 @@ class Checkpointer:
         if self._pending is None or not all(f.done() for f in self._pending[2]):
             return
         temp, final, futures = self._pending
-        for f in futures:
-            f.result()  # raises the write's error
-        if self.is_main:
-            self._finish(temp, final)
         self._pending = None
+        with self._writing(temp):
+            for f in futures:
+                f.result()  # raises the write's error
+            if self.is_main:
+                self._finish(temp, final)
 
     def wait(self) -> None:
         """Block until an async save is written and finished (collective when ``is_async``:
@@ -208,8 +304,13 @@ class Checkpointer:
         if not self.is_async:
             return  # a sync save is finished when save() returns
         if self._pending is not None:
-            for f in self._pending[2]:
-                f.result()
+            try:
+                with self._writing(self._pending[0]):
+                    for f in self._pending[2]:
+                        f.result()
+            except CheckpointWriteError:
+                self._pending = None
+                raise
             self.poll()
         self._barrier()
 
@@ -294,10 +395,11 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def check_checkpoint(folder: str | Path, expected_shapes: dict[str, tuple[int, ...]]) -> dict:
+def check_checkpoint(folder: str | Path, expected_shapes: dict[str, tuple[int, ...]], checksums: bool = True) -> dict:
     """Everything that can be checked of checkpoint ``folder`` before any weight is read:
-    the marker and every file's size, the indexes (safely unpickled), the trainer state,
-    and that the model tensors match ``expected_shapes`` (``{FQN: shape}``).
+    the marker, every file's size and (``checksums``) checksum, the indexes (safely
+    unpickled), the trainer state, and that the model tensors match ``expected_shapes``
+    (``{FQN: shape}``).
 
     Returns:
         The trainer state.
@@ -308,7 +410,7 @@ def check_checkpoint(folder: str | Path, expected_shapes: dict[str, tuple[int, .
     from nemo_pp.checkpoint.safe_metadata import check_model_compatible
 
     folder = Path(folder)
-    layout.verify_manifest(folder)
+    layout.verify_manifest(folder, checksums=checksums)
     try:
         state = json.loads((folder / TRAINER_STATE).read_text())
         step, epoch = int(state["step"]), int(state["epoch"])

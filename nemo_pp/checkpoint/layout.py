@@ -6,10 +6,14 @@ the same answer.
 
 A checkpoint is written into ``checkpoint_dir/.tmp-epoch_E_step_S/``, renamed to
 ``checkpoint_dir/epoch_E_step_S/`` when every rank has written its files, and only then
-given its completion marker ``complete.json`` (a manifest of every file and its size,
-written atomically, last). A folder without the marker (a save killed half way, a
-rename that crashed) is never resumed from; a file shorter than the manifest says is a
-truncated checkpoint and a clear error.
+given its completion marker ``complete.json`` (a manifest of every file, its size and its
+xxh3-128 checksum, written atomically, last). A folder without the marker (a save killed
+half way, a rename that crashed) is never resumed from; a file of another size or checksum
+than the manifest says (truncated, or a byte changed on disk) is a clear error naming it.
+
+xxh3-128 (the ``xxhash`` package) is not cryptographic: it catches damage, not tampering
+(the index is unpickled safely for that, :mod:`nemo_pp.checkpoint.safe_metadata`). It hashes
+about 12 GB/s on one core of the 2-core CPU machine, against 1.1 GB/s for hashlib's blake2b.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 from nemo_pp.config import write_text_atomic
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "CheckpointRef",
     "CorruptCheckpointError",
     "checkpoint_name",
+    "file_checksum",
     "complete_checkpoints",
     "mark_complete",
     "prune_checkpoints",
@@ -37,8 +44,12 @@ __all__ = [
     "verify_manifest",
 ]
 
-#: The completion marker: a JSON manifest ``{"files": {relative path: bytes}}``, written last.
+#: The completion marker, written last: a JSON manifest ``{"files": {relative path: bytes},
+#: "checksums": {"algorithm": "xxh3_128", "files": {relative path: hex digest}}}`` (markers
+#: written before checksums existed hold ``files`` only, and are checked by size).
 MARKER = "complete.json"
+CHECKSUM_ALGORITHM = "xxh3_128"
+_CHUNK = 8 << 20
 _NAME = re.compile(r"^epoch_(\d+)_step_(\d+)$")
 _TEMP_PREFIX = ".tmp-"
 
@@ -79,17 +90,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _manifest(folder: Path) -> dict[str, int]:
+def file_checksum(path: str | os.PathLike) -> str:
+    """The xxh3-128 hex digest of the file ``path``, read in 8 MiB chunks."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER]
     return {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MARKER
+        "files": {str(p.relative_to(folder)): p.stat().st_size for p in files},
+        "checksums": {"algorithm": CHECKSUM_ALGORITHM,
+                      "files": {str(p.relative_to(folder)): file_checksum(p) for p in files}},
     }
 
 
 def mark_complete(temp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Finish a checkpoint that every rank has written: rename ``temp`` to ``final``, then
-    write the marker (manifest of every file and its size) into it, last.
+    write the marker (manifest of every file, its size and checksum) into it, last.
 
     A crash before the rename leaves a temporary folder; one between rename and marker a
     folder without the marker: neither is ever resumed from. An existing ``final`` (a run
@@ -101,17 +122,22 @@ def mark_complete(temp: str | os.PathLike, final: str | os.PathLike) -> Path:
     manifest = _manifest(temp)
     os.rename(temp, final)
     _fsync_dir(final.parent)
-    write_text_atomic(final / MARKER, json.dumps({"files": manifest}, indent=1))
+    write_text_atomic(final / MARKER, json.dumps(manifest, indent=1))
     _fsync_dir(final)
     return final
 
 
-def verify_manifest(folder: str | os.PathLike) -> None:
-    """Check that ``folder`` is a complete checkpoint whose files all have the sizes its marker lists.
+def verify_manifest(folder: str | os.PathLike, checksums: bool = True) -> None:
+    """Check that ``folder`` is a complete checkpoint whose files all have the sizes (and,
+    with ``checksums``, the checksums) its marker lists.
+
+    Args:
+        checksums: read every file and compare its xxh3-128 digest
+            (``checkpoint.verify_checksums``; about 0.1 s per GB from the page cache).
 
     Raises:
         CorruptCheckpointError: no marker (incomplete), an unreadable marker, or a
-            missing or truncated file (named).
+            missing, truncated or changed file (named).
     """
     folder = Path(folder)
     marker = folder / MARKER
@@ -121,8 +147,10 @@ def verify_manifest(folder: str | os.PathLike) -> None:
             "pick another with checkpoint.restore_from, or set it to null for the latest complete one"
         )
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
+        manifest = json.loads(marker.read_text())
+        files = manifest["files"]
+        digests = manifest.get("checksums", {}).get("files", {}) if checksums else {}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptCheckpointError(f"{marker} is unreadable ({exc}); the checkpoint {folder} cannot be trusted") from None
     for rel, size in files.items():
         path = folder / rel
@@ -133,6 +161,14 @@ def verify_manifest(folder: str | os.PathLike) -> None:
             raise CorruptCheckpointError(
                 f"checkpoint file {path} has {actual} bytes, its manifest {MARKER} says {size}: the file is "
                 f"truncated or was changed; resume from another checkpoint (checkpoint.restore_from)"
+            )
+    for rel, expected in digests.items():
+        actual = file_checksum(folder / rel)
+        if actual != expected:
+            raise CorruptCheckpointError(
+                f"checkpoint file {folder / rel} does not match its checksum in {MARKER} ({CHECKSUM_ALGORITHM} "
+                f"{actual}, recorded {expected}): it was changed or damaged on disk; resume from another checkpoint "
+                "(checkpoint.restore_from), or skip the check with checkpoint.verify_checksums=false"
             )
 
 
@@ -176,7 +212,7 @@ def resolve_restore_from(checkpoint_dir: str | os.PathLike, restore_from: str | 
         path = Path(checkpoint_dir) / path
     if not path.is_dir():
         raise CorruptCheckpointError(f"checkpoint.restore_from={restore_from}: no such checkpoint folder")
-    verify_manifest(path)
+    verify_manifest(path, checksums=False)  # the marker and sizes; check_checkpoint reads the contents
     return path
 
 

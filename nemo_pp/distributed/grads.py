@@ -108,7 +108,20 @@ def clip_grad_norm_across_stages(
             total = total**norm_type
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
             total = total ** (1.0 / norm_type)
+    clip_grads_with_norm(params, max_norm, total)
+    return total
+
+
+def clip_grads_with_norm(parameters: Iterable[nn.Parameter], max_norm: float | None, total_norm: torch.Tensor) -> None:
+    """Scale the gradients of ``parameters`` by ``max_norm / total_norm`` where that is below 1
+    (``torch.nn.utils.clip_grads_with_norm_``, per DTensor layout group).
+
+    Args:
+        parameters: this rank's parameters; those without a gradient are left alone.
+        max_norm: the threshold; None or inf: nothing is scaled.
+        total_norm: the global norm from :func:`clip_grad_norm_across_stages` (scalar tensor).
+    """
+    params = [p for p in parameters if p.grad is not None]
     if max_norm is not None and not math.isinf(max_norm) and params:
         for group in _same_layout_groups(params, lambda p: p.grad).values():
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return total
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm)

@@ -45,8 +45,8 @@ def _build_mask_mapping(config, hidden: torch.Tensor, attention_mask, position_i
         config=config,
         inputs_embeds=hidden,
         attention_mask=attention_mask,
-        past_key_values=None,
         position_ids=position_ids,
+        **_no_cache(create_causal_mask),
     )
     from transformers.masking_utils import create_sliding_window_causal_mask
 
@@ -58,6 +58,18 @@ def _build_mask_mapping(config, hidden: torch.Tensor, attention_mask, position_i
     if "sliding_attention" in (layer_types or ()):
         mapping["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
     return mapping
+
+
+@functools.cache
+def _no_cache(fn: Callable) -> dict:
+    """The keyword that gives ``fn`` no KV cache, by its signature: transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); older releases
+    know only ``past_key_values``. Neither where ``fn`` takes neither."""
+    params = inspect.signature(fn).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return {name: None}
+    return {}
 
 
 @functools.cache
@@ -134,8 +146,8 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel", sequence_
                 attention_mask=causal_mask_mapping.get(attn_type, causal_mask_mapping["full_attention"]),
                 position_embeddings=rotary[attn_type] if isinstance(rotary, dict) else rotary,
                 position_ids=position_ids,
-                past_key_values=None,
                 use_cache=False,
+                **_no_cache(type(layer).forward),
                 **kwargs,
             )
             # transformers < 5 returns a tuple from decoder layers

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from nemo_pp._peft.lora import PeftConfig, apply_lora, matched_linear_modules
 from nemo_pp.checkpoint.checkpointer import check_checkpoint
-from nemo_pp.checkpoint.layout import CorruptCheckpointError, resolve_restore_from
+from nemo_pp.checkpoint.layout import CorruptCheckpointError, complete_checkpoints, resolve_restore_from
 from nemo_pp.config import instantiate
 from nemo_pp.models.module_tree import decoder_layers
 
@@ -126,7 +126,16 @@ def checkpoint_to_resume(cfg, model, dp: int) -> Path | None:
         return None
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     saved = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in frozen}  # LoRA: adapters only
-    state = check_checkpoint(path, saved)
+    try:
+        state = check_checkpoint(path, saved, checksums=ck.verify_checksums)
+    except CorruptCheckpointError as exc:
+        older = [ref.path for ref in complete_checkpoints(ck.checkpoint_dir) if ref.path != path]
+        if ck.restore_from is not None or not older:
+            raise
+        raise CorruptCheckpointError(
+            f"{exc}. The previous complete checkpoint is {older[-1]}: resume from it with "
+            f"checkpoint.restore_from={older[-1]}"
+        ) from None
     samples = int(state.get("samples_in_epoch", 0))
     if samples % dp:
         raise CorruptCheckpointError(
@@ -246,3 +255,44 @@ def check_activation_checkpointing(model) -> None:
         decoder_layers(model)
     except ValueError as exc:
         raise ValueError(f"distributed.activation_checkpointing: {exc}") from None
+
+
+def checkpoint_bytes(model, optimizer_states: int = 2, pp: int = 1) -> int:
+    """Bytes one training checkpoint of ``model`` (meta tensors; LoRA: the adapted copy)
+    takes on disk: its trainable tensors (all of them for full fine-tuning) and
+    ``optimizer_states`` optimizer tensors of each (AdamW: 2). A tied embedding counts once
+    at ``pp`` 1 and twice under a pipeline (the first and the last stage each save theirs)."""
+    trainable = [p for _, p in model.named_parameters(remove_duplicate=pp == 1) if p.requires_grad]
+    return (1 + optimizer_states) * sum(p.numel() * p.element_size() for p in trainable)
+
+
+def check_free_space(cfg, model, pp: int = 1) -> int:
+    """Refuse a run whose ``checkpoint.checkpoint_dir`` disk cannot hold one checkpoint
+    (when checkpointing) and the end-of-run export (when exporting); returns the bytes needed.
+
+    The nearest existing folder of ``checkpoint_dir`` is measured (``shutil.disk_usage``).
+
+    Raises:
+        OSError (ENOSPC): naming ``checkpoint.checkpoint_dir``, the bytes needed and free.
+    """
+    import errno
+    import shutil
+
+    ck = cfg.checkpoint
+    need = checkpoint_bytes(model, pp=pp) if ck.enabled else 0
+    if ck.save_consolidated in ("final", "every") and cfg.get("peft") is None:
+        need += sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    if not ck.check_free_space or need == 0:
+        return need
+    folder = Path(ck.checkpoint_dir).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"checkpoint.checkpoint_dir={ck.checkpoint_dir}: its disk has {free / 2**30:.2f} GiB free, and one checkpoint"
+            f" and the export of this run need about {need / 2**30:.2f} GiB; free space, point checkpoint_dir at a "
+            "larger disk, or skip this check with checkpoint.check_free_space=false",
+        )
+    return need

@@ -302,7 +302,9 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
             refused pipeline options, a tp_size the model's heads / sizes cannot split.
         FileNotFoundError: missing local model or data set (names the asset command).
         CorruptCheckpointError (a ValueError): the checkpoint to resume is incomplete,
-            truncated, unsafe, of another model, or at a data position this dp size cannot split.
+            truncated, changed on disk (checksum), unsafe, of another model, or at a data
+            position this dp size cannot split.
+        OSError (ENOSPC): checkpoint_dir's disk cannot hold a checkpoint and the export.
     """
     d, p = cfg.distributed, cfg.distributed.pipeline
     sizes = resolve_parallel_sizes(world_size, d.pp_size, d.dp_size, d.dp_replicate_size, d.tp_size, d.cp_size,
@@ -344,6 +346,8 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     peft, lora_adapts_head, lora_params, adapted = checks.check_peft(cfg, model, sizes)
     # a LoRA checkpoint holds the adapted model's trainable tensors: check against the adapted copy
     resume_from = checks.checkpoint_to_resume(cfg, adapted, sizes.dp) if check_checkpoint else None
+    if check_checkpoint:
+        checks.check_free_space(cfg, adapted, sizes.pp)
     return RunPlan(
         sizes=sizes, pipeline=pipeline, model_path=str(model_path), meta_build=meta_build,
         activation_checkpointing=d.activation_checkpointing, mp_policy=mp_policy, local_batch_size=local_bs,

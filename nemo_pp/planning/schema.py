@@ -192,6 +192,9 @@ class StepSchedulerConfig:
         max_steps: stop after this many optimizer steps (0: validate and export only).
         val_every_steps: validation loss every N steps (it always runs before and after training).
         ckpt_every_steps: a checkpoint every N steps (also at the end and on SIGTERM).
+        max_consecutive_skipped_steps: a step whose loss or gradient norm is NaN or inf is
+            skipped (no weight, optimizer or LR change); this many in a row stop the run
+            (exit code 3), nothing non-finite written.
     """
 
     global_batch_size: Optional[int] = setting(None, ge=1)
@@ -200,6 +203,7 @@ class StepSchedulerConfig:
     max_steps: Optional[int] = setting(None, ge=0, hint="0 evaluates only; null: as many as the epochs hold")
     val_every_steps: Optional[int] = setting(None, ge=1)
     ckpt_every_steps: Optional[int] = setting(None, ge=1, hint="null: a checkpoint at the end only")
+    max_consecutive_skipped_steps: int = setting(3, ge=1, hint="1: stop at the first non-finite step")
 
 
 @dataclass
@@ -257,6 +261,10 @@ class CheckpointConfig:
             complete one in checkpoint_dir when enabled.
         max_recent_checkpoints: keep only the newest N complete checkpoints.
         save_merged_model: a LoRA run also exports the base weights with the adapters merged.
+        verify_checksums: before resuming, read every file of the checkpoint and compare its
+            checksum with the manifest's (xxh3-128, about 0.1 s per GB); false checks sizes only.
+        check_free_space: before training, refuse a checkpoint_dir whose disk has less free
+            space than one checkpoint (and the export) of this run needs.
     """
 
     enabled: bool = False
@@ -269,6 +277,8 @@ class CheckpointConfig:
     restore_from: Optional[str] = setting(None, hint="null: the latest complete checkpoint in checkpoint_dir, if any")
     max_recent_checkpoints: Optional[int] = setting(None, ge=1, hint="null: keep all")
     save_merged_model: bool = False
+    verify_checksums: bool = True
+    check_free_space: bool = True
 
 
 @dataclass

@@ -16,6 +16,7 @@ complete checkpoint (``checkpoint.enabled: true``, ``checkpoint.restore_from: nu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,7 +30,8 @@ import transformers
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from nemo_pp.checkpoint.checkpointer import Checkpointer
+from nemo_pp.checkpoint.checkpointer import Checkpointer, CheckpointWriteError
+from nemo_pp.checkpoint.finite import NonFiniteWeightsError, check_finite_weights
 from nemo_pp.checkpoint.hf_export import save_consolidated_hf
 from nemo_pp.checkpoint.peft_export import save_peft_adapter
 from nemo_pp.config import ConfigError, config_to_yaml, instantiate, parse_cli, write_text_atomic
@@ -40,6 +42,7 @@ from nemo_pp.distributed.init import destroy_distributed, initialize_distributed
 from nemo_pp.distributed.mesh import build_device_mesh
 from nemo_pp.distributed.parallelize import build_parallelize_fn
 from nemo_pp.distributed.pipelining import AutoPipeline
+from nemo_pp.errors import NonFiniteStepError, first_error_of_all_ranks
 from nemo_pp.models.module_tree import is_tied, tied_param_fqns
 from nemo_pp.planning.run_plan import RunPlan, plan_run, profile_pipeline_costs, replan
 from nemo_pp.planning.schema import load_recipe_config
@@ -105,8 +108,15 @@ class FinetuneRecipe:
                       f"{costs.layers[0]:.3f} s, head + loss {costs.head:.3f} s", flush=True)
         self.out_dir = Path(cfg.checkpoint.checkpoint_dir)
         self.config_yaml = config_to_yaml(cfg)  # resolved once: saved here and into every checkpoint
+        error = None
         if self.is_main:
-            write_text_atomic(self.out_dir / "config.yaml", self.config_yaml)
+            try:
+                write_text_atomic(self.out_dir / "config.yaml", self.config_yaml)
+            except OSError as exc:  # a full or read-only disk: every rank must stop, not only this one
+                error = f"checkpoint.checkpoint_dir={self.out_dir}: cannot write config.yaml there ({exc})"
+        if (error := first_error_of_all_ranks(error)) is not None:
+            raise OSError(error)
+        if self.is_main:
             print(f"Resolved config (saved to {self.out_dir / 'config.yaml'}):\n{self.config_yaml}", flush=True)
             print(self.plan.describe(), flush=True)
 
@@ -197,6 +207,8 @@ class FinetuneRecipe:
     def _resume(self) -> None:
         """Load the plan's checkpoint (if any) and set where training starts."""
         self.start = TrainingPosition()
+        if self.cfg.checkpoint.enabled:
+            self.checkpointer.remove_incomplete()  # a crashed or failed save's folder frees its space now
         if self.plan.resume_from is None:
             return
         start = time.perf_counter()
@@ -294,7 +306,10 @@ class FinetuneRecipe:
             "tokens_per_s": out["tokens"] / out["step_time_s"], "step_time_s": out["step_time_s"],
             "nonpad_tokens_per_s": out["nonpad_tokens"] / out["step_time_s"],
             "peak_memory_bytes": peak_memory_bytes(self.dist.device),
+            "skipped": out["skipped"],
         }
+        if out["skipped"]:
+            record["nonfinite"] = out["nonfinite"]
         self.metrics.log(record)
         if self.is_main:
             bar.update(1)
@@ -310,12 +325,27 @@ class FinetuneRecipe:
         ck = self.cfg.checkpoint
         if ck.save_consolidated not in ("final", "every"):
             return None
+        check_finite_weights(self.parts, "Hugging Face export", self.dist.rank)
         export_dir = self._export(self.out_dir / ("hf_adapter" if self.plan.peft is not None else "hf_model"))
         if self.plan.peft is not None and ck.save_merged_model:
             merged = self._export_merged(self.out_dir / "hf_model")
             if self.is_main:
                 print(f"merged model (adapters folded into the weights): {merged}", flush=True)
         return export_dir
+
+    @contextlib.contextmanager
+    def _ending_cleanly(self, skips: "_SkipCounter"):
+        """However training ends: an async save in flight is finished; a stop by the
+        finite-step guard is recorded in the metric sinks (and then re-raised)."""
+        try:
+            yield
+        except NonFiniteStepError:
+            self.metrics.log({"event": "summary", "steps": skips.last_step, "stopped": "non-finite steps",
+                              "skipped_steps": skips.total})
+            self.metrics.close()
+            raise
+        finally:
+            self.checkpointer.close()
 
     def run(self) -> dict:
         """Train from the plan's start to ``total_steps``: validation before and after,
@@ -336,13 +366,15 @@ class FinetuneRecipe:
                    dynamic_ncols=True)
         train_tokens, train_seconds, record, saved_at, preempted = 0, 0.0, {}, None, False
         val_every = cfg.step_scheduler.get("val_every_steps")
-        with PreemptionWatcher(self.dist.device, enabled=ck_on) as watcher:
+        skips = _SkipCounter(cfg.step_scheduler.max_consecutive_skipped_steps, self.is_main)
+        with PreemptionWatcher(self.dist.device, enabled=ck_on) as watcher, self._ending_cleanly(skips):
             for batches, position in self._step_batches():
                 out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
                 step = position.step
                 train_tokens += out["tokens"]  # summed over dp ranks; pp ranks of a group share them
                 train_seconds += out["step_time_s"]
                 record = self._log_step(step, out, bar)
+                skips.update(step, out)  # raises after too many in a row (every rank alike)
                 self.checkpointer.poll()
                 preempted = watcher.requested()
                 if ck_on and (preempted or (ck_every and step % ck_every == 0)):
@@ -355,7 +387,6 @@ class FinetuneRecipe:
             bar.close()
             if ck_on and not preempted and saved_at != step and step > self.start.step:
                 self._save_checkpoint(position)  # the end of training is always resumable
-            self.checkpointer.close()
         if preempted:
             if self.is_main:
                 print(f"stopped by signal after step {step}; checkpoint {self.cfg.checkpoint.checkpoint_dir}: run the "
@@ -371,6 +402,7 @@ class FinetuneRecipe:
             "train_tokens": train_tokens, "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
             "val_loss_before": val_before, "val_loss_after": val_after,
             "final_train_loss": record.get("loss"), "export_dir": str(export_dir) if export_dir else None,
+            "skipped_steps": skips.total,
         }
         self.metrics.log(summary)
         self.metrics.close()
@@ -383,6 +415,40 @@ class FinetuneRecipe:
         return summary
 
 
+class _SkipCounter:
+    """The finite-step guard's stop rule: counts skipped (non-finite) steps in a row, warns
+    for each and raises :class:`NonFiniteStepError` at ``limit`` of them. Every rank sees
+    the same steps skipped (the engine decides from all-reduced values)."""
+
+    def __init__(self, limit: int, is_main: bool):
+        self.limit, self.is_main = limit, is_main
+        self.in_a_row = self.total = self.last_step = 0
+
+    def update(self, step: int, out: dict) -> None:
+        self.last_step = step
+        if not out["skipped"]:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        where = out["nonfinite"]
+        at = "; ".join(s for s in (
+            f"loss on stage {', '.join(map(str, where['loss_stages']))}" if where["loss_stages"] else "",
+            f"gradients of stage {', '.join(map(str, where['grad_stages']))}" if where["grad_stages"] else "",
+        ) if s) or "the gradient norm"
+        message = (f"step {step}: non-finite loss {out['loss']} / grad norm {out['grad_norm']} ({at}): skipped, "
+                   f"weights, optimizer state and learning rate unchanged ({self.in_a_row} of {self.limit} in a row)")
+        if self.is_main:
+            tqdm.write(f"warning: {message}")
+        if self.in_a_row >= self.limit:
+            raise NonFiniteStepError(
+                f"stopped after {self.in_a_row} non-finite steps in a row (step_scheduler.max_consecutive_skipped_steps"
+                f"={self.limit}; last: {message}). Nothing non-finite was written: the checkpoints on disk hold the "
+                "weights of the last finite step. Lower optimizer.lr (or clip_grad_norm.max_norm) and run again; it "
+                "resumes from the latest checkpoint"
+            )
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -391,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: ``recipes/finetune.py --config X.yaml [overrides]``.
 
     Returns:
-        0 after training; 2 for a config or input the plan refuses (printed on every rank).
+        0 after training; 2 for a config or input the plan refuses; 3 when training stops
+        on non-finite steps or weights, or a checkpoint cannot be written (each printed on every rank).
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank = int(os.environ.get("RANK", 0))
@@ -406,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         recipe.run()
+    except (NonFiniteStepError, NonFiniteWeightsError, CheckpointWriteError) as exc:
+        # decided alike on every rank (all-reduced loss and norm, agreed write errors)
+        print(f"[rank {rank}] error: {exc}", file=sys.stderr, flush=True)
+        return 3
     finally:
         destroy_distributed()
     return 0

@@ -8,11 +8,18 @@ global batch, independent of how it was split into microbatches and batches.
 Under context parallelism every cp rank of a data-parallel rank holds the same batch,
 runs its own slice of each sequence and sums the loss of that slice's label tokens; the
 label-token count is taken from the whole batch, so the division is the same.
+
+The finite-step guard: the optimizer steps only when the step's loss and global gradient
+norm are finite. Both are already reduced over every rank for the step's metrics and
+clipping, so every rank takes the same decision with no collective of its own (the norm is
+NaN or inf wherever any rank's gradient is); torchtitan checks the same before its step.
+A skipped step leaves weights, optimizer state and learning rate as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Iterable, Sequence
 
@@ -20,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_pp._torch_compat import run_schedule
-from nemo_pp.distributed.grads import align_grad_placements, divide_grads
+from nemo_pp.distributed.grads import align_grad_placements, clip_grads_with_norm, divide_grads
 from nemo_pp.loss import IGNORE_INDEX
 
 
@@ -108,7 +115,10 @@ class TrainEngine:
         Returns:
             ``{"loss": token-mean loss, "grad_norm": global norm before clipping,
             "num_label_tokens": int, "tokens": int input tokens (padding included) over all dp ranks,
-            "nonpad_tokens": the same without padding (the batches' ``num_tokens``), "step_time_s": seconds}``.
+            "nonpad_tokens": the same without padding (the batches' ``num_tokens``), "step_time_s": seconds,
+            "skipped": True when the loss or the norm was not finite and the optimizer did not step,
+            "nonfinite": None, or (skipped steps) where it was: ``{"loss_stages": [...], "grad_stages": [...]}``,
+            global stage indices whose loss / gradients held NaN or inf}``.
         """
         start = time.perf_counter()
         for part in self.parts:
@@ -127,21 +137,51 @@ class TrainEngine:
         align_grad_placements(p for part in self.parts for p in part.parameters())
         divide_grads(self.parts, float(tokens.clamp(min=1)))
         self.ap.sync_tied_grads()
-        grad_norm = self.ap.clip_grad_norm(self.max_grad_norm)
+        norm = self.ap.clip_grad_norm(None)  # the norm only: clipping by a NaN norm would hide where it came from
+        grad_norm = float(norm)
+        local_loss = loss_sum.clone()
+        loss = self._global_loss(loss_sum, tokens)  # before the optimizer: the guard reads it
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        nonfinite = None if finite else self._nonfinite_stages(local_loss)
+        if finite:
+            clip_grads_with_norm((p for part in self.parts for p in part.parameters()), self.max_grad_norm, norm)
         for opt in optimizers:
-            opt.step()
+            if finite:
+                opt.step()
             opt.zero_grad(set_to_none=True)
-        for sched in lr_schedulers:
-            sched.step()
-        loss = self._global_loss(loss_sum, tokens)
+        if finite:
+            for sched in lr_schedulers:
+                sched.step()
         return {
             "loss": loss,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
+            "skipped": not finite,
+            "nonfinite": nonfinite,
             "num_label_tokens": int(tokens),
             "tokens": int(counts[1]),
             "nonpad_tokens": int(counts[2]),
             "step_time_s": time.perf_counter() - start,
         }
+
+    def _nonfinite_stages(self, local_loss: torch.Tensor) -> dict:
+        """Which stages held a non-finite loss or gradient: one MAX all-reduce over all
+        ranks, run only on a skipped step (every rank skips it alike).
+
+        Args:
+            local_loss: this rank's summed loss before any reduction (0 off the last stage).
+        """
+        n = self.ap.plan.num_stages
+        flags = torch.zeros(2, n, device=self.device)
+        for stage, part in zip(self.ap.info.stages or [], self.parts):
+            grads = [p.grad for p in part.parameters() if p.grad is not None]
+            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            flags[1, stage.stage_index] = float(any(not bool(torch.isfinite(g).all()) for g in local))
+            if stage.is_last:
+                flags[0, stage.stage_index] = float(not bool(torch.isfinite(local_loss)))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return {"loss_stages": flags[0].nonzero().flatten().tolist(),
+                "grad_stages": flags[1].nonzero().flatten().tolist()}
 
     # ------------------------------------------------------------- validation
     @torch.no_grad()

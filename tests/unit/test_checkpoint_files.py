@@ -68,7 +68,8 @@ def test_prune_keeps_the_newest_and_removes_the_marker_first(tmp_path):
 def test_marker_lists_every_file_and_a_new_save_of_the_same_step_replaces_the_old(tmp_path):
     final = _fake_checkpoint(tmp_path, 0, 5)
     manifest = json.loads((final / layout.MARKER).read_text())
-    assert manifest == {"files": {"model/data": 100}}
+    assert manifest == {"files": {"model/data": 100}, "checksums": {
+        "algorithm": "xxh3_128", "files": {"model/data": layout.file_checksum(final / "model" / "data")}}}
     (final / "stale").write_text("from the first run")
     temp = _fake_checkpoint(tmp_path, 0, 5, complete=False)  # restored from an older checkpoint, step 5 again
     assert layout.mark_complete(temp, final) == final
@@ -176,7 +177,73 @@ def test_index_that_would_run_code_is_refused_without_running_it(tmp_path, monke
     index.write_bytes(pickle.dumps(_Payload()))
     manifest = json.loads((path / layout.MARKER).read_text())
     manifest["files"]["model/.metadata"] = index.stat().st_size  # a consistent but hostile checkpoint
+    manifest["checksums"]["files"]["model/.metadata"] = layout.file_checksum(index)
     (path / layout.MARKER).write_text(json.dumps(manifest))
     with pytest.raises(CorruptCheckpointError, match=r"unreadable or unsafe .*posix.system|unsafe .*os.system"):
         check_checkpoint(path, _shapes(model))
     assert not (tmp_path / "PWNED").exists()
+
+
+def _flip_one_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_flipped_byte_is_refused_naming_the_file_unless_the_check_is_off(tmp_path):
+    model, opt, sched = _trained()
+    path = _save(tmp_path, model, opt, sched)
+    shard = next((path / "model").glob("*.distcp"))
+    size = shard.stat().st_size
+    _flip_one_byte(shard)
+    assert shard.stat().st_size == size  # the size check alone would pass
+    with pytest.raises(CorruptCheckpointError, match=rf"{shard.name} does not match its checksum.*verify_checksums=false"):
+        check_checkpoint(path, _shapes(model))
+    check_checkpoint(path, _shapes(model), checksums=False)
+
+
+def test_a_marker_without_checksums_is_checked_by_size(tmp_path):
+    final = _fake_checkpoint(tmp_path, 0, 5)
+    (final / layout.MARKER).write_text(json.dumps({"files": {"model/data": 100}}))  # written before checksums
+    layout.verify_manifest(final)
+
+
+def test_a_full_disk_names_the_folder_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    from nemo_pp.checkpoint.checkpointer import CheckpointWriteError
+
+    model, opt, sched = _trained()
+    previous = _save(tmp_path, model, opt, sched)
+
+    def full(self, plan, planner):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", full)
+    ck = Checkpointer(tmp_path, [model], [opt], [sched], max_recent_checkpoints=1)
+    with pytest.warns(UserWarning, match="single process"), pytest.raises(CheckpointWriteError) as info:
+        ck.save(0, 2, {"step": 2, "epoch": 0, "samples_in_epoch": 8}, "seed: 1\n")
+    message = str(info.value)
+    assert "the disk is full" in message and str(tmp_path / ".tmp-epoch_0_step_2") in message
+    assert f"The last complete checkpoint, {previous}, is intact" in message and "MiB free" in message
+    assert [r.path for r in layout.complete_checkpoints(tmp_path)] == [previous]  # not rotated away
+    check_checkpoint(previous, _shapes(model))
+    Checkpointer(tmp_path, [model], [opt], [sched]).remove_incomplete()  # what the next run does first
+    assert not (tmp_path / ".tmp-epoch_0_step_2").exists()
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    from nemo_pp.checkpoint.finite import NonFiniteWeightsError
+
+    model, opt, sched = _trained()
+    previous = _save(tmp_path, model, opt, sched)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    ck = Checkpointer(tmp_path, [model], [opt], [sched], max_recent_checkpoints=1)
+    with pytest.raises(NonFiniteWeightsError, match=r"model.layers.1.mlp.down_proj.weight.*kept as they are"):
+        ck.save(0, 2, {"step": 2, "epoch": 0, "samples_in_epoch": 8}, "seed: 1\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [previous.name]

@@ -126,7 +126,7 @@ def test_defaults_are_the_recipe_defaults():
         "dataloader": {"batch_size": 1, "shuffle": True, "num_workers": 0, "pad_seq_len_divisible": None},
         "step_scheduler": {
             "global_batch_size": None, "local_batch_size": None, "num_epochs": 1, "max_steps": None,
-            "val_every_steps": None, "ckpt_every_steps": None,
+            "val_every_steps": None, "ckpt_every_steps": None, "max_consecutive_skipped_steps": 3,
         },
         "optimizer": {
             "_target_": "torch.optim.AdamW", "lr": 1.0e-5, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.0,
@@ -137,7 +137,7 @@ def test_defaults_are_the_recipe_defaults():
         "checkpoint": {
             "enabled": False, "checkpoint_dir": "outputs/finetune", "model_save_format": "torch_save",
             "save_consolidated": "final", "is_async": False, "restore_from": None, "max_recent_checkpoints": None,
-            "save_merged_model": False,
+            "save_merged_model": False, "verify_checksums": True, "check_free_space": True,
         },
         "peft": None,
         "packed_sequence": {"packed_sequence_size": 0, "split_across_pack": False},
