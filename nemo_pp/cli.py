@@ -5,6 +5,7 @@
     nemo-pp finetune --config my.yaml --nproc-per-node 8 --nnodes 2 --node-rank 0 --rdzv-endpoint host:29500
     nemo-pp list                         # the shipped configs
     nemo-pp cp smollm2_135m_squad_pp2 my.yaml
+    nemo-pp check-model --config my.yaml # is this model family exact under the pipeline?
 
 ``--config`` takes a YAML path, or the name of a shipped config (``nemo_pp/configs``, with
 or without ``.yaml``). ``finetune`` execs ``python -m torch.distributed.run`` (torchrun)
@@ -61,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         else:
             ft.add_argument(f"--{opt}", help=f"torchrun's --{opt}")
     sub.add_parser("list", help="the shipped configs")
+    check = sub.add_parser("check-model", help="the pipeline parity probe of the config's model family")
+    check.add_argument("--config", "-c", required=True, help="a YAML path or a shipped config name")
     cp = sub.add_parser("cp", help="copy a shipped config to edit it")
     cp.add_argument("name", help="a shipped config name")
     cp.add_argument("dest", help="destination file or folder")
@@ -79,8 +82,35 @@ def finetune_command(args: argparse.Namespace, overrides: Sequence[str]) -> list
     return cmd + ["-m", "nemo_pp.recipes.finetune", "--config", str(resolve_config(args.config)), *overrides]
 
 
+def check_model(config: str, overrides: Sequence[str]) -> int:
+    """``nemo-pp check-model``: the parity probe (:mod:`nemo_pp.planning.family_probe`) of
+    the model the config names, from its config alone (no weight is read); 0 when the
+    pipelined forward equals Hugging Face's at 2 and 4 stages, 2 when it does not."""
+    from nemo_pp.config import parse_cli
+    from nemo_pp.planning.family_probe import PROVEN_MODEL_TYPES, TOLERANCE, probe_model_family
+    from nemo_pp.planning.run_plan import build_meta_model
+    from nemo_pp.planning.schema import load_recipe_config
+
+    path, parsed = parse_cli(["--config", str(resolve_config(config)), *overrides])  # the recipe's override syntax
+    cfg = load_recipe_config(path, parsed)
+    model, _ = build_meta_model(cfg, cfg.model.get("pretrained_model_name_or_path"))
+    try:
+        results = probe_model_family(type(model), model.config)
+    except ValueError as exc:
+        print(f"nemo-pp check-model: {exc}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(f"{r.model_type} ({type(model).__name__}) at {r.num_stages} stages: max |logits - HF logits| = "
+              f"{r.max_relative_diff:.3g} of their scale ({'exact' if r.exact else 'WRONG'}; tolerance {TOLERANCE:g})")
+    model_type = results[0].model_type
+    proven = model_type in PROVEN_MODEL_TYPES
+    print(f"{model_type}: " + ("in the proven family matrix (loss and gradients against Hugging Face at 2 and 4 stages)"
+                               if proven else "not in the proven matrix; the recipe runs this probe before training"))
+    return 0 if all(r.exact for r in results) else 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``nemo-pp`` console script: ``finetune``, ``list`` or ``cp``.
+    """Entry point of the ``nemo-pp`` console script: ``finetune``, ``list``, ``cp`` or ``check-model``.
 
     ``finetune`` replaces this process with torchrun (``os.execv``) and does not return.
 
@@ -88,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; ``sys.argv[1:]`` when None.
 
     Returns:
-        The exit status: 0, or 2 (message on stderr) for a config that is not found or a
-        ``cp`` destination that exists.
+        The exit status: 0, or 2 (message on stderr) for a config that is not found, a
+        ``cp`` destination that exists, or a model family whose parity probe fails.
 
     Raises:
         SystemExit: argparse's usage errors, and extra arguments given to ``list`` or ``cp``.
@@ -100,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd = finetune_command(args, rest)
             print("+ " + " ".join(cmd), flush=True)
             os.execv(cmd[0], cmd)  # torchrun takes over this process (signals, exit code)
+        if args.command == "check-model":
+            return check_model(args.config, rest)
         if rest:
             raise SystemExit(f"nemo-pp {args.command}: unexpected arguments {rest}")
         if args.command == "list":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (or reuse it), install the pinned CPU torch FIRST (a plain `torch`
-# would pull gigabytes of CUDA), then this project with its dev and asset extras.
+# would pull gigabytes of CUDA), then this project with its dev and asset extras, at the
+# exact versions the suite passed on (constraints.txt; scripts/check_newest.sh tries the newest).
 # On a GPU machine, install your CUDA torch build into the venv before running this.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -12,4 +13,4 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==${NEMO_PP_TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e ".[dev,assets]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,assets]"

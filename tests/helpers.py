@@ -229,6 +229,14 @@ FAMILIES = {
     "cohere": {"logit_scale": 0.5},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1},
+    # grown by the parity probe's sweep (nemo_pp.planning.family_probe): Phi's final_layernorm,
+    # partial rotary (Phi, GLM, StableLM), SmolLM3's layers without rotary, Cohere 2's windows
+    "phi": {"partial_rotary_factor": 0.5, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
+    "starcoder2": {"sliding_window": 8, "residual_dropout": 0.0, "embedding_dropout": 0.0},
+    "stablelm": {"partial_rotary_factor": 0.25},
+    "smollm3": {"no_rope_layer_interval": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "glm": {"partial_rotary_factor": 0.5, "pad_token_id": 0},
+    "cohere2": {"sliding_window": 8, "logit_scale": 0.5, "layer_types": ["sliding_attention", "full_attention"] * 2},
 }
 
 

@@ -111,9 +111,11 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel", sequence_
         past_key_values=None,
         use_cache: bool | None = None,
         cache_position: torch.Tensor | None = None,
+        cache=None,
         **kwargs,
     ) -> torch.Tensor:
-        # a training stage keeps no KV cache: what an unpatched HF wrapper passes for one is dropped
+        # a training stage keeps no KV cache: what an unpatched HF wrapper passes for one
+        # (``past_key_values``, transformers >= 5.24's ``cache``) is dropped
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError(f"{model_class_name} stage got neither input_ids nor inputs_embeds")
@@ -152,11 +154,20 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel", sequence_
             )
             # transformers < 5 returns a tuple from decoder layers
             hidden = out[0] if isinstance(out, tuple) else out
-        if getattr(self, "norm", None) is not None:
-            hidden = self.norm(hidden)
+        norm = _final_norm(self)
+        if norm is not None:
+            hidden = norm(hidden)
         return hidden
 
     return forward
+
+
+#: what decoders call the norm after their last layer (Phi: ``final_layernorm``)
+FINAL_NORM_NAMES = ("norm", "final_layernorm")
+
+
+def _final_norm(decoder: nn.Module) -> nn.Module | None:
+    return next((m for m in (getattr(decoder, n, None) for n in FINAL_NORM_NAMES) if m is not None), None)
 
 
 def create_pipeline_forward_causal_lm() -> Callable:

@@ -31,6 +31,7 @@ from nemo_pp.models.tp_plan import check_tensor_parallel
 from nemo_pp.planning import checks
 from nemo_pp.planning.cost import DEFAULT_PLANNING_SEQ_LEN, PieceCosts
 from nemo_pp.planning.dims import ParallelDims, resolve_parallel_sizes
+from nemo_pp.planning.family_probe import check_model_family
 from nemo_pp.planning.pipeline import PipelinePlan, StageSpec, make_pipeline_plan
 from nemo_pp.planning.schedules import is_single_stage_schedule
 
@@ -299,7 +300,8 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     Raises:
         ValueError: parallel sizes vs world size, batch arithmetic, schedule constraints,
             more stages than layers, a sequence length beyond the model's positions,
-            refused pipeline options, a tp_size the model's heads / sizes cannot split.
+            refused pipeline options, a tp_size the model's heads / sizes cannot split, a
+            model family outside the proven matrix whose parity probe fails.
         FileNotFoundError: missing local model or data set (names the asset command).
         CorruptCheckpointError (a ValueError): the checkpoint to resume is incomplete,
             truncated, changed on disk (checksum), unsafe, of another model, or at a data
@@ -338,6 +340,8 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     pipeline_kwargs = _pipeline_kwargs(cfg, sizes, microbatch_size, local_bs, activation_dtype)
     pipeline = make_pipeline_plan(model, **pipeline_kwargs, piece_costs=piece_costs)
     validate_hf_model_for_pipeline_support(model, p.patch_inner_model, p.patch_causal_lm_model, pipeline.num_stages)
+    if p.patch_inner_model or p.patch_causal_lm_model:  # the patched forwards: exact, or refused
+        check_model_family(model)
     check_tensor_parallel(model, sizes.tp)
     if cp_attention == "ring":
         checks.check_ring_attention(text_cfg)
