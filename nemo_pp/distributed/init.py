@@ -57,6 +57,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _restart_store(timeout: timedelta):
+    """Under torchrun, the agent's store seen through a prefix of this restart attempt
+    (``TORCHELASTIC_RESTART_COUNT``); None elsewhere (``env://`` as usual).
+
+    torchrun's static rendezvous (its default for a fixed ``--nnodes``) keeps one store for
+    every attempt of ``--max-restarts``, and torch 2.13's ``env://`` handler no longer
+    prefixes the keys by attempt (it assumes a new store per attempt). The restarted
+    workers then read the dead workers' gloo addresses and fail with "connectFullMesh
+    failed ... Connection refused". The prefix gives every attempt keys of its own.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/nemo_pp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def initialize_distributed(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Join (or create, for a plain ``python`` launch) the default process group.
 
@@ -72,6 +89,9 @@ def initialize_distributed(device: str | None = None, timeout_s: float = DEFAULT
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        store = _restart_store(timedelta(seconds=timeout_s))
+        if store is not None:
+            kwargs.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
