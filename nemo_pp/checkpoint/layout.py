@@ -13,7 +13,8 @@ than the manifest says (truncated, or a byte changed on disk) is a clear error n
 
 xxh3-128 (the ``xxhash`` package) is not cryptographic: it catches damage, not tampering
 (the index is unpickled safely for that, :mod:`nemo_pp.checkpoint.safe_metadata`). It hashes
-about 12 GB/s on one core of the 2-core CPU machine, against 1.1 GB/s for hashlib's blake2b.
+the main job's 1.96 GB checkpoint in 0.15 s on one core of the 2-core CPU machine (page cache
+warm; 0.65 s just after the save), against 1.5 s for hashlib's blake2b.
 """
 
 from __future__ import annotations
