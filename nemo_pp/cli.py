@@ -6,6 +6,7 @@
     nemo-pp list                         # the shipped configs
     nemo-pp cp smollm2_135m_squad_pp2 my.yaml
     nemo-pp check-model --config my.yaml # is this model family exact under the pipeline?
+    nemo-pp verify outputs/run/hf_model  # a checkpoint or an exported folder against its checksums
 
 ``--config`` takes a YAML path, or the name of a shipped config (``nemo_pp/configs``, with
 or without ``.yaml``). ``finetune`` execs ``python -m torch.distributed.run`` (torchrun)
@@ -17,6 +18,7 @@ as an override. The launcher options are torchrun's own (``--nproc-per-node``,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -64,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="the shipped configs")
     check = sub.add_parser("check-model", help="the pipeline parity probe of the config's model family")
     check.add_argument("--config", "-c", required=True, help="a YAML path or a shipped config name")
+    verify = sub.add_parser("verify", help="check a checkpoint or an exported folder against its recorded checksums")
+    verify.add_argument("folder", help="a checkpoint (epoch_E_step_S) or an exported hf_model / hf_adapter folder")
     cp = sub.add_parser("cp", help="copy a shipped config to edit it")
     cp.add_argument("name", help="a shipped config name")
     cp.add_argument("dest", help="destination file or folder")
@@ -109,8 +113,28 @@ def check_model(config: str, overrides: Sequence[str]) -> int:
     return 0 if all(r.exact for r in results) else 2
 
 
+def verify_folder(folder: str) -> int:
+    """``nemo-pp verify``: a checkpoint folder against its ``complete.json`` or an exported
+    folder against its ``nemo_pp_checksums.json`` (sizes and xxh3-128 digests); 0 when
+    every file matches, 2 naming the first that does not."""
+    from nemo_pp.checkpoint import layout
+
+    path = Path(folder)
+    try:
+        if (path / layout.MARKER).is_file():
+            layout.verify_manifest(path)
+            count = len(json.loads((path / layout.MARKER).read_text())["files"])
+        else:
+            count = layout.verify_folder_checksums(path)
+    except ValueError as exc:  # CorruptCheckpointError
+        print(f"nemo-pp verify: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: {count} files match their recorded sizes and checksums")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``nemo-pp`` console script: ``finetune``, ``list``, ``cp`` or ``check-model``.
+    """Entry point of the ``nemo-pp`` console script: ``finetune``, ``list``, ``cp``, ``check-model`` or ``verify``.
 
     ``finetune`` replaces this process with torchrun (``os.execv``) and does not return.
 
@@ -119,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0, or 2 (message on stderr) for a config that is not found, a
-        ``cp`` destination that exists, or a model family whose parity probe fails.
+        ``cp`` destination that exists, a model family whose parity probe fails, or a
+        folder whose files do not match their checksums.
 
     Raises:
         SystemExit: argparse's usage errors, and extra arguments given to ``list`` or ``cp``.
@@ -132,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.execv(cmd[0], cmd)  # torchrun takes over this process (signals, exit code)
         if args.command == "check-model":
             return check_model(args.config, rest)
+        if args.command == "verify" and not rest:
+            return verify_folder(args.folder)
         if rest:
             raise SystemExit(f"nemo-pp {args.command}: unexpected arguments {rest}")
         if args.command == "list":

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nemo_pp._peft.lora import merge_lora_weights
+from nemo_pp.checkpoint.layout import write_folder_checksums
 
 
 def full_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -103,6 +104,7 @@ def save_consolidated_hf(
     config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    write_folder_checksums(out)  # every writer's shard is on disk: they wrote before the gather
     if dist.is_initialized():
         dist.barrier()
     return out

@@ -35,7 +35,10 @@ __all__ = [
     "CheckpointRef",
     "CorruptCheckpointError",
     "checkpoint_name",
+    "EXPORT_CHECKSUMS",
     "file_checksum",
+    "verify_folder_checksums",
+    "write_folder_checksums",
     "complete_checkpoints",
     "mark_complete",
     "prune_checkpoints",
@@ -98,6 +101,45 @@ def file_checksum(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+#: an exported Hugging Face or adapter folder's checksums (transformers and peft ignore the file)
+EXPORT_CHECKSUMS = "nemo_pp_checksums.json"
+
+
+def write_folder_checksums(folder: str | os.PathLike) -> Path:
+    """Write ``folder/nemo_pp_checksums.json``: every file's size and xxh3-128 digest (the
+    manifest of a checkpoint, for an exported folder), atomically; returns its path."""
+    folder = Path(folder)
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != EXPORT_CHECKSUMS]
+    manifest = {
+        "files": {str(p.relative_to(folder)): p.stat().st_size for p in files},
+        "checksums": {"algorithm": CHECKSUM_ALGORITHM, "files": {str(p.relative_to(folder)): file_checksum(p) for p in files}},
+    }
+    write_text_atomic(folder / EXPORT_CHECKSUMS, json.dumps(manifest, indent=1))
+    return folder / EXPORT_CHECKSUMS
+
+
+def verify_folder_checksums(folder: str | os.PathLike) -> int:
+    """Check an exported folder against its ``nemo_pp_checksums.json``; returns the files checked.
+
+    Raises:
+        CorruptCheckpointError: no such file, or a missing, resized or changed file (named).
+    """
+    folder = Path(folder)
+    path = folder / EXPORT_CHECKSUMS
+    try:
+        manifest = json.loads(path.read_text())
+        sizes, digests = manifest["files"], manifest["checksums"]["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{path} is missing or unreadable ({exc}): {folder} cannot be verified") from None
+    for rel, size in sizes.items():
+        file = folder / rel
+        if not file.is_file() or file.stat().st_size != size:
+            raise CorruptCheckpointError(f"{file} is missing or has another size than {path} records ({size} bytes)")
+        if file_checksum(file) != digests[rel]:
+            raise CorruptCheckpointError(f"{file} does not match its checksum in {path}: it was changed or damaged")
+    return len(sizes)
 
 
 def _manifest(folder: Path) -> dict:

@@ -20,6 +20,7 @@ from torch import nn
 
 from nemo_pp._peft.lora import ADAPTER_NAME, PeftConfig, lora_modules
 from nemo_pp.checkpoint.hf_export import full_cpu
+from nemo_pp.checkpoint.layout import write_folder_checksums
 
 PEFT_PREFIX = "base_model.model."  # what peft.PeftModel puts before the wrapped model's FQNs
 
@@ -75,6 +76,7 @@ def save_peft_adapter(
         out.mkdir(parents=True, exist_ok=True)
         save_file(dict(sorted(merged.items())), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         cfg.lora_config(targets, base_model_name_or_path).save_pretrained(str(out))  # adapter_config.json
+        write_folder_checksums(out)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return out

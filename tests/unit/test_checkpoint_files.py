@@ -247,3 +247,20 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with pytest.raises(NonFiniteWeightsError, match=r"model.layers.1.mlp.down_proj.weight.*kept as they are"):
         ck.save(0, 2, {"step": 2, "epoch": 0, "samples_in_epoch": 8}, "seed: 1\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == [previous.name]
+
+
+def test_an_exported_folder_carries_checksums_that_nemo_pp_verify_checks(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from nemo_pp.checkpoint.hf_export import save_consolidated_hf
+    from nemo_pp.cli import main
+
+    model = tiny_model("llama", tied=True, layers=2)
+    out = save_consolidated_hf(tmp_path / "hf_model", [model], model.config, None, tied=True,
+                               tied_head_fqn="lm_head.weight", pp_rank=0, pp_size=1)
+    assert (out / layout.EXPORT_CHECKSUMS).is_file()
+    AutoModelForCausalLM.from_pretrained(out)  # the extra file is ignored by transformers
+    assert main(["verify", str(out)]) == 0 and "files match" in capsys.readouterr().out
+    _flip_one_byte(out / "model.safetensors")
+    assert main(["verify", str(out)]) == 2
+    assert "model.safetensors does not match its checksum" in capsys.readouterr().err
