@@ -237,6 +237,8 @@ FAMILIES = {
     "smollm3": {"no_rope_layer_interval": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     "glm": {"partial_rotary_factor": 0.5, "pad_token_id": 0},
     "cohere2": {"sliding_window": 8, "logit_scale": 0.5, "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "olmo": {"clip_qkv": 8.0},  # its final LayerNorm has no weights: it must stay on the last stage
+    "nemotron": {"partial_rotary_factor": 0.5},
 }
 
 

@@ -60,10 +60,17 @@ def _modules_of(stack: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(k, m) for k, m in stack._modules.items() if m is not None]
 
 
+#: what decoders call the norm after their last layer (Phi: ``final_layernorm``)
+FINAL_NORM_NAMES = ("norm", "final_layernorm")
+
+
 def outer_modules(model: nn.Module) -> tuple[list[str], list[str], list[str]]:
     """``(first, last, everywhere)``: the FQNs of the modules outside the layer stack that
     go to the first stage, to the last stage and to every stage
-    (see :func:`auto_stage_module_names`)."""
+    (see :func:`auto_stage_module_names`). Parameterless modules (rotary embeddings) go to
+    every stage, except a final norm after the stack, which runs on the last stage only
+    even without weights (OLMo's ``OlmoLayerNorm``): elsewhere it would normalise what a
+    stage sends on."""
     stack_fqn, _ = find_layer_stack(model)
     parts = stack_fqn.split(".")
     first, last, everywhere = [], [], []
@@ -76,7 +83,7 @@ def outer_modules(model: nn.Module) -> tuple[list[str], list[str], list[str]]:
                 before = False
                 continue
             fqn = prefix + name
-            if next(child.parameters(), None) is None:
+            if next(child.parameters(), None) is None and not (not before and name in FINAL_NORM_NAMES):
                 everywhere.append(fqn)
             elif before:
                 first.append(fqn)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from nemo_pp.models.module_tree import iter_decoder_layers, text_config
+from nemo_pp.models.module_tree import FINAL_NORM_NAMES, iter_decoder_layers, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -160,10 +160,6 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel", sequence_
         return hidden
 
     return forward
-
-
-#: what decoders call the norm after their last layer (Phi: ``final_layernorm``)
-FINAL_NORM_NAMES = ("norm", "final_layernorm")
 
 
 def _final_norm(decoder: nn.Module) -> nn.Module | None:

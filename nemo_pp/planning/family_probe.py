@@ -3,7 +3,7 @@
 The patched stage forwards (:mod:`nemo_pp.models.stage_forward`) re-implement the part of
 a Hugging Face decoder's forward that sits around its layers (embedding scale, masks,
 rotary, final norm, logit scaling) from config fields and module names. A family that does
-something there they do not know (Phi's ``final_layernorm``, say) would train on wrong
+something there they do not know (Phi's ``final_layernorm`` was one) would train on wrong
 numbers without a word. So a family that the test matrix has not proven
 (:data:`PROVEN_MODEL_TYPES`, the families of ``tests/distributed/test_family_matrix.py``)
 is probed before any weight is read: a tiny random copy of the model's own class and
@@ -30,7 +30,7 @@ __all__ = ["PROVEN_MODEL_TYPES", "ProbeResult", "check_model_family", "probe_mod
 #: gradient (tests/distributed/test_family_matrix.py keeps this list and that matrix equal)
 PROVEN_MODEL_TYPES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "cohere",
-    "mixtral", "qwen3_moe", "phi", "starcoder2", "stablelm", "smollm3", "glm", "cohere2",
+    "mixtral", "qwen3_moe", "phi", "starcoder2", "stablelm", "smollm3", "glm", "cohere2", "olmo", "nemotron",
 })
 
 #: relative tolerance of the probe: max |logits - HF logits| / max(1, max |HF logits|), fp32
@@ -67,9 +67,10 @@ def tiny_config(config, layers: int = 4):
     for key, value in _TINY.items():
         if getattr(tiny, key, None) is not None:
             setattr(tiny, key, value)
-    heads, kv = tiny.num_attention_heads, getattr(tiny, "num_key_value_heads", None)
-    if kv is not None:  # keep grouped-query attention grouped
-        tiny.num_key_value_heads = 2 if kv < getattr(config, "num_attention_heads", kv) else heads
+    heads = tiny.num_attention_heads
+    if hasattr(tiny, "num_key_value_heads"):  # keep grouped-query attention grouped; None: one per head
+        kv = tiny.num_key_value_heads
+        tiny.num_key_value_heads = 2 if kv is not None and kv < text_config(config).num_attention_heads else heads
     if getattr(tiny, "num_experts_per_tok", None) is not None:
         tiny.num_experts_per_tok = min(tiny.num_experts_per_tok, 2)
     tiny.num_hidden_layers = layers

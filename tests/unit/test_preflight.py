@@ -238,15 +238,15 @@ def test_a_config_only_folder_plans_without_checking_weights(tmp_path):
 
 
 def test_a_family_the_probe_finds_wrong_is_refused_by_the_plan(tmp_path):
-    """OLMo (v1) outside the proven matrix: its parity probe fails and the plan refuses it,
+    """Doge, outside the proven matrix: its parity probe fails and the plan refuses it,
     before any weight is read (a config.json alone)."""
     from transformers import AutoConfig
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    AutoConfig.for_model("olmo", num_hidden_layers=4).save_pretrained(model_dir)
+    AutoConfig.for_model("doge", num_hidden_layers=4).save_pretrained(model_dir)
     (tmp_path / "data").mkdir()
     path = tmp_path / "c.yaml"
     path.write_text(YAML.format(model=model_dir, data=tmp_path / "data"))
-    with pytest.raises(ValueError, match=r"model type 'olmo' \(OlmoForCausalLM\) is not supported under the pipeline"):
+    with pytest.raises(ValueError, match=r"model type 'doge' \(DogeForCausalLM\) is not supported under the pipeline"):
         plan_run(load_recipe_config(path, []), world_size=2, check_checkpoint=False)
