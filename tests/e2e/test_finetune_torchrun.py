@@ -131,58 +131,6 @@ def test_max_steps_0_validates_and_exports_without_training(real_assets, tmp_pat
     assert "split: profile: fwd+bwd per microbatch" in proc.stdout  # timed on rank 0, shared
 
 
-def _popen_recipe(nproc: int, *overrides: str) -> subprocess.Popen:
-    cmd = TORCHRUN + [f"--nproc_per_node={nproc}", "recipes/finetune.py", "--config", CONFIG, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-@pytest.mark.e2e
-@pytest.mark.slow  # about a minute or more on 2 cores
-def test_sigkilled_rank_then_same_command_resumes_to_the_same_final_loss(real_assets, tmp_path):
-    """A pp 2 run on the real SmolLM2 loses a rank to SIGKILL after its step-2 checkpoint;
-    the same command again resumes from the last complete checkpoint and ends with the
-    final loss of an uninterrupted run."""
-    import signal
-    import time
-
-    def overrides(out):
-        return (
-            f"--checkpoint.checkpoint_dir={out}", "--checkpoint.enabled=true", "--step_scheduler.ckpt_every_steps=2",
-            "--checkpoint.save_consolidated=false", "--step_scheduler.max_steps=6",
-            "--step_scheduler.global_batch_size=2", "--dataloader.batch_size=2", "--dataset.seq_length=64",
-            "--dataset.limit_dataset_samples=64", "--validation_dataset.limit_dataset_samples=2",
-        )
-
-    straight = tmp_path / "straight"
-    proc = run_recipe(2, *overrides(straight), "--checkpoint.max_recent_checkpoints=1")  # disk: only its loss counts
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    expected = read_metrics(straight)[-1]["final_train_loss"]
-
-    out = tmp_path / "killed"
-    launcher = _popen_recipe(2, *overrides(out))
-    deadline = time.time() + 300
-    while not (out / "epoch_0_step_2" / "complete.json").exists():
-        assert launcher.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.2)
-    import psutil  # installed with accelerate
-
-    workers = psutil.Process(launcher.pid).children()
-    assert len(workers) == 2, workers
-    os.kill(workers[-1].pid, signal.SIGKILL)
-    launcher.communicate(timeout=120)
-    assert launcher.returncode != 0  # torchrun stops the job when a rank dies
-    done = [r["step"] for r in read_metrics(out) if r["event"] == "train"]
-    assert max(done) < 6
-
-    proc = run_recipe(2, *overrides(out))  # the same command
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"resumed from {out}/epoch_0_step_" in proc.stdout
-    final = read_metrics(out)[-1]
-    assert final["event"] == "summary" and final["steps"] == 6
-    assert abs(final["final_train_loss"] - expected) <= 1e-5, (final["final_train_loss"], expected)
-
-
 @pytest.mark.e2e
 @pytest.mark.slow  # about a minute or more on 2 cores
 @pytest.mark.parametrize("sequence_parallel", [False, True])

@@ -1,6 +1,7 @@
-"""Restarts and preemption through a real ``torchrun`` (not forked ranks), on the tiny model:
-``--max-restarts`` brings a killed worker's group back by itself, and SIGTERM to torchrun
-leaves a checkpoint the same command resumes from; both end with the final loss of an
+"""Restarts and preemption through a real ``torchrun`` (not forked ranks), on the tiny model
+(the real SmolLM2 proves nothing more here): a killed worker stops the job and the same
+command resumes; ``--max-restarts`` brings the group back by itself; SIGTERM to torchrun
+leaves a checkpoint the same command resumes from. Each ends with the final loss of an
 uninterrupted run."""
 
 from __future__ import annotations
@@ -53,7 +54,30 @@ def straight_loss(tiny_assets, tmp_path_factory) -> float:
     return _records(out)[-1]["final_train_loss"]
 
 
-@pytest.mark.slow  # with the straight run: about a minute on 2 cores
+def test_a_killed_worker_stops_the_job_and_the_same_command_resumes(tiny_assets, tmp_path, straight_loss):
+    import psutil  # installed with accelerate
+
+    model, squad = tiny_assets
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_command(model, squad, out), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(out / "epoch_0_step_8" / "complete.json", proc)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2, workers
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torchrun stops the job when a rank dies
+    assert max(r["step"] for r in _records(out) if r["event"] == "train") < 24
+
+    again = subprocess.run(_command(model, squad, out), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=300)  # the same command
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {out}/epoch_0_step_" in again.stdout
+    final = _records(out)[-1]
+    assert final["event"] == "summary" and final["steps"] == 24
+    assert abs(final["final_train_loss"] - straight_loss) <= 1e-6, (final["final_train_loss"], straight_loss)
+
+
 def test_max_restarts_resumes_a_killed_worker_by_itself(tiny_assets, tmp_path, straight_loss):
     """One worker SIGKILLed after the step-8 checkpoint: torchrun restarts the group (its
     store keys were the dead workers' before, see distributed/init.py), the new workers
@@ -76,7 +100,6 @@ def test_max_restarts_resumes_a_killed_worker_by_itself(tiny_assets, tmp_path, s
     assert abs(final["final_train_loss"] - straight_loss) <= 1e-6, (final["final_train_loss"], straight_loss)
 
 
-@pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_then_the_same_command_resumes(tiny_assets, tmp_path, straight_loss):
     """SIGTERM to the torchrun process (what Slurm and Kubernetes send): torchrun forwards
     it, the workers agree at the next step boundary, save and exit 0 (torchrun itself then
