@@ -111,12 +111,7 @@ def write_folder_checksums(folder: str | os.PathLike) -> Path:
     """Write ``folder/nemo_pp_checksums.json``: every file's size and xxh3-128 digest (the
     manifest of a checkpoint, for an exported folder), atomically; returns its path."""
     folder = Path(folder)
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != EXPORT_CHECKSUMS]
-    manifest = {
-        "files": {str(p.relative_to(folder)): p.stat().st_size for p in files},
-        "checksums": {"algorithm": CHECKSUM_ALGORITHM, "files": {str(p.relative_to(folder)): file_checksum(p) for p in files}},
-    }
-    write_text_atomic(folder / EXPORT_CHECKSUMS, json.dumps(manifest, indent=1))
+    write_text_atomic(folder / EXPORT_CHECKSUMS, json.dumps(_manifest(folder, EXPORT_CHECKSUMS), indent=1))
     return folder / EXPORT_CHECKSUMS
 
 
@@ -133,22 +128,39 @@ def verify_folder_checksums(folder: str | os.PathLike) -> int:
         sizes, digests = manifest["files"], manifest["checksums"]["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptCheckpointError(f"{path} is missing or unreadable ({exc}): {folder} cannot be verified") from None
-    for rel, size in sizes.items():
-        file = folder / rel
-        if not file.is_file() or file.stat().st_size != size:
-            raise CorruptCheckpointError(f"{file} is missing or has another size than {path} records ({size} bytes)")
-        if file_checksum(file) != digests[rel]:
-            raise CorruptCheckpointError(f"{file} does not match its checksum in {path}: it was changed or damaged")
+    _check_files(folder, EXPORT_CHECKSUMS, sizes, digests, "export the model again from its checkpoint")
     return len(sizes)
 
 
-def _manifest(folder: Path) -> dict:
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER]
+def _manifest(folder: Path, itself: str) -> dict:
+    """``{"files": {path: bytes}, "checksums": {...}}`` of every file below ``folder`` but ``itself``."""
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != itself]
     return {
         "files": {str(p.relative_to(folder)): p.stat().st_size for p in files},
         "checksums": {"algorithm": CHECKSUM_ALGORITHM,
                       "files": {str(p.relative_to(folder)): file_checksum(p) for p in files}},
     }
+
+
+def _check_files(folder: Path, listed_in: str, sizes: dict, digests: dict, hint: str) -> None:
+    """Every file of ``sizes`` exists with that size, then (each file read) has the digest of
+    ``digests``; the first that does not is named, with ``hint`` (what to do)."""
+    for rel, size in sizes.items():
+        path = folder / rel
+        if not path.is_file():
+            raise CorruptCheckpointError(f"file {path} is missing ({listed_in} lists it); {hint}")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CorruptCheckpointError(
+                f"file {path} has {actual} bytes, {listed_in} says {size}: it is truncated or was changed; {hint}"
+            )
+    for rel, expected in digests.items():
+        actual = file_checksum(folder / rel)
+        if actual != expected:
+            raise CorruptCheckpointError(
+                f"file {folder / rel} does not match its checksum in {listed_in} ({CHECKSUM_ALGORITHM} {actual}, "
+                f"recorded {expected}): it was changed or damaged on disk; {hint}"
+            )
 
 
 def mark_complete(temp: str | os.PathLike, final: str | os.PathLike) -> Path:
@@ -162,7 +174,7 @@ def mark_complete(temp: str | os.PathLike, final: str | os.PathLike) -> Path:
     temp, final = Path(temp), Path(final)
     if final.exists():
         _remove(final)
-    manifest = _manifest(temp)
+    manifest = _manifest(temp, MARKER)
     os.rename(temp, final)
     _fsync_dir(final.parent)
     write_text_atomic(final / MARKER, json.dumps(manifest, indent=1))
@@ -195,24 +207,8 @@ def verify_manifest(folder: str | os.PathLike, checksums: bool = True) -> None:
         digests = manifest.get("checksums", {}).get("files", {}) if checksums else {}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptCheckpointError(f"{marker} is unreadable ({exc}); the checkpoint {folder} cannot be trusted") from None
-    for rel, size in files.items():
-        path = folder / rel
-        if not path.is_file():
-            raise CorruptCheckpointError(f"checkpoint file {path} is missing; the checkpoint {folder} is damaged")
-        actual = path.stat().st_size
-        if actual != size:
-            raise CorruptCheckpointError(
-                f"checkpoint file {path} has {actual} bytes, its manifest {MARKER} says {size}: the file is "
-                f"truncated or was changed; resume from another checkpoint (checkpoint.restore_from)"
-            )
-    for rel, expected in digests.items():
-        actual = file_checksum(folder / rel)
-        if actual != expected:
-            raise CorruptCheckpointError(
-                f"checkpoint file {folder / rel} does not match its checksum in {MARKER} ({CHECKSUM_ALGORITHM} "
-                f"{actual}, recorded {expected}): it was changed or damaged on disk; resume from another checkpoint "
-                "(checkpoint.restore_from), or skip the check with checkpoint.verify_checksums=false"
-            )
+    _check_files(folder, MARKER, files, digests, "resume from another checkpoint (checkpoint.restore_from; "
+                 "checkpoint.verify_checksums=false checks sizes only)")
 
 
 def complete_checkpoints(checkpoint_dir: str | os.PathLike) -> list[CheckpointRef]:
