@@ -94,8 +94,6 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool):
                     f"{key} is empty: check {key}.split, {key}.path_or_dataset and {key}.limit_dataset_samples"
                 )
             return dataset, None
-        except StopIteration:  # datasets' JSON reader on empty files: next() of no tables
-            return None, (f"{key} is empty: its files hold no rows; check {key}.split and the files it reads")
         except Exception as exc:  # every failure must reach the other ranks, not only ours
             # the data set classes name their own keys "dataset.<arg>": say which section
             msg = re.sub(r"\bdataset\.", f"{key}.", str(exc)) if key != "dataset" else str(exc)

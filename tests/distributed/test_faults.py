@@ -150,4 +150,5 @@ def test_an_empty_data_set_is_named_with_the_problem(tiny_assets, tmp_path, capf
     capfd.readouterr()
     assert run_ranks(run_recipe_rank, 2, argv, timeout=240, start_method="fork") == [2, 2]
     err = capfd.readouterr().err
-    assert err.count("error: dataset is empty: its files hold no rows") == 2, err[-3000:]
+    assert err.count(f"dataset.path_or_dataset: split 'train' of {empty} has no rows") == 2, err[-3000:]
+    assert err.count("] error: dataset: ") == 2

@@ -75,10 +75,10 @@ def load_rows(path_or_dataset_id: str | Sequence[str], split: str = "train", key
         if all(f.stat().st_size == 0 for f in files):
             raise ValueError(f"{key}: split {split!r} of {paths[0]} has no rows: its files are empty")
         extra = {"sample_by": text_sample_by} if builder == "text" else {}
-        rows = _load(lambda s: datasets.load_dataset(builder, data_files={base: [str(f) for f in files]}, split=s,
+        rows = load_split(lambda s: datasets.load_dataset(builder, data_files={base: [str(f) for f in files]}, split=s,
                                                      **extra), split, key, paths[0])
         return _check_rows(rows, split, key, paths[0])
-    rows = _load(lambda s: datasets.load_dataset(paths[0], name, split=s), split, key, paths[0])
+    rows = load_split(lambda s: datasets.load_dataset(paths[0], name, split=s), split, key, paths[0])
     return _check_rows(rows, split, key, paths[0])
 
 
@@ -99,11 +99,16 @@ def _files_by_split(files: Sequence[Path]) -> dict[str, list[Path]] | None:
     return out or None
 
 
-def _load(fn, split: str, key: str, source):
+def load_split(fn, split: str, key: str, source):
+    """``fn(split)`` (a ``datasets.load_dataset`` call) with its failures as ``ValueError``
+    naming ``key``: a file its builder cannot parse, a split or slice of no rows (also the
+    JSON builder's bare ``StopIteration`` on empty files), a split the data lacks."""
     from datasets.exceptions import DatasetGenerationError
 
     try:
         return fn(split)
+    except StopIteration:  # the JSON builder on files of no rows: next() over no tables
+        raise ValueError(f"{key}: split {split!r} of {source} has no rows; check the file or the split slice") from None
     except DatasetGenerationError as exc:  # a file its builder cannot parse
         raise ValueError(f"{key}: cannot read {source}: {exc.__cause__ or exc}") from None
     except ValueError as exc:

@@ -17,7 +17,10 @@ from typing import Any
 import torch
 
 from nemo_pp.assets import looks_like_local_path, missing_asset_message, squad_dir
+from nemo_pp.datasets.llm.loading import load_split
 from nemo_pp.datasets.llm.sft import IGNORE_INDEX, prompt_answer_example  # noqa: F401  (IGNORE_INDEX: re-exported)
+
+_KEY = "dataset.path_or_dataset"
 
 
 def load_squad_rows(path_or_dataset: str, split: str):
@@ -31,6 +34,7 @@ def load_squad_rows(path_or_dataset: str, split: str):
 
     Raises:
         FileNotFoundError: a local-looking path that does not exist.
+        ValueError: a local split with no rows or a file ``datasets`` cannot parse.
     """
     import datasets
 
@@ -39,8 +43,8 @@ def load_squad_rows(path_or_dataset: str, split: str):
         if not path.exists():
             raise FileNotFoundError(missing_asset_message(path_or_dataset, "dataset path_or_dataset"))
         if path.is_file():
-            return datasets.load_dataset("json", data_files={split: str(path)}, split=split)
-        return datasets.load_dataset(str(path), split=split)
+            return load_split(lambda s: datasets.load_dataset("json", data_files={s: str(path)}, split=s), split, _KEY, path)
+        return load_split(lambda s: datasets.load_dataset(str(path), split=s), split, _KEY, path)
     try:
         return datasets.load_dataset(path_or_dataset, split=split)
     except OSError as e:  # ConnectionError, hub's not-found errors
