@@ -207,6 +207,31 @@ def assert_weights_match(ap, ref) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# parallel layouts of the parity tests (TP, HSDP, CP)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A mesh, a tiny model and a schedule: ``world`` ranks as pp x dp_replicate x dp_shard x cp x tp
+    (dp_shard is what is left); ``schedule`` None: 1F1B under a pipeline, else GPipe."""
+
+    world: int
+    pp: int
+    arch: str
+    tied: bool
+    cp: int = 1
+    tp: int = 1
+    dp_replicate: int = 1
+    schedule: str | None = None
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+
+    @property
+    def pp_schedule(self) -> str:
+        return self.schedule or ("1f1b" if self.pp > 1 else "gpipe")
+
+
+# ---------------------------------------------------------------------------------------------
 # the decoder families (tiny random configs)
 
 FAMILY_COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,

@@ -83,7 +83,9 @@ def outer_modules(model: nn.Module) -> tuple[list[str], list[str], list[str]]:
                 before = False
                 continue
             fqn = prefix + name
-            if next(child.parameters(), None) is None and not (not before and name in FINAL_NORM_NAMES):
+            weightless = next(child.parameters(), None) is None
+            final_norm = not before and name in FINAL_NORM_NAMES
+            if weightless and not final_norm:
                 everywhere.append(fqn)
             elif before:
                 first.append(fqn)

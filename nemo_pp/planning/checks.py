@@ -268,7 +268,8 @@ def checkpoint_bytes(model, optimizer_states: int = 2, pp: int = 1) -> int:
 
 def check_free_space(cfg, model, pp: int = 1) -> int:
     """Refuse a run whose ``checkpoint.checkpoint_dir`` disk cannot hold one checkpoint
-    (when checkpointing) and the end-of-run export (when exporting); returns the bytes needed.
+    (when checkpointing) and the end-of-run export of the whole model (a LoRA run's only with
+    ``save_merged_model``: its adapter folder is small); returns the bytes needed.
 
     The nearest existing folder of ``checkpoint_dir`` is measured (``shutil.disk_usage``).
 
@@ -280,7 +281,7 @@ def check_free_space(cfg, model, pp: int = 1) -> int:
 
     ck = cfg.checkpoint
     need = checkpoint_bytes(model, pp=pp) if ck.enabled else 0
-    if ck.save_consolidated in ("final", "every") and cfg.get("peft") is None:
+    if ck.save_consolidated in ("final", "every") and (cfg.get("peft") is None or ck.save_merged_model):
         need += sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     if not ck.check_free_space or need == 0:
         return need

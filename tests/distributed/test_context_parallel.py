@@ -7,7 +7,6 @@ the stages' static shapes are re-sized to the new local length mid-step."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from tests.helpers import (
     FAMILIES,
     LR,
     MAX_NORM,
+    Layout,
     assert_grads_match,
     assert_weights_match,
     family_model,
@@ -30,22 +30,6 @@ from tests.helpers import (
     training_batches,
 )
 from tests.tiny_models import tiny_model
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A mesh, a tiny model and a schedule: ``world`` ranks as pp x dp_replicate x dp_shard x cp x tp."""
-
-    world: int
-    pp: int
-    cp: int
-    arch: str
-    tied: bool
-    schedule: str
-    dp_replicate: int = 1
-    tp: int = 1
-    sequence_parallel: bool = False
-    activation_checkpointing: bool = False
 
 
 def _run(rank, world, layout: Layout, attention="allgather", device="cpu"):
@@ -76,7 +60,7 @@ def _run(rank, world, layout: Layout, attention="allgather", device="cpu"):
     # TP at tp > 1, the CP attention, FSDP2 over dp_shard x cp (HSDP: dp_replicate too)
     parallelize = parallelize_chain(mesh, sequence_parallel=sp, cp=cp,
                                     activation_checkpointing=layout.activation_checkpointing)
-    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=layout.schedule, pp_batch_size=4,
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=layout.pp_schedule, pp_batch_size=4,
                       device=device, sequence_shards=tp if sp else 1).build(model, loss_fn=sum_ce, parallelize_fn=parallelize)
     # the CP attention really runs (and only on the stages' configs, not the unsplit model's)
     assert all(part.config._attn_implementation == f"nemo_pp_cp_{attention}" for part in ap.parts)

@@ -4,7 +4,6 @@ steps and the consolidated export equal the unsplit model trained on the same gl
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from tests.distributed.launcher import run_ranks
 from tests.helpers import (
     LR,
     MAX_NORM,
+    Layout,
     assert_grads_match,
     assert_weights_match,
     optimizer_step_keeps_tie,
@@ -22,18 +22,6 @@ from tests.helpers import (
     training_batches,
 )
 from tests.tiny_models import tiny_model
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A mesh and a tiny model: ``world`` ranks as pp x dp_replicate x dp_shard x tp."""
-
-    world: int
-    pp: int
-    tp: int
-    dp_replicate: int
-    arch: str
-    tied: bool
 
 
 def _run(rank, world, layout: Layout, export_dir, sp=False):
@@ -52,7 +40,7 @@ def _run(rank, world, layout: Layout, export_dir, sp=False):
     steps = training_batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
     expected = reference_training(ref, steps)
 
-    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="1f1b" if pp > 1 else "gpipe", pp_batch_size=4,
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=layout.pp_schedule, pp_batch_size=4,
                       device=torch.device("cpu"), sequence_shards=tp if sp else 1).build(
         model, loss_fn=sum_ce, parallelize_fn=parallelize_chain(mesh, sequence_parallel=sp))  # TP at tp > 1, FSDP2 at dp > 1
     if tp > 1:  # really sharded: some parameter is a DTensor over the tp axis
