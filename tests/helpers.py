@@ -340,3 +340,50 @@ def load_custom_model_example():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# mixtures of experts: the unsplit model's loss with the router's load-balancing loss
+
+
+def moe_family_model(model_type: str, coef: float = 1.0, **overrides) -> torch.nn.Module:
+    """A matrix MoE family with ``output_router_logits`` on and a large ``router_aux_loss_coef``
+    (the auxiliary gradient must stand far above the tolerance for a dropped loss to fail)."""
+    return family_model(model_type, output_router_logits=True, router_aux_loss_coef=coef, **overrides)
+
+
+def reference_moe_training(model, steps, microbatch_size: int, lr: float = LR) -> list[dict]:
+    """The unsplit model trained with AdamW on each step's global batch, with the per-layer,
+    per-microbatch load-balancing loss of :mod:`nemo_pp.models.moe` computed from Hugging Face's
+    own ``router_logits`` by the family's ``load_balancing_loss_func``: per step the token-mean
+    ``loss``, the mean ``aux``, the ``norm`` before clipping, the clipped ``grads`` and the
+    ``tokens`` per expert ``[MoE layers, E]``."""
+    import importlib
+
+    lb = importlib.import_module(type(model).__module__).load_balancing_loss_func
+    num_e, top_k, coef = model.num_experts, model.num_experts_per_tok, model.router_aux_loss_coef
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
+    out = []
+    for per_dp in steps:
+        flat = [b for group in per_dp for b in group]
+        tokens = sum(int((b["labels"] != -100).sum()) for b in flat)
+        chunks = [(b["input_ids"][i:i + microbatch_size], b["labels"][i:i + microbatch_size])
+                  for b in flat for i in range(0, b["input_ids"].shape[0], microbatch_size)]
+        loss, aux_total, counts = 0.0, 0.0, None
+        for ids, labels in chunks:
+            res = model(input_ids=ids, output_router_logits=True)
+            layer_aux = [lb((logits,), num_e, top_k) for logits in res.router_logits]
+            aux = torch.stack(layer_aux).mean()
+            ce = sum_ce(res.logits, labels)
+            (ce / tokens + coef * aux / len(chunks)).backward()
+            loss += float(ce.detach())
+            aux_total += float(aux.detach())
+            chosen = torch.stack([torch.bincount(torch.topk(l.detach(), top_k, dim=-1).indices.flatten(), minlength=num_e)
+                                  for l in res.router_logits]).double()
+            counts = chosen if counts is None else counts + chosen
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
+        out.append({"loss": loss / tokens, "aux": aux_total / len(chunks), "norm": norm, "grads": grads, "tokens": counts})
+        opt.step()
+        opt.zero_grad()
+    return out

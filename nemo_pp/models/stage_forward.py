@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from nemo_pp.models.module_tree import FINAL_NORM_NAMES, iter_decoder_layers, text_config
+from nemo_pp.models.moe import check_router_aux_loss
 
 logger = logging.getLogger(__name__)
 
@@ -315,8 +316,8 @@ def validate_hf_model_for_pipeline_support(
     decoder layers at ``model.layers`` (Llama-style) while a patch flag is on; with
     more than one stage, an unpatched HF decoder (``patch_inner_model: false``), whose own
     forward cannot run a pruned stage (it slices ``self.layers``); and an MoE model whose
-    config asks for the router's load-balancing loss (``output_router_logits``), which the
-    stages do not carry. Family-specific steps read from config fields (embedding
+    config asks for the router's load-balancing loss (``output_router_logits``) where the
+    family has no recorded router or no loss (:func:`nemo_pp.models.moe.check_router_aux_loss`). Family-specific steps read from config fields (embedding
     multiplier, logit scaling and soft-capping, sliding windows, per-type rotary) are
     applied; the families proven are listed in ``tests/distributed/test_family_matrix.py``.
     """
@@ -340,12 +341,5 @@ def validate_hf_model_for_pipeline_support(
             f"distributed.pipeline.patch_inner_model: false keeps {type(inner).__name__}'s own forward, which cannot "
             f"run a stage of a {num_stages}-stage split (it slices self.layers); set it to true"
         )
-    text = text_config(config)
-    if getattr(text, "output_router_logits", False):
-        # HF adds router_aux_loss_coef * load-balancing loss to its training loss; the stages
-        # pass hidden states only, so that term would silently go missing
-        raise ValueError(
-            f"model type '{getattr(text, 'model_type', type(model).__name__)}' has output_router_logits: true, whose "
-            "load-balancing loss the pipeline stages do not carry; load the model with output_router_logits=False "
-            "(model.output_router_logits: false in the YAML)"
-        )
+    if getattr(text_config(config), "output_router_logits", False):
+        check_router_aux_loss(model)

@@ -113,7 +113,10 @@ class TrainEngine:
         """One optimizer step over ``batches`` (gradient accumulation); returns metrics.
 
         Returns:
-            ``{"loss": token-mean loss, "grad_norm": global norm before clipping,
+            ``{"loss": token-mean LM loss, "aux_loss": mean router load-balancing loss (unscaled; None
+            without ``output_router_logits``, see :mod:`nemo_pp.models.moe`), "expert_tokens": None for a
+            dense model, else ``[MoE layers, E]`` float64 top-k assignments of the step over all ranks,
+            "grad_norm": global norm before clipping,
             "num_label_tokens": int, "tokens": int input tokens (padding included) over all dp ranks,
             "nonpad_tokens": the same without padding (the batches' ``num_tokens``), "step_time_s": seconds,
             "skipped": True when the loss or the norm was not finite and the optimizer did not step,
@@ -129,6 +132,10 @@ class TrainEngine:
             [float(sum(f(b) for b in batches)) for f in (_label_tokens, _input_tokens, _nonpad_tokens)],
             device=self.device), self.dp_group)
         tokens = counts[0]
+        router = self.ap.router_loss
+        microbatches = self._microbatches(batches)
+        if router is not None:
+            router.begin_step(float(tokens.clamp(min=1)), microbatches)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             # FSDP reduce-scatters once per optimizer step (after the last batch) when deferring
@@ -141,7 +148,9 @@ class TrainEngine:
         grad_norm = float(norm)
         local_loss = loss_sum.clone()
         loss = self._global_loss(loss_sum, tokens)  # before the optimizer: the guard reads it
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        aux_loss, expert_tokens = (None, None) if router is None else router.stats(
+            microbatches, (self.dp_group, self.pp_group))
+        finite = math.isfinite(loss) and math.isfinite(grad_norm) and (aux_loss is None or math.isfinite(aux_loss))
         nonfinite = None if finite else self._nonfinite_stages(local_loss)
         if finite:
             clip_grads_with_norm((p for part in self.parts for p in part.parameters()), self.max_grad_norm, norm)
@@ -154,6 +163,8 @@ class TrainEngine:
                 sched.step()
         return {
             "loss": loss,
+            "aux_loss": aux_loss,
+            "expert_tokens": expert_tokens,
             "grad_norm": grad_norm,
             "skipped": not finite,
             "nonfinite": nonfinite,
@@ -162,6 +173,13 @@ class TrainEngine:
             "nonpad_tokens": int(counts[2]),
             "step_time_s": time.perf_counter() - start,
         }
+
+    def _microbatches(self, batches: Sequence[dict]) -> int:
+        """The step's microbatches over all data-parallel ranks (what the auxiliary loss averages over)."""
+        mb = self.ap.plan.microbatch_size
+        local = sum(-(-b["input_ids"].shape[0] // mb) for b in batches)
+        dp = dist.get_world_size(self.dp_group) if self.dp_group is not None else 1
+        return local * dp
 
     def _nonfinite_stages(self, local_loss: torch.Tensor) -> dict:
         """Which stages held a non-finite loss or gradient: one MAX all-reduce over all

@@ -15,6 +15,7 @@ from nemo_pp.distributed.pipelining.functional import ParallelizeFnProtocol, res
 from nemo_pp.distributed.pipelining.tied import TiedEmbeddingSync
 from nemo_pp.models.auto_model import resolve_dtype
 from nemo_pp.models.module_tree import is_tied, stage_parameters, tied_param_fqns
+from nemo_pp.models.moe import RouterLoss, moe_layer_indices, router_spec
 from nemo_pp.models.stage_forward import validate_hf_model_for_pipeline_support
 from nemo_pp.planning.checks import check_grad_sync_options
 from nemo_pp.planning.pipeline import PipelinePlan, StageSpec, make_pipeline_plan
@@ -299,6 +300,7 @@ class AutoPipeline:
         self._model_config = None
         self._seq_len: Optional[int] = None
         self._tied: Optional[TiedEmbeddingSync] = None
+        self._router_loss: Optional[RouterLoss] = None
 
     def _materialise(self, model: nn.Module, plan: PipelinePlan, loss_fn, parallelize_fn, weights) -> "AutoPipeline":
         """Stages, parallelize_fn, schedule and tied-embedding sync of ``plan`` on this rank."""
@@ -313,6 +315,12 @@ class AutoPipeline:
         self._plan = plan
         self._seq_len = plan.stage.seq_len if self._model_config is not None else None
         self._info = PipelineInfo(True, schedule, has_first, has_last, parts, stages)
+        spec = router_spec(model)
+        if spec is not None:
+            # the whole model's MoE layers: a stage's share of the loss is averaged over all of them
+            self._router_loss = RouterLoss(spec, moe_layer_indices(model, spec), aux_loss=spec.output_router_logits)
+            for part in parts:
+                self._router_loss.attach(part, self.device)
         if tied:
             pp_dim = list(self.world_mesh.mesh_dim_names).index(self.pp_axis_name) if self.world_mesh.ndim > 1 else 0
             self._tied = TiedEmbeddingSync(
@@ -348,6 +356,12 @@ class AutoPipeline:
     def pp_group(self):
         """The process group of this rank's pp axis."""
         return self._pp_mesh.get_group()
+
+    @property
+    def router_loss(self) -> Optional[RouterLoss]:
+        """The routers' load-balancing loss and expert load of this rank's stages
+        (:class:`nemo_pp.models.moe.RouterLoss`); None for a dense model."""
+        return self._router_loss
 
     @property
     def tied_embeddings(self) -> Optional[TiedEmbeddingSync]:

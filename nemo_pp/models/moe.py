@@ -1,0 +1,297 @@
+"""Mixture-of-experts routers: where a Hugging Face family's router is, its load-balancing
+loss inside each pipeline stage, and the tokens each expert received.
+
+**Where the router is.** transformers records a family's router logits with an
+``OutputRecorder`` in ``_can_record_outputs["router_logits"]`` (the router's module class and
+which output holds the logits), and ships the family's ``load_balancing_loss_func`` in its
+modeling module. nemo_pp reads both, so every family transformers ships that way is found
+the same way, with no table of our own.
+
+**The loss, per layer.** Hugging Face's causal-LM forward pools the router logits of *all*
+layers before it forms the Switch Transformer product ``E * sum_i f_i * P_i``
+(``load_balancing_loss_func`` over the tuple of every layer's logits). That pooled product
+couples layers held by different stages, so no stage could compute its share, and it cannot
+see layers that collapse onto *different* experts (their pooled load looks balanced).
+nemo_pp uses the loss as the Switch Transformer defines it, one per router layer (Fedus et
+al., 2021, eq. 4-6; Megatron-LM's ``switch_load_balancing_loss_func`` is the same), computed
+by the family's own ``load_balancing_loss_func`` on that one layer's logits, and averages it
+over the model's MoE layers. The scale is Hugging Face's (``top_k`` at perfect balance), so a
+family's ``router_aux_loss_coef`` means what it meant; with one MoE layer both are equal.
+
+**The reference a run reproduces.** The loss is nonlinear in its batch, so it is defined per
+microbatch, as Hugging Face's forward of that microbatch (no attention mask: every position
+counts, padding too) computes it, and averaged over every microbatch of the optimizer step
+(microbatches, gradient-accumulation batches and data-parallel ranks), as Megatron-LM does.
+The step's objective is ``token-mean LM loss + router_aux_loss_coef * mean aux loss``.
+
+**Inside the stage.** Each stage adds its own layers' loss to its own backward with the
+technique of Megatron-LM's ``MoEAuxLossAutoScaler``: an identity on the decoder layer's
+output whose backward also seeds the auxiliary loss's gradient, so nothing extra crosses a
+stage boundary and every schedule's backward (1F1B, interleaved, zero-bubble) carries it.
+The router's forward hook only keeps the logits; the loss is formed in the decoder layer's
+forward hook, outside ``torch.utils.checkpoint``, so activation checkpointing recomputes the
+layer exactly as it ran.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from nemo_pp.models.module_tree import find_layer_stack, iter_decoder_layers, text_config
+
+__all__ = ["RouterLoss", "RouterSpec", "check_router_aux_loss", "moe_layer_indices", "router_spec"]
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """A family's router, as transformers records it.
+
+    Attributes:
+        model_type: the config's ``model_type``.
+        router_class: the router's module class (``MixtralTopKRouter``).
+        logits_index: which element of the router's output is ``router_logits: [tokens, E]``.
+        num_experts / top_k: ``E`` and the experts each token is routed to.
+        aux_loss_coef: the family's ``router_aux_loss_coef`` (DBRX: ``ffn_config.moe_loss_weight``).
+        load_balancing_loss: the family's ``load_balancing_loss_func`` (None: it has none,
+            e.g. DeepSeek-V3, which balances with a routing bias instead).
+        output_router_logits: the config asks for the load-balancing loss.
+    """
+
+    model_type: str
+    router_class: type
+    logits_index: int
+    num_experts: int
+    top_k: int
+    aux_loss_coef: float
+    load_balancing_loss: Callable | None
+    output_router_logits: bool
+
+
+def router_spec(model: nn.Module) -> RouterSpec | None:
+    """The model's :class:`RouterSpec`, or None for a dense model (no recorded router logits).
+
+    Args:
+        model: a Hugging Face causal LM, or a pipeline stage copied from one.
+    """
+    recorders = getattr(type(model), "_can_record_outputs", None) or {}
+    recorder = recorders.get("router_logits")
+    router_class = getattr(recorder, "target_class", None)
+    if router_class is None:
+        return None
+    config = text_config(model.config)
+    module = importlib.import_module(type(model).__module__)
+    # the causal-LM wrapper keeps the numbers its own aux-loss call uses (DBRX's live in ffn_config)
+    num_experts = getattr(model, "num_experts", None) or _config_int(config, "num_local_experts", "num_experts",
+                                                                     "n_routed_experts")
+    top_k = getattr(model, "num_experts_per_tok", None) or _config_int(config, "num_experts_per_tok", "moe_top_k")
+    coef = getattr(model, "router_aux_loss_coef", None)
+    if coef is None:
+        coef = getattr(config, "router_aux_loss_coef", 0.0)
+    return RouterSpec(
+        model_type=getattr(config, "model_type", type(model).__name__),
+        router_class=router_class,
+        logits_index=int(getattr(recorder, "index", 0) or 0),
+        num_experts=int(num_experts),
+        top_k=int(top_k),
+        aux_loss_coef=float(coef),
+        load_balancing_loss=getattr(module, "load_balancing_loss_func", None),
+        output_router_logits=bool(getattr(config, "output_router_logits", False)),
+    )
+
+
+def check_router_aux_loss(model: nn.Module) -> RouterSpec:
+    """Refuse ``output_router_logits: true`` where the stages cannot add the loss.
+
+    Returns:
+        the model's :class:`RouterSpec`.
+
+    Raises:
+        ValueError: the family records no router logits (a dense model, or a custom MoE),
+            or ships no ``load_balancing_loss_func`` (DeepSeek-V3, GLM-4-MoE balance their
+            experts with a routing bias instead); names ``model.output_router_logits``.
+    """
+    spec = router_spec(model)
+    kind = getattr(text_config(model.config), "model_type", type(model).__name__)
+    if spec is None:
+        raise ValueError(
+            f"model.output_router_logits: true, but model type '{kind}' records no router logits (transformers' "
+            "_can_record_outputs has no 'router_logits'), so no stage can form the load-balancing loss; "
+            "set model.output_router_logits: false")
+    if spec.load_balancing_loss is None:
+        raise ValueError(
+            f"model.output_router_logits: true, but model type '{kind}' ships no load_balancing_loss_func (its "
+            "Hugging Face forward adds no auxiliary loss either); set model.output_router_logits: false")
+    if spec.top_k > spec.num_experts or spec.num_experts < 1:
+        raise ValueError(f"model type '{kind}': num_experts_per_tok={spec.top_k} exceeds the {spec.num_experts} experts")
+    return spec
+
+
+def _config_int(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def moe_layer_indices(model: nn.Module, spec: RouterSpec) -> list[int]:
+    """Original indices of the decoder layers that hold a router (a dense-then-sparse stack
+    such as DeepSeek-V3's, or Qwen2-MoE's ``mlp_only_layers``, has fewer than all)."""
+    _, stack = find_layer_stack(model)
+    return [i for i, layer in iter_decoder_layers(stack) if _routers(layer, spec)]
+
+
+def _routers(layer: nn.Module, spec: RouterSpec) -> list[nn.Module]:
+    return [m for m in layer.modules() if isinstance(m, spec.router_class)]
+
+
+class _AuxLossAutoScaler(torch.autograd.Function):
+    """Identity on ``hidden``; its backward also returns ``aux``'s gradient, ``RouterLoss.grad_scale``
+    (Megatron-LM's ``MoEAuxLossAutoScaler``), so the loss needs no path to the stage's output."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, aux: torch.Tensor, owner: "RouterLoss") -> torch.Tensor:
+        ctx.owner = owner
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        # a new tensor, not ``hidden`` itself (which autograd would make a view of the input):
+        # zero-bubble schedules detach stage outputs in place, which a view refuses
+        return hidden.clone()
+
+    @staticmethod
+    def backward(ctx, grad_hidden: torch.Tensor):
+        shape, dtype, device = ctx.aux_meta
+        return grad_hidden, torch.full(shape, ctx.owner.grad_scale, dtype=dtype, device=device), None
+
+
+class RouterLoss:
+    """The load-balancing loss and the expert load of one rank's stages.
+
+    Args:
+        spec: the family's router (:func:`router_spec`).
+        moe_layers: original indices of every MoE layer of the whole model
+            (:func:`moe_layer_indices` on the unsplit, possibly meta, model).
+        aux_loss: add the loss to the backward (the config's ``output_router_logits``);
+            False only counts the tokens per expert.
+
+    Attributes:
+        grad_scale: the gradient each layer's loss seeds in backward; the engine sets it per
+            step (:meth:`begin_step`).
+        aux_sum: ``[]`` float32, the sum of this rank's per-layer, per-microbatch losses
+            since :meth:`begin_step` (detached).
+        tokens_per_expert: ``[len(moe_layers), E]`` float64, top-k assignments counted on this
+            rank since :meth:`begin_step`, a row per MoE layer (zeros for layers elsewhere).
+    """
+
+    def __init__(self, spec: RouterSpec, moe_layers: list[int], aux_loss: bool):
+        if aux_loss and spec.load_balancing_loss is None:
+            raise ValueError(f"model type '{spec.model_type}' ships no load_balancing_loss_func")
+        self.spec = spec
+        self.moe_layers = list(moe_layers)
+        self.aux_loss = aux_loss
+        self._slot = {layer: i for i, layer in enumerate(self.moe_layers)}
+        self.grad_scale = 0.0
+        self.aux_sum = torch.zeros(())
+        self.tokens_per_expert = torch.zeros(len(self.moe_layers), spec.num_experts, dtype=torch.float64)
+        self._logits: dict[int, torch.Tensor | None] = {}
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, part: nn.Module, device: torch.device) -> int:
+        """Hook the MoE layers of one stage; returns how many it holds.
+
+        The decoder layer's forward pre-hook arms the capture (training forwards only:
+        validation runs under ``no_grad``), the router's forward hook keeps its logits and
+        the layer's forward hook forms the loss and attaches it to the layer's output.
+        Activation checkpointing recomputes ``layer.forward`` only, never these hooks.
+        """
+        self.aux_sum = self.aux_sum.to(device)
+        self.tokens_per_expert = self.tokens_per_expert.to(device)
+        try:
+            _, stack = find_layer_stack(part)
+        except ValueError:
+            return 0
+        held = 0
+        for index, layer in iter_decoder_layers(stack):
+            routers = _routers(layer, self.spec)
+            if not routers:
+                continue
+            if index not in self._slot:
+                raise ValueError(f"decoder layer {index} holds a router but the model's MoE layers are {self.moe_layers}")
+            for router in routers:
+                router.register_forward_hook(self._router_hook(index))
+            layer.register_forward_pre_hook(self._arm(index))
+            layer.register_forward_hook(self._layer_hook(index))
+            held += 1
+        return held
+
+    def _arm(self, index: int):
+        def hook(module, args):
+            if torch.is_grad_enabled() and module.training:
+                self._logits[index] = None
+        return hook
+
+    def _router_hook(self, index: int):
+        def hook(module, args, output):
+            if index in self._logits:
+                logits = output[self.spec.logits_index] if isinstance(output, (tuple, list)) else output
+                self._logits[index] = logits
+        return hook
+
+    def _layer_hook(self, index: int):
+        def hook(module, args, output):
+            logits = self._logits.pop(index, None)
+            if logits is None:
+                return output
+            flat = logits.reshape(-1, self.spec.num_experts)
+            with torch.no_grad():
+                chosen = torch.topk(flat, self.spec.top_k, dim=-1).indices.reshape(-1)
+                self.tokens_per_expert[self._slot[index]] += torch.bincount(
+                    chosen, minlength=self.spec.num_experts).to(self.tokens_per_expert.dtype)
+            if not self.aux_loss:
+                return output
+            aux = self.spec.load_balancing_loss((flat,), self.spec.num_experts, self.spec.top_k).float()
+            self.aux_sum += aux.detach()
+            if isinstance(output, tuple):
+                return (_AuxLossAutoScaler.apply(output[0], aux, self), *output[1:])
+            return _AuxLossAutoScaler.apply(output, aux, self)
+        return hook
+
+    # ------------------------------------------------------------------- steps
+    def begin_step(self, label_tokens: float, microbatches: int) -> None:
+        """Set the backward seed for one optimizer step and clear its sums.
+
+        The engine divides every gradient by the step's ``label_tokens`` after backward
+        (the LM loss is summed), so each layer's loss seeds
+        ``coef * label_tokens / (num MoE layers * microbatches)``: after the division the
+        step's gradient is that of ``coef * mean over layers and microbatches``.
+
+        Args:
+            label_tokens: the step's label tokens over all data-parallel ranks.
+            microbatches: the step's microbatches over all data-parallel ranks.
+        """
+        self.grad_scale = self.spec.aux_loss_coef * label_tokens / (len(self.moe_layers) * microbatches)
+        self.aux_sum.zero_()
+        self.tokens_per_expert.zero_()
+        self._logits.clear()
+
+    def stats(self, microbatches: int, groups) -> tuple[float | None, torch.Tensor]:
+        """The step's mean auxiliary loss and tokens per expert over every rank.
+
+        Args:
+            microbatches: as in :meth:`begin_step`.
+            groups: process groups to sum over (data-parallel, then pipeline), None skipped.
+
+        Returns:
+            ``(aux_loss, tokens_per_expert)``: the unscaled mean per-layer load-balancing loss
+            (None without ``aux_loss``) and ``[num MoE layers, E]`` float64 counts.
+        """
+        packed = torch.cat([self.aux_sum.reshape(1).double(), self.tokens_per_expert.flatten()])
+        for group in groups:
+            if group is not None and torch.distributed.get_world_size(group) > 1:
+                torch.distributed.all_reduce(packed, group=group)
+        aux = float(packed[0]) / (len(self.moe_layers) * microbatches) if self.aux_loss else None
+        return aux, packed[1:].reshape(self.tokens_per_expert.shape).cpu()

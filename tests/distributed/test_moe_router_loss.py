@@ -1,0 +1,93 @@
+"""The router's load-balancing loss inside each pipeline stage (nemo_pp.models.moe): through
+the recipe's TrainEngine the LM loss, the auxiliary loss, the tokens each expert received,
+the grad norm and the weights after AdamW steps equal the unsplit Hugging Face model trained
+on the same global batches, whose loss is formed from its own ``router_logits`` by the
+family's own ``load_balancing_loss_func`` (per layer, per microbatch; see the module's doc).
+
+The coefficient is 1.0 so the auxiliary gradient stands far above the tolerance: leaving the
+loss out of any stage's backward (a middle stage at pp 4, a virtual stage under interleaving,
+the weight pass of a zero-bubble schedule) fails these tests.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.distributed.launcher import run_ranks
+from tests.helpers import MAX_NORM, moe_family_model, reference_moe_training, sum_ce, training_batches
+
+
+
+def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activation_checkpointing=False, drop_stage=None):
+    from nemo_pp.distributed.mesh import build_device_mesh
+    from nemo_pp.distributed.parallelize import parallelize_chain
+    from nemo_pp.distributed.pipelining import AutoPipeline
+    from nemo_pp.planning.dims import resolve_parallel_sizes
+    from nemo_pp.planning.schedules import SPLIT_BACKWARD_SCHEDULES, canonical_schedule_name
+    from nemo_pp.training.engine import TrainEngine
+    from tests.helpers import LR
+
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp))
+    dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
+    ref = moe_family_model(model_type)
+    model = copy.deepcopy(ref)
+    steps = training_batches(2, 2, dp, 4, (16, 8), ref.config.vocab_size)
+    expected = reference_moe_training(ref, steps, microbatch)
+
+    split = canonical_schedule_name(schedule) in SPLIT_BACKWARD_SCHEDULES
+    chain = parallelize_chain(mesh, activation_checkpointing=activation_checkpointing, reshard_after_forward=not split) \
+        if fsdp or activation_checkpointing else None
+    ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4, pp_microbatch_size=microbatch,
+                      split="uniform", device=torch.device("cpu")).build(model, loss_fn=sum_ce, parallelize_fn=chain)
+    assert ap.router_loss is not None and ap.router_loss.aux_loss
+    if drop_stage is not None:  # break it on purpose: the test must see the missing term
+        for stage, part in zip(ap.info.stages, ap.parts):
+            if stage.stage_index == drop_stage:
+                for layer in part.model.layers.values():
+                    layer._forward_hooks.clear()
+    opts = [torch.optim.AdamW(p.parameters(), lr=LR, weight_decay=0.1) for p in ap.parts]
+    engine = TrainEngine(ap, torch.device("cpu"), dp_group=mesh.dp.get_group() if dp > 1 else None, max_grad_norm=MAX_NORM)
+    for step, per_dp in enumerate(steps):
+        out = engine.train_step(per_dp[dp_rank], opts, [])
+        want = expected[step]
+        assert abs(out["loss"] - want["loss"]) < 1e-5 * max(1.0, want["loss"]), (step, out["loss"], want["loss"])
+        assert abs(out["aux_loss"] - want["aux"]) < 1e-5, (step, out["aux_loss"], want["aux"])
+        torch.testing.assert_close(out["expert_tokens"], want["tokens"], atol=0, rtol=0)  # routing identical
+        assert abs(out["grad_norm"] - want["norm"]) < 1e-5 * max(1.0, want["norm"]), (step, out["grad_norm"], want["norm"])
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    for part in ap.parts:
+        for name, p in part.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            torch.testing.assert_close(full.detach(), ref_params[name].detach(), atol=2e-5, rtol=1e-4,
+                                       msg=lambda m: f"{name}: {m}")
+    return True
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_pp2_router_loss_matches_reference(model_type):
+    run_ranks(_run, 2, model_type, 2, "1f1b", timeout=180)
+
+
+@pytest.mark.parametrize("schedule", ["interleaved_1f1b", "zbv"])
+def test_virtual_and_split_backward_stages_carry_the_router_loss(schedule):
+    """Two stages per rank; zbv also splits backward into input and weight passes."""
+    run_ranks(_run, 2, "mixtral", 2, schedule, timeout=180)
+
+
+def test_pp4_middle_stages_carry_the_router_loss():
+    run_ranks(_run, 4, "qwen3_moe", 4, "1f1b", 1, timeout=180)
+
+
+def test_pp2_x_fsdp2_with_activation_checkpointing_matches_reference():
+    """FSDP2 over 2 data-parallel ranks (the loss averages over their microbatches too) with
+    the layers recomputed in backward: the capture hooks run once per real forward."""
+    run_ranks(_run, 4, "mixtral", 2, "1f1b", 2, True, True, timeout=240)
+
+
+def test_a_stage_without_its_router_loss_fails_the_comparison():
+    """The check above can fail: the middle stage 1 of 4 dropping its layers' loss is caught."""
+    with pytest.raises(Exception, match="aux|Tensor-likes are not close|grad_norm|router"):
+        run_ranks(_run, 4, "qwen3_moe", 4, "1f1b", 1, False, False, 1, timeout=180)
