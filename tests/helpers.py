@@ -264,7 +264,17 @@ FAMILIES = {
     "cohere2": {"sliding_window": 8, "logit_scale": 0.5, "layer_types": ["sliding_attention", "full_attention"] * 2},
     "olmo": {"clip_qkv": 8.0},  # its final LayerNorm has no weights: it must stay on the last stage
     "nemotron": {"partial_rotary_factor": 0.5},
+    # more mixtures of experts (their router loss: tests/distributed/test_moe_router_loss.py)
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 32, "decoder_sparse_step": 2},  # dense and sparse layers
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0, "logits_scaling": 4.0,
+                   "residual_multiplier": 0.5, "attention_multiplier": 0.2},
 }
+
+
+#: the families of the matrix with a router and a load-balancing loss (a test keeps this list honest)
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe")
 
 
 def family_model(model_type: str, **overrides) -> torch.nn.Module:

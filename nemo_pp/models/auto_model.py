@@ -73,8 +73,12 @@ class NeMoAutoModelForCausalLM:
             hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
             for k in _LOAD_ONLY_KWARGS:  # they steer a weight load, which does not happen here
                 kwargs.pop(k, None)
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
-            model = empty_model(config, resolved, **kwargs)  # positional model_args only matter to a load
+            attn = kwargs.pop("attn_implementation")
+            # as from_pretrained does: kwargs naming config fields (output_router_logits,
+            # router_aux_loss_coef, ...) update the config; the rest go to the model's constructor
+            config, kwargs = AutoConfig.from_pretrained(pretrained_model_name_or_path, return_unused_kwargs=True,
+                                                        **hub, **kwargs)
+            model = empty_model(config, resolved, attn_implementation=attn, **kwargs)  # positional model_args only matter to a load
             model.name_or_path = str(pretrained_model_name_or_path)
             return model
         return AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, dtype=resolved, **kwargs)

@@ -73,7 +73,8 @@ class RouterSpec:
 
 
 def router_spec(model: nn.Module) -> RouterSpec | None:
-    """The model's :class:`RouterSpec`, or None for a dense model (no recorded router logits).
+    """The model's :class:`RouterSpec`, or None for a dense model (no recorded router logits,
+    or no readable expert count and top-k).
 
     Args:
         model: a Hugging Face causal LM, or a pipeline stage copied from one.
@@ -89,6 +90,8 @@ def router_spec(model: nn.Module) -> RouterSpec | None:
     num_experts = getattr(model, "num_experts", None) or _config_int(config, "num_local_experts", "num_experts",
                                                                      "n_routed_experts")
     top_k = getattr(model, "num_experts_per_tok", None) or _config_int(config, "num_experts_per_tok", "moe_top_k")
+    if num_experts is None or top_k is None:
+        return None  # a router whose expert count nemo_pp cannot read: treated as dense (no loss, no counts)
     coef = getattr(model, "router_aux_loss_coef", None)
     if coef is None:
         coef = getattr(config, "router_aux_loss_coef", 0.0)

@@ -20,7 +20,7 @@ from nemo_pp._peft.lora import PeftConfig, apply_lora, matched_linear_modules
 from nemo_pp.checkpoint.checkpointer import check_checkpoint
 from nemo_pp.checkpoint.layout import CorruptCheckpointError, complete_checkpoints, resolve_restore_from
 from nemo_pp.config import instantiate
-from nemo_pp.models.module_tree import decoder_layers
+from nemo_pp.models.module_tree import decoder_layers, text_config
 
 CP_ATTENTIONS = ("auto", "ring", "allgather")
 
@@ -92,6 +92,23 @@ def check_context_parallel(cfg, sizes) -> tuple[str | None, int | None]:
             "distributed.cp_size: 1"
         )
     return attention, math.lcm(pad or 1, sizes.seq_len_divisor)
+
+
+def check_router_loss(model, sizes) -> None:
+    """Refuse the router's load-balancing loss where it would not be exact.
+
+    Under context parallelism a cp rank routes only its slice of each sequence, while the
+    loss is a product of per-microbatch means over the whole sequence (the tokens each expert
+    got, the mean router probability), so each rank's loss would be of another batch.
+
+    Raises:
+        ValueError: ``output_router_logits`` with ``distributed.cp_size`` > 1 (names both keys).
+    """
+    if sizes.cp > 1 and getattr(text_config(model.config), "output_router_logits", False):
+        raise ValueError(
+            f"model.output_router_logits: true with distributed.cp_size={sizes.cp} is not supported: the router's "
+            "load-balancing loss is a product of means over each whole microbatch, and a cp rank routes only its "
+            "slice of the sequence; set distributed.cp_size: 1 or model.output_router_logits: false")
 
 
 def check_ring_attention(text_cfg) -> None:

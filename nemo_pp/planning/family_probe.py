@@ -10,6 +10,10 @@ is probed before any weight is read: a tiny random copy of the model's own class
 config (4 layers, small widths) is split as a pipeline would split it, the stages are run
 one after another in this process, and their logits are compared with Hugging Face's
 forward of the unsplit copy, at 2 and 4 stages. Seconds on a CPU, no process group.
+
+For a mixture of experts the router logits the stages' hooks capture
+(:class:`nemo_pp.models.moe.RouterLoss`) are compared too, with the ``router_logits`` Hugging
+Face's forward records: the load-balancing loss is the family's own function of them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from nemo_pp.models.module_tree import copy_pruned, text_config
+from nemo_pp.models.moe import router_spec
 from nemo_pp.models.stage_forward import make_stage_emit_tensor, patch_hf_model_for_pp
 from nemo_pp.planning.pipeline import make_pipeline_plan
 
@@ -31,6 +36,7 @@ __all__ = ["PROVEN_MODEL_TYPES", "ProbeResult", "check_model_family", "probe_mod
 PROVEN_MODEL_TYPES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "cohere",
     "mixtral", "qwen3_moe", "phi", "starcoder2", "stablelm", "smollm3", "glm", "cohere2", "olmo", "nemotron",
+    "qwen2_moe", "olmoe", "granitemoe",
 })
 
 #: relative tolerance of the probe: max |logits - HF logits| / max(1, max |HF logits|), fp32
@@ -92,12 +98,25 @@ def _stage_logits(model: nn.Module, num_stages: int, ids: torch.Tensor) -> torch
     plan = make_pipeline_plan(model, pp_size=num_stages, pp_schedule="gpipe", pp_batch_size=ids.shape[0],
                               split="uniform")
     x = ids
+    spec = router_spec(model)
+    captured: list[torch.Tensor] = []
     for names in plan.module_fqns:
         part = copy_pruned(model, names)
         patch_hf_model_for_pp(part)
         make_stage_emit_tensor(part)
+        if spec is not None:
+            for module in part.modules():
+                if isinstance(module, spec.router_class):
+                    module.register_forward_hook(lambda m, a, out: captured.append(
+                        out[spec.logits_index] if isinstance(out, (tuple, list)) else out))
         x = part(x)
-    return x
+    return x, captured
+
+
+def _diff(got: torch.Tensor, expected: torch.Tensor) -> float:
+    if got.shape != expected.shape:
+        return float("inf")
+    return float((got - expected).abs().max()) / max(1.0, float(expected.abs().max()))
 
 
 def probe_model_family(model_class: type, config, stages=(2, 4), seed: int = 0) -> list[ProbeResult]:
@@ -116,11 +135,18 @@ def probe_model_family(model_class: type, config, stages=(2, 4), seed: int = 0) 
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)  # no zero-initialised pieces hiding a missing step
             ids = torch.randint(0, tiny.vocab_size, (2, 16))
-            expected = model(input_ids=ids).logits
+            moe = router_spec(model) is not None
+            out = model(input_ids=ids, output_router_logits=True) if moe else model(input_ids=ids)
+            expected = out.logits
+            expected_routers = [l.reshape(-1, l.shape[-1]) for l in (out.router_logits or ())] if moe else []
             results = []
             for n in stages:
-                got = _stage_logits(model, n, ids)
-                diff = float((got - expected).abs().max()) / max(1.0, float(expected.abs().max()))
+                got, routers = _stage_logits(model, n, ids)
+                diff = _diff(got, expected)
+                if len(routers) != len(expected_routers):
+                    diff = float("inf")  # a router the stages' hooks miss, or one too many
+                for mine, theirs in zip(routers, expected_routers):
+                    diff = max(diff, _diff(mine.reshape(theirs.shape) if mine.numel() == theirs.numel() else mine, theirs))
                 results.append(ProbeResult(tiny.model_type, n, diff))
     except Exception as exc:  # any family's own failure: reported, never a silent pass
         raise ValueError(

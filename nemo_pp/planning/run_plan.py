@@ -343,6 +343,7 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     if p.patch_inner_model or p.patch_causal_lm_model:  # the patched forwards: exact, or refused
         check_model_family(model)
     check_tensor_parallel(model, sizes.tp)
+    checks.check_router_loss(model, sizes)
     if cp_attention == "ring":
         checks.check_ring_attention(text_cfg)
     if d.activation_checkpointing:

@@ -238,9 +238,13 @@ class LoggingConfig:
 
     Attributes:
         log_every_steps: print a step's metrics line every N steps (every step goes to metrics.jsonl).
+        expert_load_every_steps: a mixture of experts writes the tokens each expert received,
+            per MoE layer and summed over the last N steps, with each layer's max/mean
+            imbalance, to the metric sinks every N steps (an ``expert_load`` record).
     """
 
     log_every_steps: int = setting(1, ge=1)
+    expert_load_every_steps: int = setting(10, ge=1)
 
 
 _CONSOLIDATED = {"final": "final", "every": "every", "True": "final", "true": "final", "False": "false", "false": "false"}

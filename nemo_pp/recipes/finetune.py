@@ -50,7 +50,7 @@ from nemo_pp.training.data import build_dataloader, build_dataset_main_first
 from nemo_pp.training.engine import TrainEngine
 from nemo_pp.training.loggers import build_metric_loggers
 from nemo_pp.training.lr_scheduler import build_lr_scheduler
-from nemo_pp.training.metrics import format_step, peak_memory_bytes
+from nemo_pp.training.metrics import expert_load_record, format_step, peak_memory_bytes
 from nemo_pp.training.preemption import PreemptionWatcher
 
 logger = logging.getLogger("nemo_pp.finetune")
@@ -71,6 +71,7 @@ class FinetuneRecipe:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self._expert_tokens = None  # tokens per expert since the last expert_load record
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "FinetuneRecipe":
@@ -308,15 +309,33 @@ class FinetuneRecipe:
             "peak_memory_bytes": peak_memory_bytes(self.dist.device),
             "skipped": out["skipped"],
         }
+        if out.get("aux_loss") is not None:
+            record["aux_loss"] = out["aux_loss"]
         if out["skipped"]:
             record["nonfinite"] = out["nonfinite"]
         self.metrics.log(record)
+        if out.get("expert_tokens") is not None:
+            self._log_expert_load(step, out["expert_tokens"])
         if self.is_main:
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % self.cfg.logging.log_every_steps == 0 or step == self.total_steps:
                 tqdm.write(format_step(record))
         return record
+
+    def _log_expert_load(self, step: int, tokens) -> None:
+        """Sum the step's tokens per expert; every ``logging.expert_load_every_steps`` (and at
+        the last step) write them with each layer's max/mean imbalance (1.0: balanced)."""
+        self._expert_tokens = tokens if self._expert_tokens is None else self._expert_tokens + tokens
+        every = self.cfg.logging.expert_load_every_steps
+        if step % every and step != self.total_steps:
+            return
+        record = expert_load_record(step, self.ap.router_loss.moe_layers, self._expert_tokens)
+        self._expert_tokens = None
+        self.metrics.log(record)
+        if self.is_main and (step % self.cfg.logging.log_every_steps == 0 or step == self.total_steps):
+            tqdm.write(f"expert load (max/mean tokens per expert, last {every} steps): worst layer "
+                       f"{record['max_imbalance']:.2f}, mean over layers {record['mean_imbalance']:.2f}")
 
     def _export_final(self) -> Path | None:
         """The end-of-run export (``checkpoint.save_consolidated``): the Hugging Face folder,

@@ -7,6 +7,10 @@ becomes scalars under ``train/``, ``validation/`` and ``checkpoint/`` at its ste
     train/loss, train/grad_norm, train/lr, train/tokens_per_s, train/step_time_s,
     train/peak_memory_gib, validation/loss, checkpoint/blocking_s
 
+and for a mixture of experts ``train/aux_loss`` (the router's load-balancing loss) and, from
+each ``expert_load`` record, ``experts/max_imbalance``, ``experts/mean_imbalance`` and
+``experts/layer_<i>_imbalance``.
+
 YAML (NeMo AutoModel's ``wandb`` keys)::
 
     tensorboard:
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_TRAIN_KEYS = ("loss", "grad_norm", "lr", "tokens_per_s", "step_time_s")
+_TRAIN_KEYS = ("loss", "aux_loss", "grad_norm", "lr", "tokens_per_s", "step_time_s")
 
 
 def scalars_of(record: dict) -> dict[str, float]:
@@ -38,6 +42,11 @@ def scalars_of(record: dict) -> dict[str, float]:
         return {"validation/loss": float(record["val_loss"])}
     if event == "checkpoint":
         return {"checkpoint/blocking_s": float(record["blocking_s"])}
+    if event == "expert_load":
+        out = {"experts/max_imbalance": float(record["max_imbalance"]),
+               "experts/mean_imbalance": float(record["mean_imbalance"])}
+        out.update({f"experts/layer_{row['layer']}_imbalance": float(row["imbalance"]) for row in record["layers"]})
+        return out
     return {}
 
 

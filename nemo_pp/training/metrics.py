@@ -39,10 +39,33 @@ class JSONLLogger:
                 f.write(json.dumps(record) + "\n")
 
 
+def expert_load_record(step: int, moe_layers: list[int], tokens: torch.Tensor) -> dict:
+    """The ``expert_load`` metrics record of a mixture of experts.
+
+    Args:
+        step: the optimizer step it is logged at.
+        moe_layers: the original indices of the MoE layers (``RouterLoss.moe_layers``).
+        tokens: ``[len(moe_layers), E]`` top-k assignments per expert (float64 counts).
+
+    Returns:
+        ``{"event": "expert_load", "step", "layers": [{"layer", "tokens": [E ints], "imbalance"}],
+        "max_imbalance", "mean_imbalance"}``; a layer's imbalance is its busiest expert's
+        tokens over the mean per expert (1.0 is perfect balance, ``E`` all on one expert).
+    """
+    mean = tokens.mean(dim=1).clamp(min=1e-12)
+    imbalance = (tokens.max(dim=1).values / mean).tolist()
+    layers = [{"layer": int(layer), "tokens": [int(t) for t in row], "imbalance": round(float(imb), 4)}
+              for layer, row, imb in zip(moe_layers, tokens.tolist(), imbalance)]
+    return {"event": "expert_load", "step": step, "layers": layers,
+            "max_imbalance": round(max(imbalance), 4), "mean_imbalance": round(sum(imbalance) / len(imbalance), 4)}
+
+
 def format_step(record: dict) -> str:
-    """``step 3/40 | loss 1.2345 | grad_norm 2.31 | lr 1.0e-04 | 812 tok/s | 2.41 s | mem 1.2 GiB``."""
+    """``step 3/40 | loss 1.2345 | grad_norm 2.31 | lr 1.0e-04 | 812 tok/s | 2.41 s | mem 1.2 GiB``
+    (``| aux 2.0123`` after the loss when the record has the router's ``aux_loss``)."""
+    aux = f" | aux {record['aux_loss']:.4f}" if record.get("aux_loss") is not None else ""
     return (
-        f"step {record['step']}/{record['total_steps']} | loss {record['loss']:.4f} | "
+        f"step {record['step']}/{record['total_steps']} | loss {record['loss']:.4f}{aux} | "
         f"grad_norm {record['grad_norm']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | "
         f"{record['step_time_s']:.2f} s | mem {record['peak_memory_bytes'] / 2**30:.2f} GiB"
     )

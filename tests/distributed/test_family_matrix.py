@@ -56,14 +56,26 @@ def test_family_matches_hf_forward(model_type, pp):
     run_ranks(_run, pp, model_type, timeout=180)
 
 
-def test_moe_router_loss_is_refused_not_dropped():
+def test_router_loss_is_accepted_where_stages_can_form_it_and_refused_elsewhere():
+    """``output_router_logits: true`` passes on an MoE family with a recorded router and a
+    ``load_balancing_loss_func``; a dense family, or one that balances by a routing bias
+    (GLM-4-MoE, DeepSeek-V3: no such function), is refused naming the key."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from nemo_pp.models.stage_forward import validate_hf_model_for_pipeline_support
 
-    model = family_model("mixtral")
+    model = family_model("mixtral", output_router_logits=True)
     validate_hf_model_for_pipeline_support(model)
-    model.config.output_router_logits = True
-    with pytest.raises(ValueError, match="model type 'mixtral' has output_router_logits: true"):
-        validate_hf_model_for_pipeline_support(model)
+    dense = family_model("llama")
+    dense.config.output_router_logits = True
+    with pytest.raises(ValueError, match="model.output_router_logits: true, but model type 'llama' records no router"):
+        validate_hf_model_for_pipeline_support(dense)
+    config = AutoConfig.for_model("glm4_moe", hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                  n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, head_dim=8)
+    config.output_router_logits = True
+    with pytest.raises(ValueError, match="model type 'glm4_moe' ships no load_balancing_loss_func"):
+        validate_hf_model_for_pipeline_support(AutoModelForCausalLM.from_config(config))
 
 
 def test_readme_lists_every_family_of_the_matrix():

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-from tests.helpers import MAX_NORM, moe_family_model, reference_moe_training, sum_ce, training_batches
+from tests.helpers import FAMILIES, MAX_NORM, MOE_FAMILIES, family_model, moe_family_model, reference_moe_training, sum_ce, training_batches
 
 
 
@@ -66,8 +66,17 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
     return True
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_moe_families_are_the_matrix_families_with_a_router_loss():
+    from nemo_pp.models.moe import router_spec
+
+    found = [t for t in FAMILIES if (spec := router_spec(family_model(t))) is not None and spec.load_balancing_loss]
+    assert tuple(found) == MOE_FAMILIES
+
+
+@pytest.mark.parametrize("model_type", MOE_FAMILIES)
 def test_pp2_router_loss_matches_reference(model_type):
+    """Every MoE family of the matrix with ``output_router_logits: true`` (Qwen2-MoE: dense and
+    sparse layers alternate, so stages hold different numbers of MoE layers)."""
     run_ranks(_run, 2, model_type, 2, "1f1b", timeout=180)
 
 

@@ -80,3 +80,24 @@ def test_check_model_cli_prints_the_probe_and_exits_by_its_verdict(tmp_path, cap
         out = capsys.readouterr().out
         assert f"{model_type} (" in out and "at 2 stages" in out and "at 4 stages" in out
         assert ("exact" if code == 0 else "WRONG") in out
+
+
+def test_the_probe_compares_the_router_logits_an_moe_stage_captures():
+    """PhiMoE (outside the matrix) passes: its stages' router hooks see exactly Hugging Face's
+    recorded ``router_logits``. A recorder pointing at the wrong output (the routing scores,
+    not the logits) is caught, so a family whose load-balancing loss would be formed from the
+    wrong tensor is refused."""
+    from transformers.models.phimoe import modeling_phimoe
+
+    results = probe_model_family(modeling_phimoe.PhimoeForCausalLM, AutoConfig.for_model("phimoe"))
+    assert all(r.exact for r in results), results
+
+    from transformers.utils.output_capturing import OutputRecorder
+
+    class WrongRecorder(modeling_phimoe.PhimoeForCausalLM):
+        _can_record_outputs = {**modeling_phimoe.PhimoeForCausalLM._can_record_outputs,
+                               "router_logits": OutputRecorder(modeling_phimoe.PhimoeTopKRouter, index=1)}
+
+    WrongRecorder.__module__ = modeling_phimoe.__name__
+    results = probe_model_family(WrongRecorder, AutoConfig.for_model("phimoe"))
+    assert not any(r.exact for r in results), results

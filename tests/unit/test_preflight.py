@@ -250,3 +250,27 @@ def test_a_family_the_probe_finds_wrong_is_refused_by_the_plan(tmp_path):
     path.write_text(YAML.format(model=model_dir, data=tmp_path / "data"))
     with pytest.raises(ValueError, match=r"model type 'doge' \(DogeForCausalLM\) is not supported under the pipeline"):
         plan_run(load_recipe_config(path, []), world_size=2, check_checkpoint=False)
+
+
+def test_router_loss_plans_on_an_moe_family_and_is_refused_where_inexact(tmp_path):
+    """``model.output_router_logits=true`` plans on Mixtral; with cp > 1 it is refused naming
+    both keys (a cp rank routes only its slice of the sequence); a dense family has no such config
+    field, and the model's constructor refuses it (as transformers' from_pretrained would); every
+    one before any weight is read."""
+    from tests.helpers import family_model
+
+    model_dir = tmp_path / "model"
+    family_model("mixtral").config.save_pretrained(model_dir)
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text(YAML.format(model=model_dir, data=tmp_path / "data"))
+    on = "model.output_router_logits=true"
+    plan = plan_run(load_recipe_config(path, [on]), world_size=2, check_checkpoint=False)
+    assert plan.meta_model.config.output_router_logits is True
+    with pytest.raises(ValueError, match=r"output_router_logits: true with distributed.cp_size=2 is not supported"):
+        plan_run(load_recipe_config(path, [on, "distributed.cp_size=2"]), world_size=4, check_checkpoint=False)
+    dense = tmp_path / "dense"
+    tiny_model("llama", layers=4).config.save_pretrained(dense)
+    with pytest.raises(ValueError, match="'model'.*unexpected keyword argument 'output_router_logits'"):
+        plan_run(load_recipe_config(path, [on, f"model.pretrained_model_name_or_path={dense}"]), world_size=2,
+                 check_checkpoint=False)
