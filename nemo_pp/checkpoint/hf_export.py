@@ -3,7 +3,9 @@
 Stage parameters keep their original FQNs (``model.layers.<i>...``), so each pp
 rank writes its own safetensors shard and rank 0 writes the index, config and
 tokenizer: the result is a normal HF folder that
-``AutoModelForCausalLM.from_pretrained`` loads, at any pp size. A tied embedding is
+``AutoModelForCausalLM.from_pretrained`` loads, at any pp size. Tensors are in the family's
+checkpoint layout, as ``save_pretrained`` writes them (a Mixtral's experts one by one:
+:mod:`nemo_pp.models.weight_conversion`). A tied embedding is
 stored once (``model.embed_tokens.weight``); ``tie_word_embeddings`` in the config
 re-ties it on load.
 """
@@ -20,6 +22,7 @@ from torch import nn
 
 from nemo_pp._peft.lora import merge_lora_weights
 from nemo_pp.checkpoint.layout import write_folder_checksums
+from nemo_pp.models.weight_conversion import checkpoint_layout_state
 
 
 def full_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -78,6 +81,9 @@ def save_consolidated_hf(
 
     out = Path(out_dir)
     state = stage_state_dict(model_parts, tied_head_fqn if tied else None)
+    family = _hf_model_of(model_parts)
+    if family is not None:  # the layout save_pretrained writes (Mixtral: per-expert w1/w2/w3)
+        state = checkpoint_layout_state(family, state)
     shard = "model.safetensors" if pp_size == 1 else f"model-{pp_rank + 1:05d}-of-{pp_size:05d}.safetensors"
     if is_writer:
         out.mkdir(parents=True, exist_ok=True)
@@ -108,6 +114,13 @@ def save_consolidated_hf(
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def _hf_model_of(model_parts: Sequence[nn.Module]):
+    """The first transformers model among the parts (inside a LoRA wrapper too), or None."""
+    from transformers import PreTrainedModel
+
+    return next((m for part in model_parts for m in part.modules() if isinstance(m, PreTrainedModel)), None)
 
 
 def _copy_config(config, tied: bool):

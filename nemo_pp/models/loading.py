@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nemo_pp.models.weight_conversion import checkpoint_sources
+
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -106,6 +108,7 @@ class SafetensorsCheckpoint:
             raise FileNotFoundError(
                 f"model.pretrained_model_name_or_path: {folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}"
             )
+        self.sources = checkpoint_sources(None, list(self.weight_map))
 
     @classmethod
     def for_model(cls, path: str | Path, model: nn.Module) -> "SafetensorsCheckpoint":
@@ -115,13 +118,17 @@ class SafetensorsCheckpoint:
         for name, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), []).append(name)
         tied = {a: b for group in names.values() if len(group) > 1 for a in group for b in group if a != b}
-        return cls(path, tied)
+        checkpoint = cls(path, tied)
+        # the family's checkpoint layout (Mixtral's per-expert w1/w2/w3) mapped to the model's FQNs
+        checkpoint.sources = checkpoint_sources(model, list(checkpoint.weight_map))
+        return checkpoint
 
     def _source(self, fqn: str) -> str | None:
-        if fqn in self.weight_map:
+        """The model FQN whose checkpoint tensors fill ``fqn`` (itself, or a tied alias), or None."""
+        if self.sources.has(fqn):
             return fqn
         alias = self.tied.get(fqn)
-        return alias if alias in self.weight_map else None
+        return alias if alias is not None and self.sources.has(alias) else None
 
     def check_covers(self, model: nn.Module) -> list[str]:
         """Check, from names only, that the checkpoint holds every tensor of ``model`` (a
@@ -142,7 +149,7 @@ class SafetensorsCheckpoint:
                 f"model.pretrained_model_name_or_path: the checkpoint in {self.folder} does not match "
                 f"{type(model).__name__}: missing {len(missing)} tensor(s) the model needs: {missing[:5]}"
             )
-        unexpected = sorted(k for k in self.weight_map if k not in state)
+        unexpected = sorted(k for fqn in self.sources.sources if fqn not in state for k in self.sources.keys_of(fqn))
         if unexpected:
             logger.warning("checkpoint tensors %s%s are not in %s and are not read", unexpected[:5],
                            " ..." if len(unexpected) > 5 else "", type(model).__name__)
@@ -156,20 +163,23 @@ class SafetensorsCheckpoint:
         Raises:
             ValueError: a tensor of ``module`` is not in the checkpoint, or its shape differs.
         """
+        import contextlib
+
         from safetensors import safe_open
 
-        by_file: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
+        items = []
         for fqn, target in _persistent_state(module).items():
             src = self._source(fqn)
             if src is None:
                 raise ValueError(f"model.pretrained_model_name_or_path: the checkpoint in {self.folder} has no '{fqn}'")
-            by_file.setdefault(self.weight_map[src], []).append((fqn, src, target))
-        for file, items in sorted(by_file.items()):
-            self.files_read.add(file)
-            with safe_open(str(self.folder / file), framework="pt", device="cpu") as f:
-                for fqn, src, target in items:
-                    tensor = f.get_tensor(src)
-                    if tensor.shape != target.shape:
-                        raise ValueError(f"checkpoint tensor '{src}' has shape {tuple(tensor.shape)}, "
-                                         f"the model's '{fqn}' {tuple(target.shape)}")
-                    target.copy_(tensor)
+            items.append((fqn, src, target))
+        files = sorted({self.weight_map[key] for _, src, _ in items for key in self.sources.keys_of(src)})
+        with contextlib.ExitStack() as stack:
+            handles = {f: stack.enter_context(safe_open(str(self.folder / f), framework="pt", device="cpu")) for f in files}
+            self.files_read.update(files)
+            for fqn, src, target in items:
+                tensor = self.sources.load(src, lambda key: handles[self.weight_map[key]].get_tensor(key), module)
+                if tensor.shape != target.shape:
+                    raise ValueError(f"checkpoint tensor(s) {self.sources.keys_of(src)} give shape {tuple(tensor.shape)}, "
+                                     f"the model's '{fqn}' {tuple(target.shape)}")
+                target.copy_(tensor)
