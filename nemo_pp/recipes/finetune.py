@@ -314,13 +314,13 @@ class FinetuneRecipe:
         if out["skipped"]:
             record["nonfinite"] = out["nonfinite"]
         self.metrics.log(record)
-        if out.get("expert_tokens") is not None:
-            self._log_expert_load(step, out["expert_tokens"])
         if self.is_main:
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % self.cfg.logging.log_every_steps == 0 or step == self.total_steps:
                 tqdm.write(format_step(record))
+        if out.get("expert_tokens") is not None:
+            self._log_expert_load(step, out["expert_tokens"])
         return record
 
     def _log_expert_load(self, step: int, tokens) -> None:
@@ -333,8 +333,8 @@ class FinetuneRecipe:
         record = expert_load_record(step, self.ap.router_loss.moe_layers, self._expert_tokens)
         self._expert_tokens = None
         self.metrics.log(record)
-        if self.is_main and (step % self.cfg.logging.log_every_steps == 0 or step == self.total_steps):
-            tqdm.write(f"expert load (max/mean tokens per expert, last {every} steps): worst layer "
+        if self.is_main:
+            tqdm.write(f"expert load (busiest expert's tokens / mean, over the last {every} steps): worst layer "
                        f"{record['max_imbalance']:.2f}, mean over layers {record['mean_imbalance']:.2f}")
 
     def _export_final(self) -> Path | None:

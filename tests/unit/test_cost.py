@@ -107,3 +107,49 @@ def test_a_parameter_cap_shapes_the_balanced_split():
         plan(max_stage_params=1000)
     with pytest.raises(ValueError, match="max_stage_params shapes the balanced split"):
         plan(max_stage_params=10**9, split="uniform")
+
+
+def test_moe_layer_flops_are_the_active_experts_and_match_torch_flop_counter():
+    """A Mixtral MoE block, forward + backward: the router plus only the top-k experts each
+    token is routed to (HF's eager experts run exactly those), as torch's FLOP counter counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from nemo_pp.planning.cost import _moe_mlp_flops_per_token
+
+    config = MixtralConfig(hidden_size=64, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)
+    block = MixtralSparseMoeBlock(config)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    hidden = torch.randn(2, 16, 64, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        block(hidden).sum().backward()
+    assert 3 * 2 * 16 * _moe_mlp_flops_per_token(config, 3) == counter.get_total_flops()
+
+
+def test_a_dense_then_sparse_stack_is_weighed_layer_by_layer():
+    """Qwen2-MoE with decoder_sparse_step 2: the sparse layers (1, 3) cost what their top-k
+    experts and shared expert cost, the dense ones a gated MLP; the balanced split of the
+    upcycled SmolLM2 (4 experts, top 2: twice the MLP FLOPs) moves layers off the first stage."""
+    from nemo_pp.models.moe import moe_layer_indices, router_spec
+    from tests.helpers import family_model
+
+    model = family_model("qwen2_moe")
+    sparse = moe_layer_indices(model, router_spec(model))
+    assert sparse == [1, 3]
+    costs = flop_costs(model.config, 1, 16, moe_layers=sparse)
+    assert costs.layers[0] == costs.layers[2] != costs.layers[1] == costs.layers[3]
+    dense = flop_costs(model.config, 1, 16)
+    assert dense.layers[0] == costs.layers[0]
+
+    smollm2_moe = SMOLLM2.to_dict()
+    from transformers import MixtralConfig
+
+    moe_config = MixtralConfig(**{k: smollm2_moe[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                               "num_attention_heads", "num_key_value_heads",
+                                                               "vocab_size", "head_dim")},
+                               num_local_experts=4, num_experts_per_tok=2)
+    every = range(moe_config.num_hidden_layers)
+    assert balanced_layer_counts(flop_costs(SMOLLM2, 1, 256), 2) == [19, 11]
+    assert balanced_layer_counts(flop_costs(moe_config, 1, 256, moe_layers=every), 2) == [17, 13]
