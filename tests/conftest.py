@@ -38,6 +38,21 @@ def tiny_assets(real_assets, tmp_path_factory):
     return folder, squad
 
 
+@pytest.fixture(scope="module")
+def tiny_moe_assets(tiny_assets, tmp_path_factory):
+    """The tiny Llama of ``tiny_assets`` sparsely upcycled to a Mixtral (4 experts, top 2,
+    ``output_router_logits`` on), saved by ``save_pretrained`` (experts one by one), and SQuAD."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nemo_pp.assets.smollm2_moe import upcycle_llama_to_mixtral
+
+    dense, squad = tiny_assets
+    folder = tmp_path_factory.mktemp("tiny_moe")
+    upcycle_llama_to_mixtral(AutoModelForCausalLM.from_pretrained(dense)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(dense).save_pretrained(folder)
+    return folder, squad
+
+
 def pytest_report_header(config):
     """The free disk space where tests write (a run needs a few GB: the biggest end-to-end
     test keeps about 5 GB of real-model checkpoints until its teardown)."""

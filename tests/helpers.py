@@ -364,10 +364,11 @@ def moe_family_model(model_type: str, coef: float = 1.0, **overrides) -> torch.n
 
 def reference_moe_training(model, steps, microbatch_size: int, lr: float = LR) -> list[dict]:
     """The unsplit model trained with AdamW on each step's global batch, with the per-layer,
-    per-microbatch load-balancing loss of :mod:`nemo_pp.models.moe` computed from Hugging Face's
-    own ``router_logits`` by the family's ``load_balancing_loss_func``: per step the token-mean
-    ``loss``, the mean ``aux``, the ``norm`` before clipping, the clipped ``grads`` and the
-    ``tokens`` per expert ``[MoE layers, E]``."""
+    per-sequence load-balancing loss of :mod:`nemo_pp.models.moe`: Hugging Face's forward of
+    each microbatch records its ``router_logits``, and the family's ``load_balancing_loss_func``
+    forms each row's loss from that row's logits. Per step: the token-mean ``loss``, the mean
+    ``aux``, the ``norm`` before clipping, the clipped ``grads`` and the ``tokens`` per expert
+    ``[MoE layers, E]``."""
     import importlib
 
     lb = importlib.import_module(type(model).__module__).load_balancing_loss_func
@@ -377,15 +378,17 @@ def reference_moe_training(model, steps, microbatch_size: int, lr: float = LR) -
     for per_dp in steps:
         flat = [b for group in per_dp for b in group]
         tokens = sum(int((b["labels"] != -100).sum()) for b in flat)
+        rows = sum(b["input_ids"].shape[0] for b in flat)
         chunks = [(b["input_ids"][i:i + microbatch_size], b["labels"][i:i + microbatch_size])
                   for b in flat for i in range(0, b["input_ids"].shape[0], microbatch_size)]
         loss, aux_total, counts = 0.0, 0.0, None
         for ids, labels in chunks:
             res = model(input_ids=ids, output_router_logits=True)
-            layer_aux = [lb((logits,), num_e, top_k) for logits in res.router_logits]
-            aux = torch.stack(layer_aux).mean()
+            per_row = [l.reshape(ids.shape[0], ids.shape[1], num_e) for l in res.router_logits]
+            aux = torch.stack([torch.stack([lb((layer[r],), num_e, top_k) for layer in per_row]).mean()
+                               for r in range(ids.shape[0])]).sum()
             ce = sum_ce(res.logits, labels)
-            (ce / tokens + coef * aux / len(chunks)).backward()
+            (ce / tokens + coef * aux / rows).backward()
             loss += float(ce.detach())
             aux_total += float(aux.detach())
             chosen = torch.stack([torch.bincount(torch.topk(l.detach(), top_k, dim=-1).indices.flatten(), minlength=num_e)
@@ -393,7 +396,7 @@ def reference_moe_training(model, steps, microbatch_size: int, lr: float = LR) -
             counts = chosen if counts is None else counts + chosen
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
         grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
-        out.append({"loss": loss / tokens, "aux": aux_total / len(chunks), "norm": norm, "grads": grads, "tokens": counts})
+        out.append({"loss": loss / tokens, "aux": aux_total / rows, "norm": norm, "grads": grads, "tokens": counts})
         opt.step()
         opt.zero_grad()
     return out

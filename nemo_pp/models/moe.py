@@ -18,11 +18,15 @@ by the family's own ``load_balancing_loss_func`` on that one layer's logits, and
 over the model's MoE layers. The scale is Hugging Face's (``top_k`` at perfect balance), so a
 family's ``router_aux_loss_coef`` means what it meant; with one MoE layer both are equal.
 
-**The reference a run reproduces.** The loss is nonlinear in its batch, so it is defined per
-microbatch, as Hugging Face's forward of that microbatch (no attention mask: every position
-counts, padding too) computes it, and averaged over every microbatch of the optimizer step
-(microbatches, gradient-accumulation batches and data-parallel ranks), as Megatron-LM does.
-The step's objective is ``token-mean LM loss + router_aux_loss_coef * mean aux loss``.
+**The reference a run reproduces.** The loss is nonlinear in its batch, so it needs a unit.
+Megatron-LM takes the microbatch, which makes the objective depend on the microbatch size:
+the same run at pp 1 and pp 2 (or resumed at another layout) would optimise different
+losses. nemo_pp takes the sequence (one batch row; DeepSeek-V3's sequence-wise balance loss
+has the same unit): each row's loss is what Hugging Face's forward of that one row computes
+(no attention mask: every position counts, padding too), averaged over every row of the
+optimizer step (all microbatches, gradient-accumulation batches and data-parallel ranks),
+so the objective is the same at every layout. The step's objective is
+``token-mean LM loss + router_aux_loss_coef * mean aux loss``.
 
 **Inside the stage.** Each stage adds its own layers' loss to its own backward with the
 technique of Megatron-LM's ``MoEAuxLossAutoScaler``: an identity on the decoder layer's
@@ -184,7 +188,7 @@ class RouterLoss:
     Attributes:
         grad_scale: the gradient each layer's loss seeds in backward; the engine sets it per
             step (:meth:`begin_step`).
-        aux_sum: ``[]`` float32, the sum of this rank's per-layer, per-microbatch losses
+        aux_sum: ``[]`` float32, the sum of this rank's per-layer, per-sequence losses
             since :meth:`begin_step` (detached).
         tokens_per_expert: ``[len(moe_layers), E]`` float64, top-k assignments counted on this
             rank since :meth:`begin_step`, a row per MoE layer (zeros for layers elsewhere).
@@ -249,6 +253,7 @@ class RouterLoss:
             logits = self._logits.pop(index, None)
             if logits is None:
                 return output
+            hidden = output[0] if isinstance(output, tuple) else output
             flat = logits.reshape(-1, self.spec.num_experts)
             with torch.no_grad():
                 chosen = torch.topk(flat, self.spec.top_k, dim=-1).indices.reshape(-1)
@@ -256,7 +261,10 @@ class RouterLoss:
                     chosen, minlength=self.spec.num_experts).to(self.tokens_per_expert.dtype)
             if not self.aux_loss:
                 return output
-            aux = self.spec.load_balancing_loss((flat,), self.spec.num_experts, self.spec.top_k).float()
+            # one loss per sequence (row): the layer's output is [rows, S, H]; a row's logits are its S tokens
+            rows = flat.reshape(hidden.shape[0] if hidden.dim() == 3 else 1, -1, self.spec.num_experts)
+            lb, e, k = self.spec.load_balancing_loss, self.spec.num_experts, self.spec.top_k
+            aux = torch.stack([lb((row,), e, k).float() for row in rows]).sum()
             self.aux_sum += aux.detach()
             if isinstance(output, tuple):
                 return (_AuxLossAutoScaler.apply(output[0], aux, self), *output[1:])
@@ -264,28 +272,28 @@ class RouterLoss:
         return hook
 
     # ------------------------------------------------------------------- steps
-    def begin_step(self, label_tokens: float, microbatches: int) -> None:
+    def begin_step(self, label_tokens: float, sequences: int) -> None:
         """Set the backward seed for one optimizer step and clear its sums.
 
         The engine divides every gradient by the step's ``label_tokens`` after backward
-        (the LM loss is summed), so each layer's loss seeds
-        ``coef * label_tokens / (num MoE layers * microbatches)``: after the division the
-        step's gradient is that of ``coef * mean over layers and microbatches``.
+        (the LM loss is summed), so each layer's loss of each sequence seeds
+        ``coef * label_tokens / (num MoE layers * sequences)``: after the division the
+        step's gradient is that of ``coef * mean over layers and sequences``.
 
         Args:
             label_tokens: the step's label tokens over all data-parallel ranks.
-            microbatches: the step's microbatches over all data-parallel ranks.
+            sequences: the step's sequences (batch rows) over all data-parallel ranks.
         """
-        self.grad_scale = self.spec.aux_loss_coef * label_tokens / (len(self.moe_layers) * microbatches)
+        self.grad_scale = self.spec.aux_loss_coef * label_tokens / (len(self.moe_layers) * sequences)
         self.aux_sum.zero_()
         self.tokens_per_expert.zero_()
         self._logits.clear()
 
-    def stats(self, microbatches: int, groups) -> tuple[float | None, torch.Tensor]:
+    def stats(self, sequences: int, groups) -> tuple[float | None, torch.Tensor]:
         """The step's mean auxiliary loss and tokens per expert over every rank.
 
         Args:
-            microbatches: as in :meth:`begin_step`.
+            sequences: as in :meth:`begin_step`.
             groups: process groups to sum over (data-parallel, then pipeline), None skipped.
 
         Returns:
@@ -296,5 +304,5 @@ class RouterLoss:
         for group in groups:
             if group is not None and torch.distributed.get_world_size(group) > 1:
                 torch.distributed.all_reduce(packed, group=group)
-        aux = float(packed[0]) / (len(self.moe_layers) * microbatches) if self.aux_loss else None
+        aux = float(packed[0]) / (len(self.moe_layers) * sequences) if self.aux_loss else None
         return aux, packed[1:].reshape(self.tokens_per_expert.shape).cpu()

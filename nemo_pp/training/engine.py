@@ -133,9 +133,9 @@ class TrainEngine:
             device=self.device), self.dp_group)
         tokens = counts[0]
         router = self.ap.router_loss
-        microbatches = self._microbatches(batches)
+        sequences = self._sequences(batches)
         if router is not None:
-            router.begin_step(float(tokens.clamp(min=1)), microbatches)
+            router.begin_step(float(tokens.clamp(min=1)), sequences)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             # FSDP reduce-scatters once per optimizer step (after the last batch) when deferring
@@ -149,7 +149,7 @@ class TrainEngine:
         local_loss = loss_sum.clone()
         loss = self._global_loss(loss_sum, tokens)  # before the optimizer: the guard reads it
         aux_loss, expert_tokens = (None, None) if router is None else router.stats(
-            microbatches, (self.dp_group, self.pp_group))
+            sequences, (self.dp_group, self.pp_group))
         finite = math.isfinite(loss) and math.isfinite(grad_norm) and (aux_loss is None or math.isfinite(aux_loss))
         nonfinite = None if finite else self._nonfinite_stages(local_loss)
         if finite:
@@ -174,12 +174,11 @@ class TrainEngine:
             "step_time_s": time.perf_counter() - start,
         }
 
-    def _microbatches(self, batches: Sequence[dict]) -> int:
-        """The step's microbatches over all data-parallel ranks (what the auxiliary loss averages over)."""
-        mb = self.ap.plan.microbatch_size
-        local = sum(-(-b["input_ids"].shape[0] // mb) for b in batches)
+    def _sequences(self, batches: Sequence[dict]) -> int:
+        """The step's sequences (batch rows) over all data-parallel ranks: what the router's
+        auxiliary loss averages over (every dp rank's batches have the same rows)."""
         dp = dist.get_world_size(self.dp_group) if self.dp_group is not None else 1
-        return local * dp
+        return sum(b["input_ids"].shape[0] for b in batches) * dp
 
     def _nonfinite_stages(self, local_loss: torch.Tensor) -> dict:
         """Which stages held a non-finite loss or gradient: one MAX all-reduce over all

@@ -1,0 +1,68 @@
+"""The real recipe (``recipes/finetune.py`` ``main`` on forked gloo ranks) on a sparsely
+upcycled mixture of experts (the tiny Llama of ``tiny_assets`` as a 4-expert Mixtral, saved
+in transformers' per-expert layout): pp 2 x dp 2 with the router's load-balancing loss logs
+the LM and auxiliary losses apart and the expert load, exports in the family's own layout,
+and its checkpoint resumes at pp 1 with the next losses equal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from tests.helpers import launch_recipe, recipe_overrides
+
+EXTRA = ("--dataset.limit_dataset_samples=32", "--step_scheduler.max_steps=6", "--dataloader.batch_size=2",
+         "--step_scheduler.global_batch_size=4", "--logging.expert_load_every_steps=2",
+         "--model.router_aux_loss_coef=0.1")
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_upcycled_moe_trains_at_pp2_x_dp2_exports_and_resumes_at_pp1(tiny_moe_assets, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model, squad = tiny_moe_assets
+    straight = tmp_path / "straight"
+    launch_recipe(4, recipe_overrides(model, squad, straight, *EXTRA))
+    records = _records(straight)
+    train = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    # experts start as copies and the routers are random: the load-balancing loss is about top_k = 2
+    assert all(1.9 < r["aux_loss"] < 2.5 for r in train), [r["aux_loss"] for r in train]
+    loads = [r for r in records if r["event"] == "expert_load"]
+    assert [r["step"] for r in loads] == [2, 4, 6]
+    assert [row["layer"] for row in loads[0]["layers"]] == list(range(8))
+    # 2 steps x 4 samples x (32 positions at most) x top 2 assignments per layer
+    assert all(0 < sum(row["tokens"]) <= 2 * 4 * 32 * 2 for r in loads for row in r["layers"])
+    assert all(1.0 <= row["imbalance"] <= 4.0 for r in loads for row in r["layers"])
+
+    export = straight / "hf_model"
+    keys = set()
+    for f in export.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            keys |= set(h.keys())
+    with safe_open(str(next(Path(model).glob("*.safetensors"))), framework="pt") as h:
+        assert keys == set(h.keys())  # the layout save_pretrained wrote: experts one by one
+    reloaded = AutoModelForCausalLM.from_pretrained(export)
+    assert reloaded.config.output_router_logits and reloaded.config.router_aux_loss_coef == 0.1
+
+    other = tmp_path / "pp1"
+    other.mkdir()
+    step3 = next(straight.glob("epoch_*_step_3"))
+    shutil.copytree(step3, other / step3.name)
+    launch_recipe(1, recipe_overrides(model, squad, other, *EXTRA, "--distributed.pp_size=1",
+                                      "--dataloader.batch_size=4"))
+    resumed = {r["step"]: r for r in _records(other) if r["event"] == "train"}
+    assert sorted(resumed) == [4, 5, 6]
+    for r in train[3:]:
+        assert abs(r["loss"] - resumed[r["step"]]["loss"]) <= 1e-5, (r, resumed[r["step"]])
+        assert abs(r["aux_loss"] - resumed[r["step"]]["aux_loss"]) <= 1e-5, (r, resumed[r["step"]])
+    torch.testing.assert_close(
+        torch.tensor([r["grad_norm"] for r in train[3:]]),
+        torch.tensor([resumed[s]["grad_norm"] for s in (4, 5, 6)]), rtol=1e-4, atol=1e-5)
