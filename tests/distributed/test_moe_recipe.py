@@ -2,7 +2,9 @@
 upcycled mixture of experts (the tiny Llama of ``tiny_assets`` as a 4-expert Mixtral, saved
 in transformers' per-expert layout): pp 2 x dp 2 with the router's load-balancing loss logs
 the LM and auxiliary losses apart and the expert load, exports in the family's own layout,
-and its checkpoint resumes at pp 1 with the next losses equal."""
+and its checkpoint resumes at pp 1 with the next losses equal (the loss is per sequence, so
+the objective is the same at every layout). TensorBoard and the plot script show the
+auxiliary loss and the expert load."""
 
 from __future__ import annotations
 
@@ -23,13 +25,32 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _check_tensorboard_and_plot(out: Path, train: list[dict], loads: list[dict], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.helpers import ROOT
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [round(e.value, 5) for e in events.Scalars("train/aux_loss")] == [round(r["aux_loss"], 5) for r in train]
+    assert [e.step for e in events.Scalars("experts/max_imbalance")] == [r["step"] for r in loads]
+    assert "experts/layer_7_imbalance" in events.Tags()["scalars"]
+    png = tmp_path / "curves.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_metrics.py"), str(out / "metrics.jsonl"),
+                           "-o", str(png)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and png.stat().st_size > 10_000, proc.stderr
+
+
 def test_upcycled_moe_trains_at_pp2_x_dp2_exports_and_resumes_at_pp1(tiny_moe_assets, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     model, squad = tiny_moe_assets
     straight = tmp_path / "straight"
-    launch_recipe(4, recipe_overrides(model, squad, straight, *EXTRA))
+    launch_recipe(4, recipe_overrides(model, squad, straight, *EXTRA, "+tensorboard={}"))
     records = _records(straight)
     train = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
@@ -41,6 +62,7 @@ def test_upcycled_moe_trains_at_pp2_x_dp2_exports_and_resumes_at_pp1(tiny_moe_as
     # 2 steps x 4 samples x (32 positions at most) x top 2 assignments per layer
     assert all(0 < sum(row["tokens"]) <= 2 * 4 * 32 * 2 for r in loads for row in r["layers"])
     assert all(1.0 <= row["imbalance"] <= 4.0 for r in loads for row in r["layers"])
+    _check_tensorboard_and_plot(straight, train, loads, tmp_path)
 
     export = straight / "hf_model"
     keys = set()

@@ -2,7 +2,7 @@
 the recipe's TrainEngine the LM loss, the auxiliary loss, the tokens each expert received,
 the grad norm and the weights after AdamW steps equal the unsplit Hugging Face model trained
 on the same global batches, whose loss is formed from its own ``router_logits`` by the
-family's own ``load_balancing_loss_func`` (per layer, per microbatch; see the module's doc).
+family's own ``load_balancing_loss_func`` (per layer, per sequence; see the module's doc).
 
 The coefficient is 1.0 so the auxiliary gradient stands far above the tolerance: leaving the
 loss out of any stage's backward (a middle stage at pp 4, a virtual stage under interleaving,
