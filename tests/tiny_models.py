@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config
 
 
 def tiny_config(arch: str = "llama", tied: bool = False, layers: int = 4, vocab: int = 128, hidden: int = 32):
@@ -16,6 +16,8 @@ def tiny_config(arch: str = "llama", tied: bool = False, layers: int = 4, vocab:
         return LlamaConfig(**common)
     if arch == "qwen2":
         return Qwen2Config(**common)
+    if arch == "mixtral":  # a mixture of experts: 4 experts, top 2 (fused 3-D expert weights)
+        return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     raise ValueError(arch)
 
 

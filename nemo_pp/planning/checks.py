@@ -178,6 +178,7 @@ def check_peft(cfg, model, sizes):
     if not isinstance(peft, PeftConfig):
         raise ValueError(f"peft._target_ must build a nemo_pp._peft.lora.PeftConfig, not a {type(peft).__name__}")
     matched = matched_linear_modules(model, peft)
+    _refuse_non_linear_targets(model, peft)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {id(m): n for n, m in model.named_modules()}
     adapts_head = head is not None and names.get(id(head)) in matched
@@ -197,6 +198,24 @@ def check_peft(cfg, model, sizes):
     adapted = copy.deepcopy(model)  # meta tensors: the copy costs no memory
     apply_lora(adapted, peft)
     return peft, adapts_head, (sum(p.numel() for p in adapted.parameters() if p.requires_grad), base), adapted
+
+
+def _refuse_non_linear_targets(model, peft) -> None:
+    """An explicit ``target_modules`` pattern naming a module that holds weights but is no
+    ``nn.Linear`` (a mixture of experts' fused experts ``experts.gate_up_proj: [E, 2I, H]``,
+    its router) would silently adapt nothing there: refuse it with the reason."""
+    if peft.match_all_linear or not peft.target_modules:
+        return
+    probe = torch.nn.Linear(1, 1, device="meta")  # name matching alone, whatever the module's type
+    for fqn, module in model.named_modules():
+        if not fqn or isinstance(module, torch.nn.Linear) or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if peft.matches(fqn.rsplit(".", 1)[-1], fqn, probe):
+            raise ValueError(
+                f"peft.target_modules={peft.target_modules} names '{fqn}', a {type(module).__name__}, not an "
+                "nn.Linear: LoRA here adapts linear layers only, and a mixture of experts' experts are fused 3-D "
+                "parameters (its router is no nn.Linear either); adapt the attention projections (e.g. "
+                "target_modules: ['*_proj']) and the experts stay frozen")
 
 
 def check_packing(cfg, sizes) -> None:

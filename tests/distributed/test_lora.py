@@ -162,6 +162,10 @@ CASES = {
     # tensor parallelism: adapters of column- and row-wise projections sharded to match their base layer
     "pp2-tp2": Case(world=4, pp=2, schedule="1f1b", arch="llama", tied=True,
                     peft={"target_modules": ["*_proj"], "dim": 4, "alpha": 8}, tp=2),
+    # a mixture of experts: the attention adapted, the experts (3-D parameters, no nn.Linear) and
+    # the routers frozen; the merged export in transformers' per-expert layout
+    "pp2-mixtral-attention": Case(world=2, pp=2, schedule="1f1b", arch="mixtral", tied=False,
+                                  peft={"target_modules": ["*_proj"], "dim": 4, "alpha": 8}),
     "tp2-sp": Case(world=2, pp=1, schedule="gpipe", arch="qwen2", tied=False,
                    peft={"target_modules": ["*_proj"], "dim": 4, "alpha": 8}, tp=2, sequence_parallel=True),
 }

@@ -274,3 +274,23 @@ def test_router_loss_plans_on_an_moe_family_and_is_refused_where_inexact(tmp_pat
     with pytest.raises(ValueError, match="'model'.*unexpected keyword argument 'output_router_logits'"):
         plan_run(load_recipe_config(path, [on, f"model.pretrained_model_name_or_path={dense}"]), world_size=2,
                  check_checkpoint=False)
+
+
+def test_lora_on_experts_is_refused_with_the_reason_and_attention_lora_plans(tmp_path):
+    """A mixture of experts' experts are fused 3-D parameters and its router no nn.Linear:
+    naming them in peft.target_modules is refused; the attention projections plan."""
+    from tests.helpers import family_model
+
+    model_dir = tmp_path / "model"
+    family_model("mixtral").config.save_pretrained(model_dir)
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text(YAML.format(model=model_dir, data=tmp_path / "data"))
+    peft = ["+peft._target_=nemo_automodel.components._peft.lora.PeftConfig", "+peft.dim=4"]
+    plan = plan_run(load_recipe_config(path, [*peft, "+peft.target_modules=['*_proj']"]), world_size=2,
+                    check_checkpoint=False)
+    assert plan.lora_params[0] > 0
+    for target in ("experts", "*.mlp.gate"):
+        with pytest.raises(ValueError, match=r"names 'model.layers.0.mlp.(experts|gate)', a Mixtral\w+, not an nn.Linear"):
+            plan_run(load_recipe_config(path, [*peft, f"+peft.target_modules=['{target}']"]), world_size=2,
+                     check_checkpoint=False)
