@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from nemo_pp.assets.paths import _commit_dir, _dir_size, _fresh_tmp_dir, assets_home, is_complete, smollm2_dir
+from nemo_pp.assets.paths import _commit_dir, _dir_size, _fresh_tmp_dir, assets_home, is_complete
 
 #: experts per layer and experts per token of the upcycled model
 NUM_EXPERTS = 4

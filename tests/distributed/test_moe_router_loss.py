@@ -17,8 +17,17 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-from tests.helpers import FAMILIES, MAX_NORM, MOE_FAMILIES, family_model, moe_family_model, reference_moe_training, sum_ce, training_batches
-
+from tests.helpers import (
+    FAMILIES,
+    MAX_NORM,
+    MOE_FAMILIES,
+    assert_weights_match,
+    family_model,
+    moe_family_model,
+    reference_moe_training,
+    sum_ce,
+    training_batches,
+)
 
 
 def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activation_checkpointing=False, drop_stage=None):
@@ -57,12 +66,7 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
         assert abs(out["aux_loss"] - want["aux"]) < 1e-5, (step, out["aux_loss"], want["aux"])
         torch.testing.assert_close(out["expert_tokens"], want["tokens"], atol=0, rtol=0)  # routing identical
         assert abs(out["grad_norm"] - want["norm"]) < 1e-5 * max(1.0, want["norm"]), (step, out["grad_norm"], want["norm"])
-    ref_params = dict(ref.named_parameters(remove_duplicate=False))
-    for part in ap.parts:
-        for name, p in part.named_parameters():
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            torch.testing.assert_close(full.detach(), ref_params[name].detach(), atol=2e-5, rtol=1e-4,
-                                       msg=lambda m: f"{name}: {m}")
+    assert_weights_match(ap, ref)
     return True
 
 
