@@ -22,6 +22,21 @@ def real_assets():
     return model, data
 
 
+@pytest.fixture(scope="session")
+def real_moe_model(real_assets):
+    """The sparsely upcycled SmolLM2 folder (``python -m nemo_pp.assets --only moe_model``);
+    skipped or failed when missing, as :func:`real_assets`."""
+    from nemo_pp.assets import is_complete, smollm2_moe_dir
+
+    folder = smollm2_moe_dir()
+    if not is_complete(folder):
+        msg = "upcycled model missing: run python -m nemo_pp.assets --only moe_model"
+        if os.environ.get("NEMO_PP_REQUIRE_ASSETS") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny_assets(real_assets, tmp_path_factory):
     """A tiny tied Llama (8 layers, SmolLM2's vocabulary and tokenizer) saved as an HF folder,

@@ -39,6 +39,12 @@ class MeshBundle:
         return slice_with_flattened(self.world, ("dp_replicate", "dp_shard_cp"))
 
     @property
+    def ep(self) -> DeviceMesh | None:
+        """The 1-D ep mesh the experts are sharded over (None at ep 1): with ep equal to the
+        data-parallel size (ep_shard 1), a stage's dp_shard ranks."""
+        return self.dp_shard_cp if self.sizes.ep > 1 else None
+
+    @property
     def pp(self) -> DeviceMesh:
         """The 1D ``pp`` sub-mesh."""
         return self.world["pp"]

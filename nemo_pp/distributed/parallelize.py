@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nemo_pp._peft.lora import LoraParallelizer
 from nemo_pp.distributed.context_parallel import ContextParallelizer
+from nemo_pp.distributed.expert_parallel import ExpertParallel, expert_parallel_params
 from nemo_pp.distributed.tensor_parallel import tensor_parallelize
 from nemo_pp.models.module_tree import decoder_layers
 
@@ -91,6 +92,9 @@ class FSDP2Parallelizer:
             checkpoint_decoder_layers(model, required=False)
         mesh = self._fsdp_mesh()
         kwargs = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        sharded_experts = expert_parallel_params(model)
+        if sharded_experts:  # sharded over ep already: at ep == dp no two ranks hold the same expert
+            kwargs["ignored_params"] = sharded_experts
         if self.mp_policy is not None:
             kwargs["mp_policy"] = self.mp_policy
         try:
@@ -143,8 +147,9 @@ def parallelize_chain(
     mp_policy: MixedPrecisionPolicy | None = None,
 ):
     """The per-stage parallelize_fn of a run, in the one order that composes: LoRA adapters
-    (``peft``), tensor parallelism (tp > 1), the context-parallel attention (``cp``),
-    activation checkpointing, then FSDP2 / HSDP over the data-parallel and cp ranks
+    (``peft``), tensor parallelism (tp > 1), the context-parallel attention (``cp``), expert
+    parallelism (ep > 1: the experts sharded, FSDP2 then leaves them out), activation
+    checkpointing, then FSDP2 / HSDP over the data-parallel and cp ranks
     (``dp * cp > 1``; activation checkpointing is then applied by the FSDP2 step, before it
     shards). None when nothing applies.
 
@@ -173,6 +178,7 @@ def parallelize_chain(
         LoraParallelizer(peft) if peft is not None else None,
         TensorParallelizer(mesh_bundle, sequence_parallel) if sizes.tp > 1 else None,
         ContextParallelizer(cp) if sizes.cp > 1 else None,
+        ExpertParallel(mesh_bundle.ep) if sizes.ep > 1 else None,
         rest,
     ]
     steps = [s for s in steps if s is not None]

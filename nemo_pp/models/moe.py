@@ -48,7 +48,8 @@ from torch import nn
 
 from nemo_pp.models.module_tree import find_layer_stack, iter_decoder_layers, text_config
 
-__all__ = ["RouterLoss", "RouterSpec", "check_router_aux_loss", "moe_layer_indices", "router_spec"]
+__all__ = ["EXPERT_WEIGHTS", "RouterLoss", "RouterSpec", "check_expert_parallel", "check_router_aux_loss", "expert_modules",
+           "moe_layer_indices", "router_spec"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,46 @@ def moe_layer_indices(model: nn.Module, spec: RouterSpec) -> list[int]:
 
 def _routers(layer: nn.Module, spec: RouterSpec) -> list[nn.Module]:
     return [m for m in layer.modules() if isinstance(m, spec.router_class)]
+
+
+#: the fused expert weights of transformers 5's experts modules (Mixtral, Qwen-MoE, OLMoE, ...)
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def expert_modules(model: nn.Module) -> list[nn.Module]:
+    """The fused experts modules of ``model``: ``gate_up_proj: [E, 2I, H]``,
+    ``down_proj: [E, H, I]`` (3-D parameters, no bias), an ``act_fn`` and ``num_experts``."""
+    found = []
+    for module in model.modules():
+        params = dict(module.named_parameters(recurse=False))
+        if set(params) == set(EXPERT_WEIGHTS) and hasattr(module, "act_fn") and hasattr(module, "num_experts") \
+                and all(p.dim() == 3 for p in params.values()):
+            found.append(module)
+    return found
+
+
+def check_expert_parallel(model: nn.Module, ep: int) -> None:
+    """Refuse an ``ep_size`` the model's experts cannot be sharded by (meta model is fine).
+
+    Raises:
+        ValueError: ``ep`` > 1 on a model without fused experts modules (a dense model, or a
+            family whose experts have another layout, e.g. biases), or ``ep`` not dividing
+            the expert count; names ``distributed.ep_size``.
+    """
+    if ep == 1:
+        return
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    modules = expert_modules(model)
+    if not modules:
+        raise ValueError(
+            f"distributed.ep_size={ep}: model type '{kind}' has no experts nemo_pp can shard (fused "
+            "gate_up_proj [E, 2I, H] and down_proj [E, H, I] without biases: Mixtral, Qwen-MoE, OLMoE); "
+            "set distributed.ep_size: 1")
+    experts = modules[0].num_experts
+    if experts % ep:
+        divisors = [d for d in range(2, experts + 1) if experts % d == 0][:6]
+        raise ValueError(f"distributed.ep_size={ep} does not divide the model's {experts} experts per layer; use one "
+                         f"of {divisors} or 1")
 
 
 class _AuxLossAutoScaler(torch.autograd.Function):

@@ -18,6 +18,9 @@ class ParallelDims:
             dp_shard, cp, tp)``; their product is the world size.
         sequence_parallel: under tp > 1, activations between layers and stages are
             ``[B, S / tp, H]`` sequence shards (Korthikanti et al., 2022).
+        ep: expert-parallel ranks: a mixture of experts' experts are sharded over this many
+            data-parallel ranks of a stage (``nemo_pp.distributed.expert_parallel``); not a
+            mesh axis of its own (the moe_mesh ``(pp, ep_shard, ep)`` views the same ranks).
     """
 
     pp: int
@@ -26,6 +29,12 @@ class ParallelDims:
     cp: int
     tp: int
     sequence_parallel: bool = False
+    ep: int = 1
+
+    @property
+    def ep_shard(self) -> int:
+        """Data-parallel ranks of a stage that hold the same experts: ``dp_shard * cp / ep``."""
+        return self.dp_shard * self.cp // self.ep
 
     @property
     def dp(self) -> int:
@@ -76,15 +85,19 @@ def resolve_parallel_sizes(
     tp_size: int | None = 1,
     cp_size: int | None = 1,
     sequence_parallel: bool = False,
+    ep_size: int | None = 1,
 ) -> ParallelDims:
     """Resolve the axis sizes from the ``distributed:`` section and the world size.
 
     ``dp_size`` (None: inferred as ``world_size / (pp*cp*tp)``) is split into
     ``dp_replicate_size`` (default 1, i.e. plain FSDP) x ``dp_shard``.
     ``sequence_parallel`` is recorded as given (``plan_run`` checks it against tp).
+    ``ep_size`` experts shards are taken from the data-parallel ranks of a stage.
 
     Raises:
-        ValueError: sizes that do not multiply to the world size, with the arithmetic.
+        ValueError: sizes that do not multiply to the world size, with the arithmetic; an
+            ``ep_size`` other than the data-parallel size (the layout built so far), or with
+            HSDP, cp or tp.
     """
     pp, tp, cp = _positive("pp_size", pp_size), _positive("tp_size", tp_size), _positive("cp_size", cp_size)
     rep = _positive("dp_replicate_size", dp_replicate_size)
@@ -109,7 +122,19 @@ def resolve_parallel_sizes(
             f"distributed.dp_replicate_size={rep} does not divide the data-parallel size {dp} "
             f"(= world {world_size} / (pp {pp} * cp {cp} * tp {tp}))"
         )
+    ep = _positive("ep_size", ep_size)
+    if ep > 1:
+        if rep > 1 or cp > 1 or tp > 1:
+            raise ValueError(
+                f"distributed.ep_size={ep} with dp_replicate_size={rep}, cp_size={cp}, tp_size={tp}: expert "
+                "parallelism is built for plain data parallelism under the pipeline so far; set those to 1 or "
+                "distributed.ep_size: 1")
+        if ep != dp:
+            raise ValueError(
+                f"distributed.ep_size={ep} must equal the data-parallel size {dp} (world {world_size} / pp {pp}): "
+                "experts sharded over all dp ranks of a stage (ep_shard 1) is the layout built so far; set "
+                f"distributed.ep_size: {dp} or 1")
     return ParallelDims(pp=pp, dp_replicate=rep, dp_shard=dp // rep, cp=cp, tp=tp,
-                        sequence_parallel=bool(sequence_parallel))
+                        sequence_parallel=bool(sequence_parallel), ep=ep)
 
 

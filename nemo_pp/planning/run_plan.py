@@ -26,6 +26,7 @@ from nemo_pp.config import instantiate
 from nemo_pp.models.auto_model import loads_per_stage, resolve_dtype
 from nemo_pp.models.loading import SafetensorsCheckpoint, empty_model
 from nemo_pp.models.module_tree import text_config
+from nemo_pp.models.moe import check_expert_parallel
 from nemo_pp.models.stage_forward import validate_hf_model_for_pipeline_support
 from nemo_pp.models.tp_plan import check_tensor_parallel
 from nemo_pp.planning import checks
@@ -122,6 +123,12 @@ class RunPlan:
         """Samples of one optimizer step over the whole data-parallel group (the global batch)."""
         return self.grad_acc_steps * self.local_batch_size * self.sizes.dp
 
+    def _experts_per_rank(self) -> str:
+        from nemo_pp.models.moe import expert_modules
+
+        modules = expert_modules(self.meta_model) if self.meta_model is not None else []
+        return f"{modules[0].num_experts // self.sizes.ep} of {modules[0].num_experts}" if modules else "1/ep of the"
+
     def describe(self) -> str:
         """The plan as the recipe prints it: layout, batch arithmetic, cp padding, stages."""
         s = self.sizes
@@ -131,6 +138,9 @@ class RunPlan:
             f"per optimizer step (global batch {self.samples_per_step})\n"
             + (f"Context parallel: {s.cp} ranks per sequence (head + mirrored tail chunk each), {self.cp_attention} "
                f"attention; sequences padded to a multiple of {self.pad_seq_len_divisible}\n" if s.cp > 1 else "")
+            + (f"Expert parallel: moe_mesh pp {s.pp} x ep_shard {s.ep_shard} x ep {s.ep}; each rank holds "
+               f"{self._experts_per_rank()} experts per MoE layer, tokens routed to them by all-to-all\n"
+               if s.ep > 1 else "")
             + self.pipeline.describe()
         )
 
@@ -310,7 +320,7 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     """
     d, p = cfg.distributed, cfg.distributed.pipeline
     sizes = resolve_parallel_sizes(world_size, d.pp_size, d.dp_size, d.dp_replicate_size, d.tp_size, d.cp_size,
-                                   sequence_parallel=d.sequence_parallel)
+                                   sequence_parallel=d.sequence_parallel, ep_size=d.ep_size)
     checks.check_packing(cfg, sizes)
     cp_attention, pad_divisible = checks.check_context_parallel(cfg, sizes)
     _check_sequence_parallel(cfg, sizes)
@@ -344,6 +354,7 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
         check_model_family(model)
     check_tensor_parallel(model, sizes.tp)
     checks.check_router_loss(model, sizes)
+    check_expert_parallel(model, sizes.ep)
     if cp_attention == "ring":
         checks.check_ring_attention(text_cfg)
     if d.activation_checkpointing:

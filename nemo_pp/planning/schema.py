@@ -139,6 +139,9 @@ class DistributedConfig:
         tp_size: tensor-parallel ranks per stage (the model's ``base_model_tp_plan``).
         cp_size: context-parallel ranks: each holds ``S / cp`` tokens of every sequence.
         cp_attention: the attention over the cp group under cp > 1.
+        ep_size: expert-parallel ranks: a mixture of experts' experts sharded over the
+            data-parallel ranks of each stage, tokens routed to them by all-to-all; so far it
+            must equal the data-parallel size (ep_shard 1).
         pp_size: pipeline stages' ranks (1: one stage of the whole model, same code path).
         sequence_parallel: under tp > 1, hidden states between layers and stages are
             ``[B, S / tp, H]`` sequence shards (Korthikanti et al., 2022).
@@ -154,6 +157,7 @@ class DistributedConfig:
     cp_size: int = setting(1, ge=1)
     cp_attention: str = setting("auto", choices=("auto", "ring", "allgather"),
                                 hint="auto: ring (torch's context_parallel) on CUDA, allgather elsewhere")
+    ep_size: int = setting(1, ge=1)
     pp_size: int = setting(1, ge=1)
     sequence_parallel: bool = False
     activation_checkpointing: bool = False

@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import launch_recipe, recipe_overrides
@@ -44,13 +45,17 @@ def _check_tensorboard_and_plot(out: Path, train: list[dict], loads: list[dict],
     assert proc.returncode == 0 and png.stat().st_size > 10_000, proc.stderr
 
 
-def test_upcycled_moe_trains_at_pp2_x_dp2_exports_and_resumes_at_pp1(tiny_moe_assets, tmp_path):
+@pytest.mark.parametrize("ep", [1, 2])
+def test_upcycled_moe_trains_at_pp2_x_dp2_exports_and_resumes_at_another_ep(tiny_moe_assets, tmp_path, ep):
+    """ep 1: every rank holds all experts, and its checkpoint resumes at pp 2 x ep 2 (each rank
+    then loads half of them); ep 2: each dp rank holds half of them (the checkpoint's expert
+    tensors are DTensor shards) and the checkpoint resumes whole at pp 1."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     model, squad = tiny_moe_assets
     straight = tmp_path / "straight"
-    launch_recipe(4, recipe_overrides(model, squad, straight, *EXTRA, "+tensorboard={}"))
+    launch_recipe(4, recipe_overrides(model, squad, straight, *EXTRA, "+tensorboard={}", f"--distributed.ep_size={ep}"))
     records = _records(straight)
     train = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
@@ -74,12 +79,15 @@ def test_upcycled_moe_trains_at_pp2_x_dp2_exports_and_resumes_at_pp1(tiny_moe_as
     reloaded = AutoModelForCausalLM.from_pretrained(export)
     assert reloaded.config.output_router_logits and reloaded.config.router_aux_loss_coef == 0.1
 
-    other = tmp_path / "pp1"
+    other = tmp_path / "other_layout"
     other.mkdir()
     step3 = next(straight.glob("epoch_*_step_3"))
     shutil.copytree(step3, other / step3.name)
-    launch_recipe(1, recipe_overrides(model, squad, other, *EXTRA, "--distributed.pp_size=1",
-                                      "--dataloader.batch_size=4"))
+    if ep == 1:
+        launch_recipe(4, recipe_overrides(model, squad, other, *EXTRA, "--distributed.ep_size=2"))
+    else:
+        launch_recipe(1, recipe_overrides(model, squad, other, *EXTRA, "--distributed.pp_size=1",
+                                          "--dataloader.batch_size=4"))
     resumed = {r["step"]: r for r in _records(other) if r["event"] == "train"}
     assert sorted(resumed) == [4, 5, 6]
     for r in train[3:]:

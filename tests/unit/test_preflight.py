@@ -69,6 +69,10 @@ def test_good_config_derives_the_plan(cfg_file):
         (["distributed.tp_size=2", "distributed.sequence_parallel=true"], 4, ValueError,
          "set dataloader.pad_seq_len_divisible to a multiple of 2"),
         (["distributed.sequence_parallel=true"], 2, ValueError, "set distributed.tp_size > 1"),
+        (["distributed.ep_size=2"], 4, ValueError, "ep_size=2: model type 'llama' has no experts nemo_pp can shard"),
+        (["distributed.ep_size=4"], 4, ValueError, "ep_size=4 must equal the data-parallel size 2"),
+        (["distributed.ep_size=2", "distributed.cp_size=2"], 8, ValueError,
+         "ep_size=2 with dp_replicate_size=1, cp_size=2, tp_size=1"),
     ],
 )
 def test_bad_input_names_key_and_fix(cfg_file, overrides, world, error, message):
@@ -269,6 +273,11 @@ def test_router_loss_plans_on_an_moe_family_and_is_refused_where_inexact(tmp_pat
     assert plan.meta_model.config.output_router_logits is True
     with pytest.raises(ValueError, match=r"output_router_logits: true with distributed.cp_size=2 is not supported"):
         plan_run(load_recipe_config(path, [on, "distributed.cp_size=2"]), world_size=4, check_checkpoint=False)
+    ep = plan_run(load_recipe_config(path, [on, "distributed.ep_size=2"]), world_size=4, check_checkpoint=False)
+    assert (ep.sizes.ep, ep.sizes.ep_shard) == (2, 1)
+    assert "Expert parallel: moe_mesh pp 2 x ep_shard 1 x ep 2; each rank holds 2 of 4 experts" in ep.describe()
+    with pytest.raises(ValueError, match=r"ep_size=3 does not divide the model's 4 experts per layer; use one of \[2, 4\]"):
+        plan_run(load_recipe_config(path, [on, "distributed.ep_size=3"]), world_size=6, check_checkpoint=False)
     dense = tmp_path / "dense"
     tiny_model("llama", layers=4).config.save_pretrained(dense)
     with pytest.raises(ValueError, match="'model'.*unexpected keyword argument 'output_router_logits'"):
@@ -294,3 +303,19 @@ def test_lora_on_experts_is_refused_with_the_reason_and_attention_lora_plans(tmp
         with pytest.raises(ValueError, match=r"names 'model.layers.0.mlp.(experts|gate)', a Mixtral\w+, not an nn.Linear"):
             plan_run(load_recipe_config(path, [*peft, f"+peft.target_modules=['{target}']"]), world_size=2,
                      check_checkpoint=False)
+
+
+def test_the_shipped_moe_config_plans_on_the_real_upcycled_model(real_moe_model, tmp_path):
+    """configs/smollm2_moe_squad_pp2.yaml on 4 processes: pp 2 x dp 2 x ep 2, the load-balancing loss
+    on, and the split the expert-aware cost model balances (17/13: twice the MLP FLOPs per
+    layer against the same head), every tensor name of the per-expert checkpoint covered."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "smollm2_moe_squad_pp2.yaml"
+    plan = check(config, f"checkpoint.checkpoint_dir={tmp_path}", world=4)
+    assert (plan.sizes.pp, plan.sizes.dp, plan.sizes.ep) == (2, 2, 2)
+    assert plan.meta_model.config.output_router_logits and plan.meta_model.config.router_aux_loss_coef == 0.01
+    layers = [sum(".layers." in n for n in names) for names in plan.pipeline.module_fqns]
+    assert layers == [17, 13]
+    assert plan.weights.sources.keys_of("model.layers.0.mlp.experts.down_proj") == [
+        f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight" for e in range(4)]
