@@ -6,6 +6,10 @@ the root mesh is deprecated in torch 2.13):
 * ``dp``          = dp_replicate x dp_shard      (data-parallel ranks: each its own batch shard)
 * ``dp_shard_cp`` = dp_shard x cp                 (what FSDP2 shards parameters over)
 * ``dp_cp``       = dp_replicate x dp_shard x cp  (what the loss is averaged over)
+
+With expert parallelism (``ep`` > 1) a second mesh over the same ranks, the reference's
+``moe_mesh`` ``(pp, ep_shard, ep)``: ``ep`` ranks hold different experts of a layer,
+``ep_shard`` ranks the same ones (``ep * ep_shard`` = the dp_shard x cp ranks of a stage).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from nemo_pp._torch_compat import flatten_mesh, slice_with_flattened
 from nemo_pp.planning.dims import ParallelDims
 
 MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+MOE_MESH_DIM_NAMES = ("pp", "ep_shard", "ep")
 
 
 
@@ -30,6 +35,7 @@ class MeshBundle:
     dp: DeviceMesh
     dp_shard_cp: DeviceMesh
     dp_cp: DeviceMesh
+    moe: DeviceMesh | None = None
 
     @property
     def hsdp(self) -> DeviceMesh:
@@ -40,9 +46,8 @@ class MeshBundle:
 
     @property
     def ep(self) -> DeviceMesh | None:
-        """The 1-D ep mesh the experts are sharded over (None at ep 1): with ep equal to the
-        data-parallel size (ep_shard 1), a stage's dp_shard ranks."""
-        return self.dp_shard_cp if self.sizes.ep > 1 else None
+        """The 1-D ``ep`` sub-mesh of :attr:`moe` the experts are sharded over (None at ep 1)."""
+        return self.moe["ep"] if self.moe is not None else None
 
     @property
     def pp(self) -> DeviceMesh:
@@ -68,10 +73,14 @@ class MeshBundle:
 
 
 def build_device_mesh(device_type: str, sizes: ParallelDims) -> MeshBundle:
-    """Create the 5D mesh for ``device_type`` ("cpu" -> gloo groups, "cuda" -> nccl)."""
+    """Create the 5D mesh for ``device_type`` ("cpu" -> gloo groups, "cuda" -> nccl), and the
+    moe_mesh under expert parallelism."""
     shape = (sizes.pp, sizes.dp_replicate, sizes.dp_shard, sizes.cp, sizes.tp)
     world = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIM_NAMES)
     dp = flatten_mesh(world["dp_replicate", "dp_shard"], "dp")
     dp_shard_cp = flatten_mesh(world["dp_shard", "cp"], "dp_shard_cp")
     dp_cp = flatten_mesh(world["dp_replicate", "dp_shard", "cp"], "dp_cp")
-    return MeshBundle(world=world, sizes=sizes, dp=dp, dp_shard_cp=dp_shard_cp, dp_cp=dp_cp)
+    moe = None
+    if sizes.ep > 1:  # the same ranks in the same order: a stage's dp_shard x cp ranks are ep_shard x ep
+        moe = init_device_mesh(device_type, (sizes.pp, sizes.ep_shard, sizes.ep), mesh_dim_names=MOE_MESH_DIM_NAMES)
+    return MeshBundle(world=world, sizes=sizes, dp=dp, dp_shard_cp=dp_shard_cp, dp_cp=dp_cp, moe=moe)

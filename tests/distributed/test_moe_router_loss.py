@@ -57,7 +57,13 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
                       split="uniform", device=torch.device("cpu")).build(model, loss_fn=sum_ce, parallelize_fn=chain)
     assert ap.router_loss is not None and ap.router_loss.aux_loss
     if ep > 1:  # each rank holds its E / ep experts of every layer, as DTensor shards of the whole
+        import torch.distributed as dist
+
         from nemo_pp.models.moe import expert_modules
+
+        # the reference's moe_mesh (pp, ep_shard, ep): the ep group is this stage's dp group
+        assert mesh.moe.mesh_dim_names == ("pp", "ep_shard", "ep") and mesh.ep.size() == ep
+        assert dist.get_process_group_ranks(mesh.ep.get_group()) == dist.get_process_group_ranks(mesh.dp.get_group())
 
         for module in (m for part in ap.parts for m in expert_modules(part)):
             assert module.gate_up_proj.to_local().shape[0] == module.num_experts // ep
