@@ -180,6 +180,8 @@ class SafetensorsCheckpoint:
             for fqn, src, target in items:
                 tensor = self.sources.load(src, lambda key: handles[self.weight_map[key]].get_tensor(key), module)
                 if tensor.shape != target.shape:
-                    raise ValueError(f"checkpoint tensor(s) {self.sources.keys_of(src)} give shape {tuple(tensor.shape)}, "
-                                     f"the model's '{fqn}' {tuple(target.shape)}")
+                    keys = self.sources.keys_of(src)
+                    what = f"tensor '{keys[0]}' has" if len(keys) == 1 else f"tensors {keys} give"
+                    raise ValueError(f"checkpoint {what} shape {tuple(tensor.shape)}, the model's '{fqn}' "
+                                     f"{tuple(target.shape)}")
                 target.copy_(tensor)

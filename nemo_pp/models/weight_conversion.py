@@ -38,12 +38,19 @@ class CheckpointSources:
 
     @property
     def sources(self) -> dict[str, list[str]]:
+        """``{model FQN: [checkpoint keys]}`` of every tensor the checkpoint can fill."""
         return {fqn: [key for key, _ in keys] for fqn, keys in self._sources.items()}
 
     def has(self, fqn: str) -> bool:
+        """Whether the checkpoint holds what model FQN ``fqn`` needs."""
         return fqn in self._sources
 
     def keys_of(self, fqn: str) -> list[str]:
+        """The checkpoint keys model FQN ``fqn`` is read from, in merge order.
+
+        Raises:
+            KeyError: the checkpoint has nothing for ``fqn`` (see :meth:`has`).
+        """
         return [key for key, _ in self._sources[fqn]]
 
     def load(self, fqn: str, read: Callable[[str], torch.Tensor], model: nn.Module) -> torch.Tensor:

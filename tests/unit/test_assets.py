@@ -77,7 +77,8 @@ def test_missing_asset_message():
 def test_prepare_is_a_noop_when_marked_complete(home, capsys):
     from nemo_pp.assets.user_data import chat_dir, instructions_dir, shakespeare_dir
 
-    for d in (assets.smollm2_dir(), assets.squad_dir(), instructions_dir(), chat_dir(), shakespeare_dir()):
+    for d in (assets.smollm2_dir(), assets.smollm2_moe_dir(), assets.squad_dir(), instructions_dir(), chat_dir(),
+              shakespeare_dir()):
         d.mkdir(parents=True)
         (d / assets.MARKER).write_text("{}")
     t0 = time.perf_counter()
@@ -178,3 +179,25 @@ def test_natural_instructions_and_topical_chat_become_rows_and_chats():
         {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": 'Do you like "jazz"?'}, {"role": "assistant", "content": "Yes."}]}
     assert convs[1]["messages"] == [{"role": "user", "content": "Only me"}, {"role": "assistant", "content": "ok"}]
+
+
+def test_sparse_upcycling_keeps_the_dense_model_s_logits():
+    """Each expert starts as a copy of the dense MLP and Mixtral renormalises the top-2 weights,
+    so the upcycled model computes what the dense one computes; the routers are fresh."""
+    import torch
+
+    from nemo_pp.assets.smollm2_moe import upcycle_llama_to_mixtral
+    from tests.tiny_models import tiny_model
+
+    dense = tiny_model("llama", tied=True, layers=2).eval()
+    moe = upcycle_llama_to_mixtral(dense, num_experts=4, top_k=2).eval()
+    assert type(moe).__name__ == "MixtralForCausalLM" and moe.config.output_router_logits
+    assert moe.lm_head.weight is moe.model.embed_tokens.weight
+    experts = moe.model.layers[1].mlp.experts
+    assert torch.equal(experts.down_proj[3], dense.model.layers[1].mlp.down_proj.weight)
+    assert moe.model.layers[0].mlp.gate.weight.std() > 0.01
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs a Llama without biases, got model type 'qwen2'"):
+        upcycle_llama_to_mixtral(tiny_model("qwen2"))

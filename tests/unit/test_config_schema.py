@@ -115,7 +115,7 @@ def test_defaults_are_the_recipe_defaults():
         "seed": 42,
         "dist_env": {"device": "auto", "timeout_minutes": 10.0},
         "distributed": {
-            "strategy": "fsdp2", "dp_size": None, "dp_replicate_size": 1, "tp_size": 1, "cp_size": 1, "cp_attention": "auto", "pp_size": 1,
+            "strategy": "fsdp2", "dp_size": None, "dp_replicate_size": 1, "tp_size": 1, "cp_size": 1, "cp_attention": "auto", "ep_size": 1, "pp_size": 1,
             "sequence_parallel": False, "activation_checkpointing": False, "mp_policy": None,
             "pipeline": {**old_pipeline, **new_pipeline},
         },
@@ -133,7 +133,7 @@ def test_defaults_are_the_recipe_defaults():
         },
         "lr_scheduler": {"lr_warmup_steps": 0, "lr_decay_style": "cosine", "min_lr": 0.0},
         "clip_grad_norm": {"max_norm": 1.0},
-        "logging": {"log_every_steps": 1},
+        "logging": {"log_every_steps": 1, "expert_load_every_steps": 10},
         "checkpoint": {
             "enabled": False, "checkpoint_dir": "outputs/finetune", "model_save_format": "torch_save",
             "save_consolidated": "final", "is_async": False, "restore_from": None, "max_recent_checkpoints": None,
