@@ -48,7 +48,7 @@ from torch import nn
 
 from nemo_pp.models.module_tree import find_layer_stack, iter_decoder_layers, text_config
 
-__all__ = ["EXPERT_WEIGHTS", "RouterLoss", "RouterSpec", "check_expert_parallel", "check_router_aux_loss", "expert_modules",
+__all__ = ["EP_PROVEN_MODEL_TYPES", "EXPERT_WEIGHTS", "RouterLoss", "RouterSpec", "check_expert_parallel", "check_router_aux_loss", "expert_modules",
            "moe_layer_indices", "router_spec"]
 
 
@@ -161,6 +161,10 @@ def _routers(layer: nn.Module, spec: RouterSpec) -> list[nn.Module]:
 #: the fused expert weights of transformers 5's experts modules (Mixtral, Qwen-MoE, OLMoE, ...)
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
+#: families whose experts nemo_pp's expert-parallel forward reproduces exactly
+#: (tests/distributed/test_moe_router_loss.py, EP_FAMILIES)
+EP_PROVEN_MODEL_TYPES = frozenset({"mixtral", "qwen3_moe", "qwen2_moe", "olmoe"})
+
 
 def expert_modules(model: nn.Module) -> list[nn.Module]:
     """The fused experts modules of ``model``: ``gate_up_proj: [E, 2I, H]``,
@@ -180,11 +184,18 @@ def check_expert_parallel(model: nn.Module, ep: int) -> None:
     Raises:
         ValueError: ``ep`` > 1 on a model without fused experts modules (a dense model, or a
             family whose experts have another layout, e.g. biases), or ``ep`` not dividing
-            the expert count; names ``distributed.ep_size``.
+            the expert count, or a family outside :data:`EP_PROVEN_MODEL_TYPES`; names
+            ``distributed.ep_size``.
     """
     if ep == 1:
         return
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if kind not in EP_PROVEN_MODEL_TYPES:
+        # the sharded forward re-implements the experts' math (act(gate) * up, then down): exact
+        # only where the parity tests proved it (GPT-OSS, e.g., clamps its gated activation)
+        raise ValueError(
+            f"distributed.ep_size={ep}: expert parallelism is proven for model types "
+            f"{', '.join(sorted(EP_PROVEN_MODEL_TYPES))}, not '{kind}'; set distributed.ep_size: 1")
     modules = expert_modules(model)
     if not modules:
         raise ValueError(

@@ -125,6 +125,12 @@ def test_a_stage_without_its_router_loss_fails_the_comparison():
 EP_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")  # fused experts (granitemoe's have another layout)
 
 
+def test_the_ep_proven_list_is_the_families_tested_here():
+    from nemo_pp.models.moe import EP_PROVEN_MODEL_TYPES
+
+    assert EP_PROVEN_MODEL_TYPES == set(EP_FAMILIES)
+
+
 @pytest.mark.parametrize("model_type", EP_FAMILIES)
 def test_expert_parallel_ep2_matches_reference(model_type):
     """ep 2 on 2 data-parallel ranks (pp 1): each rank holds half the experts, tokens go to

@@ -69,7 +69,8 @@ def test_good_config_derives_the_plan(cfg_file):
         (["distributed.tp_size=2", "distributed.sequence_parallel=true"], 4, ValueError,
          "set dataloader.pad_seq_len_divisible to a multiple of 2"),
         (["distributed.sequence_parallel=true"], 2, ValueError, "set distributed.tp_size > 1"),
-        (["distributed.ep_size=2"], 4, ValueError, "ep_size=2: model type 'llama' has no experts nemo_pp can shard"),
+        (["distributed.ep_size=2"], 4, ValueError, "ep_size=2: expert parallelism is proven for model types mixtral, "
+         "olmoe, qwen2_moe, qwen3_moe, not 'llama'"),
         (["distributed.ep_size=4"], 4, ValueError, "ep_size=4 must equal the data-parallel size 2"),
         (["distributed.ep_size=2", "distributed.cp_size=2"], 8, ValueError,
          "ep_size=2 with dp_replicate_size=1, cp_size=2, tp_size=1"),
