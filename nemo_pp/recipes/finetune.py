@@ -50,7 +50,7 @@ from nemo_pp.training.data import build_dataloader, build_dataset_main_first
 from nemo_pp.training.engine import TrainEngine
 from nemo_pp.training.loggers import build_metric_loggers
 from nemo_pp.training.lr_scheduler import build_lr_scheduler
-from nemo_pp.training.metrics import expert_load_record, format_step, peak_memory_bytes
+from nemo_pp.training.metrics import ExpertLoadLog, format_step, peak_memory_bytes
 from nemo_pp.training.preemption import PreemptionWatcher
 
 logger = logging.getLogger("nemo_pp.finetune")
@@ -71,7 +71,7 @@ class FinetuneRecipe:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self._expert_tokens = None  # tokens per expert since the last expert_load record
+        self._expert_load = None  # a mixture of experts' ExpertLoadLog, made at its first step
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "FinetuneRecipe":
@@ -327,18 +327,14 @@ class FinetuneRecipe:
         return record
 
     def _log_expert_load(self, step: int, tokens) -> None:
-        """Sum the step's tokens per expert; every ``logging.expert_load_every_steps`` (and at
-        the last step) write them with each layer's max/mean imbalance (1.0: balanced)."""
-        self._expert_tokens = tokens if self._expert_tokens is None else self._expert_tokens + tokens
-        every = self.cfg.logging.expert_load_every_steps
-        if step % every and step != self.total_steps:
-            return
-        record = expert_load_record(step, self.ap.router_loss.moe_layers, self._expert_tokens)
-        self._expert_tokens = None
-        self.metrics.log(record)
-        if self.is_main:
-            tqdm.write(f"expert load (busiest expert's tokens / mean, over the last {every} steps): worst layer "
-                       f"{record['max_imbalance']:.2f}, mean over layers {record['mean_imbalance']:.2f}")
+        """Every ``logging.expert_load_every_steps`` (and at the last step) an ``expert_load`` record."""
+        if self._expert_load is None:
+            self._expert_load = ExpertLoadLog(self.ap.router_loss.moe_layers, self.cfg.logging.expert_load_every_steps)
+        record = self._expert_load.add(step, tokens, last=step == self.total_steps)
+        if record is not None:
+            self.metrics.log(record)
+            if self.is_main:
+                tqdm.write(self._expert_load.describe(record))
 
     def _export_final(self) -> Path | None:
         """The end-of-run export (``checkpoint.save_consolidated``): the Hugging Face folder,

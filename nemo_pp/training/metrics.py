@@ -60,6 +60,34 @@ def expert_load_record(step: int, moe_layers: list[int], tokens: torch.Tensor) -
             "max_imbalance": round(max(imbalance), 4), "mean_imbalance": round(sum(imbalance) / len(imbalance), 4)}
 
 
+class ExpertLoadLog:
+    """Sums a mixture of experts' tokens per expert over steps and gives an
+    :func:`expert_load_record` every ``every`` steps.
+
+    Args:
+        moe_layers: the original indices of the MoE layers.
+        every: steps per record (``logging.expert_load_every_steps``).
+    """
+
+    def __init__(self, moe_layers: list[int], every: int):
+        self.moe_layers, self.every = list(moe_layers), every
+        self._tokens: torch.Tensor | None = None
+
+    def add(self, step: int, tokens: torch.Tensor, last: bool = False) -> dict | None:
+        """Add one step's ``[MoE layers, E]`` counts; the record when ``step`` is a multiple of
+        ``every`` or ``last`` (then the sums start again), else None."""
+        self._tokens = tokens if self._tokens is None else self._tokens + tokens
+        if step % self.every and not last:
+            return None
+        record, self._tokens = expert_load_record(step, self.moe_layers, self._tokens), None
+        return record
+
+    def describe(self, record: dict) -> str:
+        """The console line of a record."""
+        return (f"expert load (busiest expert's tokens / mean, over the last {self.every} steps): worst layer "
+                f"{record['max_imbalance']:.2f}, mean over layers {record['mean_imbalance']:.2f}")
+
+
 def format_step(record: dict) -> str:
     """``step 3/40 | loss 1.2345 | grad_norm 2.31 | lr 1.0e-04 | 812 tok/s | 2.41 s | mem 1.2 GiB``
     (``| aux 2.0123`` after the loss when the record has the router's ``aux_loss``)."""
