@@ -92,11 +92,9 @@ class FSDP2Parallelizer:
             checkpoint_decoder_layers(model, required=False)
         mesh = self._fsdp_mesh()
         kwargs = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        sharded_experts = expert_parallel_params(model)
-        if sharded_experts:  # sharded over ep already: at ep == dp no two ranks hold the same expert
-            kwargs["ignored_params"] = sharded_experts
         if self.mp_policy is not None:
             kwargs["mp_policy"] = self.mp_policy
+        self._shard_experts(model, kwargs)
         try:
             layers = decoder_layers(model)
         except ValueError:  # a stage without layers (lm_head alone): the part is one FSDP unit
@@ -110,6 +108,26 @@ class FSDP2Parallelizer:
                 # plain SUM collectives: a factor without this becomes PREMUL_SUM, which gloo lacks
                 module.set_force_sum_reduction_for_comms(True)
         return model
+
+
+    def _shard_experts(self, model: nn.Module, kwargs: dict) -> None:
+        """Experts already sharded over ``ep`` (:class:`ExpertParallel`): at ``ep_shard`` 1 no
+        two ranks of a stage hold the same expert, so FSDP2 leaves them out; otherwise each
+        experts module is its own FSDP2 unit over ``moe_mesh["ep_shard"]`` (the ranks holding
+        the same experts), which the layer's unit then skips, as torchtitan shards them. FSDP2
+        composes the two meshes of one root (ep_shard, ep) and shards dim 0 again
+        (``_StridedShard``), so DCP and ``full_tensor`` still see the global expert tensors."""
+        sharded = expert_parallel_params(model)
+        if not sharded:
+            return
+        b = self.mesh_bundle
+        if b.sizes.ep_shard == 1:
+            kwargs["ignored_params"] = sharded
+            return
+        ep_shard = b.moe["ep_shard"]
+        for module in model.modules():
+            if getattr(module, "_nemo_pp_ep_group", None) is not None:
+                fully_shard(module, **{**kwargs, "mesh": ep_shard})
 
 
 class TensorParallelizer:

@@ -92,12 +92,12 @@ def resolve_parallel_sizes(
     ``dp_size`` (None: inferred as ``world_size / (pp*cp*tp)``) is split into
     ``dp_replicate_size`` (default 1, i.e. plain FSDP) x ``dp_shard``.
     ``sequence_parallel`` is recorded as given (``plan_run`` checks it against tp).
-    ``ep_size`` experts shards are taken from the data-parallel ranks of a stage.
+    ``ep_size`` experts shards are taken from the data-parallel ranks of a stage; the
+    ``dp / ep`` ranks left (``ep_shard``) hold the same experts and FSDP2-shard them.
 
     Raises:
         ValueError: sizes that do not multiply to the world size, with the arithmetic; an
-            ``ep_size`` other than the data-parallel size (the layout built so far), or with
-            HSDP, cp or tp.
+            ``ep_size`` that does not divide the data-parallel size, or with HSDP, cp or tp.
     """
     pp, tp, cp = _positive("pp_size", pp_size), _positive("tp_size", tp_size), _positive("cp_size", cp_size)
     rep = _positive("dp_replicate_size", dp_replicate_size)
@@ -129,11 +129,11 @@ def resolve_parallel_sizes(
                 f"distributed.ep_size={ep} with dp_replicate_size={rep}, cp_size={cp}, tp_size={tp}: expert "
                 "parallelism is built for plain data parallelism under the pipeline so far; set those to 1 or "
                 "distributed.ep_size: 1")
-        if ep != dp:
+        if dp % ep:
+            divisors = [d for d in range(1, dp + 1) if dp % d == 0]
             raise ValueError(
-                f"distributed.ep_size={ep} must equal the data-parallel size {dp} (world {world_size} / pp {pp}): "
-                "experts sharded over all dp ranks of a stage (ep_shard 1) is the layout built so far; set "
-                f"distributed.ep_size: {dp} or 1")
+                f"distributed.ep_size={ep} does not divide the data-parallel size {dp} (world {world_size} / pp {pp}): "
+                f"the ep ranks are taken from a stage's dp ranks; use one of {divisors}")
     return ParallelDims(pp=pp, dp_replicate=rep, dp_shard=dp // rep, cp=cp, tp=tp,
                         sequence_parallel=bool(sequence_parallel), ep=ep)
 

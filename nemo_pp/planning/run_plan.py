@@ -139,7 +139,9 @@ class RunPlan:
             + (f"Context parallel: {s.cp} ranks per sequence (head + mirrored tail chunk each), {self.cp_attention} "
                f"attention; sequences padded to a multiple of {self.pad_seq_len_divisible}\n" if s.cp > 1 else "")
             + (f"Expert parallel: moe_mesh pp {s.pp} x ep_shard {s.ep_shard} x ep {s.ep}; each rank holds "
-               f"{self._experts_per_rank()} experts per MoE layer, tokens routed to them by all-to-all\n"
+               f"{self._experts_per_rank()} experts per MoE layer, tokens routed to them by all-to-all"
+               + (f"; FSDP2 shards them over the {s.ep_shard} ep_shard ranks that hold the same ones"
+                  if s.ep_shard > 1 else "") + "\n"
                if s.ep > 1 else "")
             + self.pipeline.describe()
         )

@@ -96,3 +96,33 @@ def test_upcycled_moe_trains_at_pp2_x_dp2_exports_and_resumes_at_another_ep(tiny
     torch.testing.assert_close(
         torch.tensor([r["grad_norm"] for r in train[3:]]),
         torch.tensor([resumed[s]["grad_norm"] for s in (4, 5, 6)]), rtol=1e-4, atol=1e-5)
+
+
+def test_experts_sharded_over_ep_shard_checkpoint_and_export_and_resume_at_ep_shard_1(tiny_moe_assets, tmp_path):
+    """pp 1 x dp 4 at ep 2: the experts are FSDP2-sharded again over the ep_shard pairs (DTensors
+    on the 2-D (ep_shard, ep) mesh, ``_StridedShard`` on dim 0). Their DCP checkpoint resumes at
+    pp 2 x ep 2 (ep_shard 1) with the next losses equal, and the export gathers them whole."""
+    from transformers import AutoModelForCausalLM
+
+    model, squad = tiny_moe_assets
+    straight = tmp_path / "straight"
+    layout = ("--distributed.pp_size=1", "--distributed.ep_size=2", "--dataloader.batch_size=1")
+    launch_recipe(4, recipe_overrides(model, squad, straight, *EXTRA, *layout))
+    train = [r for r in _records(straight) if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    reloaded = AutoModelForCausalLM.from_pretrained(straight / "hf_model")
+    source = AutoModelForCausalLM.from_pretrained(model)
+    moved = [n for n, p in reloaded.named_parameters() if "experts" in n
+             and not torch.equal(p, dict(source.named_parameters())[n])]
+    assert moved, "the exported experts are the trained ones"
+
+    other = tmp_path / "other_layout"
+    other.mkdir()
+    step3 = next(straight.glob("epoch_*_step_3"))
+    shutil.copytree(step3, other / step3.name)
+    launch_recipe(4, recipe_overrides(model, squad, other, *EXTRA, "--distributed.ep_size=2"))
+    resumed = {r["step"]: r for r in _records(other) if r["event"] == "train"}
+    assert sorted(resumed) == [4, 5, 6]
+    for r in train[3:]:
+        assert abs(r["loss"] - resumed[r["step"]]["loss"]) <= 1e-5, (r, resumed[r["step"]])
+        assert abs(r["aux_loss"] - resumed[r["step"]]["aux_loss"]) <= 1e-5, (r, resumed[r["step"]])

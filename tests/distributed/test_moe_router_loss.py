@@ -61,12 +61,18 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
 
         from nemo_pp.models.moe import expert_modules
 
-        # the reference's moe_mesh (pp, ep_shard, ep): the ep group is this stage's dp group
+        # the reference's moe_mesh (pp, ep_shard, ep): ep and ep_shard split this stage's dp group
         assert mesh.moe.mesh_dim_names == ("pp", "ep_shard", "ep") and mesh.ep.size() == ep
-        assert dist.get_process_group_ranks(mesh.ep.get_group()) == dist.get_process_group_ranks(mesh.dp.get_group())
+        ep_ranks = dist.get_process_group_ranks(mesh.ep.get_group())
+        shard_ranks = dist.get_process_group_ranks(mesh.moe["ep_shard"].get_group())
+        dp_ranks = dist.get_process_group_ranks(mesh.dp.get_group())
+        assert set(ep_ranks) <= set(dp_ranks) and set(shard_ranks) <= set(dp_ranks)
+        assert len(ep_ranks) * len(shard_ranks) == dp and set(ep_ranks) & set(shard_ranks) == {rank}
 
+        ep_shard = dp // ep
         for module in (m for part in ap.parts for m in expert_modules(part)):
-            assert module.gate_up_proj.to_local().shape[0] == module.num_experts // ep
+            # E / ep experts per ep rank, FSDP2 splits those again over ep_shard
+            assert module.gate_up_proj.to_local().shape[0] == module.num_experts // ep // ep_shard
             assert module.gate_up_proj.shape[0] == module.num_experts
     if drop_stage is not None:  # break it on purpose: the test must see the missing term
         for stage, part in zip(ap.info.stages, ap.parts):
@@ -142,3 +148,14 @@ def test_expert_parallel_ep2_matches_reference(model_type):
 def test_pp2_x_ep2_with_activation_checkpointing_matches_reference():
     """pp 2 x ep 2 on 4 ranks, 1F1B, the layers recomputed in backward (the all-to-alls run again)."""
     run_ranks(_run, 4, "mixtral", 2, "1f1b", 2, False, True, None, 2, timeout=240)
+
+
+def test_ep2_x_ep_shard2_fsdp2_over_the_shared_experts_matches_reference():
+    """ep 2 on 4 data-parallel ranks: each pair of ranks holding the same experts (ep_shard 2)
+    FSDP2-shards them and reduce-scatters their gradients; everything else FSDP2 over all 4."""
+    run_ranks(_run, 4, "qwen3_moe", 1, "gpipe", 2, False, False, None, 2, timeout=240)
+
+
+def test_pp2_x_ep2_x_ep_shard2_matches_reference():
+    """The issue's layout on 8 ranks: pp 2 x (ep_shard 2 x ep 2), 1F1B, layers recomputed."""
+    run_ranks(_run, 8, "mixtral", 2, "1f1b", 2, False, True, None, 2, timeout=400)

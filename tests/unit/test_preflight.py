@@ -71,7 +71,7 @@ def test_good_config_derives_the_plan(cfg_file):
         (["distributed.sequence_parallel=true"], 2, ValueError, "set distributed.tp_size > 1"),
         (["distributed.ep_size=2"], 4, ValueError, "ep_size=2: expert parallelism is proven for model types mixtral, "
          "olmoe, qwen2_moe, qwen3_moe, not 'llama'"),
-        (["distributed.ep_size=4"], 4, ValueError, "ep_size=4 must equal the data-parallel size 2"),
+        (["distributed.ep_size=4"], 4, ValueError, r"ep_size=4 does not divide the data-parallel size 2 .*use one of \[1, 2\]"),
         (["distributed.ep_size=2", "distributed.cp_size=2"], 8, ValueError,
          "ep_size=2 with dp_replicate_size=1, cp_size=2, tp_size=1"),
     ],
@@ -277,6 +277,10 @@ def test_router_loss_plans_on_an_moe_family_and_is_refused_where_inexact(tmp_pat
     ep = plan_run(load_recipe_config(path, [on, "distributed.ep_size=2"]), world_size=4, check_checkpoint=False)
     assert (ep.sizes.ep, ep.sizes.ep_shard) == (2, 1)
     assert "Expert parallel: moe_mesh pp 2 x ep_shard 1 x ep 2; each rank holds 2 of 4 experts" in ep.describe()
+    shard = plan_run(load_recipe_config(path, [on, "distributed.ep_size=2"]), world_size=8, check_checkpoint=False)
+    assert (shard.sizes.ep, shard.sizes.ep_shard) == (2, 2)
+    assert ("moe_mesh pp 2 x ep_shard 2 x ep 2; each rank holds 2 of 4 experts per MoE layer, tokens routed to them "
+            "by all-to-all; FSDP2 shards them over the 2 ep_shard ranks that hold the same ones") in shard.describe()
     with pytest.raises(ValueError, match=r"ep_size=3 does not divide the model's 4 experts per layer; use one of \[2, 4\]"):
         plan_run(load_recipe_config(path, [on, "distributed.ep_size=3"]), world_size=6, check_checkpoint=False)
     dense = tmp_path / "dense"
