@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--png", default="pipeline_schedule.png", help="where to write the schedule picture")
     extra.add_argument("--world-size", type=int, default=None,
-                       help="processes of the run (default: pp_size * cp_size * tp_size * (dp_size or 1))")
+                       help="processes of the run (default: pp_size * cp_size * tp_size * (dp_size or ep_size))")
     extra.add_argument("--profile", action="store_true",
                        help="time each piece (embedding, one layer, head + loss) once on this CPU and predict "
                             "per-stage and optimizer-step seconds")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         path, overrides = parse_cli(rest)
         cfg = load_recipe_config(path, overrides)
         d = cfg.distributed
-        world = known.world_size or d.pp_size * d.cp_size * d.tp_size * (d.dp_size or 1)
+        world = known.world_size or d.pp_size * d.cp_size * d.tp_size * (d.dp_size or d.ep_size)
         run = plan_run(cfg, world, check_checkpoint=False)  # the recipe's own plan, no weight read
     except (ConfigError, ValueError, OSError, NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,8 @@ the root mesh is deprecated in torch 2.13):
 With expert parallelism (``ep`` > 1) a second mesh over the same ranks, the reference's
 ``moe_mesh`` ``(pp, ep_shard, ep)``: ``ep`` ranks hold different experts of a layer,
 ``ep_shard`` ranks the same ones (``ep * ep_shard`` = the dp_shard x cp ranks of a stage).
+Under tp a fourth axis ``(pp, ep_shard, ep, tp)``: the ranks of one tp group hold the same
+tokens (tp shards the attention only), so each dispatches within the ep group of its tp index.
 """
 
 from __future__ import annotations
@@ -82,5 +84,8 @@ def build_device_mesh(device_type: str, sizes: ParallelDims) -> MeshBundle:
     dp_cp = flatten_mesh(world["dp_replicate", "dp_shard", "cp"], "dp_cp")
     moe = None
     if sizes.ep > 1:  # the same ranks in the same order: a stage's dp_shard x cp ranks are ep_shard x ep
-        moe = init_device_mesh(device_type, (sizes.pp, sizes.ep_shard, sizes.ep), mesh_dim_names=MOE_MESH_DIM_NAMES)
+        shape, names = (sizes.pp, sizes.ep_shard, sizes.ep), MOE_MESH_DIM_NAMES
+        if sizes.tp > 1:  # tp stays innermost: each tp rank dispatches within the ep group of its tp index
+            shape, names = (*shape, sizes.tp), (*names, "tp")
+        moe = init_device_mesh(device_type, shape, mesh_dim_names=names)
     return MeshBundle(world=world, sizes=sizes, dp=dp, dp_shard_cp=dp_shard_cp, dp_cp=dp_cp, moe=moe)

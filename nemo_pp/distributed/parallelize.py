@@ -138,7 +138,8 @@ class TensorParallelizer:
         self.sequence_parallel = sequence_parallel
 
     def __call__(self, model: nn.Module, world_mesh=None, moe_mesh=None, **_):
-        return tensor_parallelize(model, self.mesh_bundle.world["tp"], self.sequence_parallel)
+        return tensor_parallelize(model, self.mesh_bundle.world["tp"], self.sequence_parallel,
+                                  expert_parallel=self.mesh_bundle.sizes.ep > 1)
 
 
 class ComposedParallelizer:

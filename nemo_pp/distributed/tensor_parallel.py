@@ -106,7 +106,8 @@ def _lora_plan(name: str, module: nn.Module, style: str, sp: bool) -> dict:
                      "has no adapter plan; exclude it with peft.exclude_modules or set distributed.tp_size: 1")
 
 
-def tensor_parallelize(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.Module:
+def tensor_parallelize(model: nn.Module, tp_mesh, sequence_parallel: bool = False,
+                       expert_parallel: bool = False) -> nn.Module:
     """Shard ``model`` (a whole model or one pipeline stage) over the 1D ``tp_mesh``.
 
     Decoder projections follow :func:`layer_tp_plan`, the input embedding is vocab-parallel,
@@ -118,6 +119,11 @@ def tensor_parallelize(model: nn.Module, tp_mesh, sequence_parallel: bool = Fals
     stage's forward and static shapes must then be built for ``tp`` sequence shards
     (``StageSpec.sequence_shards``, which the plan sets), so positions, the causal mask and
     the shapes use the whole length.
+
+    With ``expert_parallel`` a mixture of experts' experts are left to expert parallelism
+    (:func:`layer_tp_plan`): their input, the attention block's all-reduced output, is whole
+    and equal on every tp rank, so each tp rank routes and dispatches the same tokens within
+    its own ep group and their gradients come out equal.
     """
     tied = is_tied(model)
     tied_fqns = tied_param_fqns(model) if tied else None
@@ -125,7 +131,7 @@ def tensor_parallelize(model: nn.Module, tp_mesh, sequence_parallel: bool = Fals
     sp = sequence_parallel
     seq_out = {"output_layouts": Shard(1)} if sp else {}
     plan = {}
-    patterns = layer_tp_plan(model)
+    patterns = layer_tp_plan(model, expert_parallel)
     for name, module in model.named_modules():
         rel = name[len(prefix):] if prefix and name.startswith(prefix) else name
         style = next((s for pat, s in patterns.items() if fnmatch.fnmatchcase(rel, pat)), None)

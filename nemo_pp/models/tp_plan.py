@@ -31,10 +31,12 @@ DEFAULT_LAYER_PLAN = {
 }
 
 
-def layer_tp_plan(model: nn.Module) -> dict[str, str]:
+def layer_tp_plan(model: nn.Module, expert_parallel: bool = False) -> dict[str, str]:
     """The decoder's plan (patterns relative to the base model, e.g. ``layers.*.mlp.up_proj``):
     the model's ``base_model_tp_plan``, else :data:`DEFAULT_LAYER_PLAN` when the model has
-    those modules.
+    those modules. With ``expert_parallel`` the entries of a mixture of experts' experts
+    (``layers.*.mlp.experts...``) are left out: expert parallelism shards those, tp only
+    the attention (and any dense MLP).
 
     Raises:
         ValueError: no plan fits the model, or the plan uses a style nemo_pp does not map
@@ -43,6 +45,8 @@ def layer_tp_plan(model: nn.Module) -> dict[str, str]:
     config = text_config(model.config)
     kind = getattr(config, "model_type", type(model).__name__)
     plan = dict(getattr(config, "base_model_tp_plan", None) or {})
+    if expert_parallel:
+        plan = {k: v for k, v in plan.items() if "experts" not in k.split(".")}
     if not plan:
         names = {name.split(".", 1)[1] if "." in name else name for name, _ in model.named_modules()}
         if any(fnmatch.fnmatch(n, pat) for n in names for pat in DEFAULT_LAYER_PLAN):
@@ -62,8 +66,9 @@ def layer_tp_plan(model: nn.Module) -> dict[str, str]:
     return plan
 
 
-def check_tensor_parallel(model: nn.Module, tp: int) -> None:
-    """Refuse a ``tp`` the model's shapes cannot split evenly, naming the config field.
+def check_tensor_parallel(model: nn.Module, tp: int, ep: int = 1) -> None:
+    """Refuse a ``tp`` the model's shapes cannot split evenly, naming the config field
+    (``ep`` > 1: the experts are expert-parallel, :func:`layer_tp_plan`'s ``expert_parallel``).
 
     Raises:
         ValueError: heads, kv heads, hidden, intermediate or vocabulary size not divisible
@@ -80,6 +85,6 @@ def check_tensor_parallel(model: nn.Module, tp: int) -> None:
                 f"distributed.tp_size={tp} does not divide the model's {field}={value}; use a tp_size that "
                 f"divides it (e.g. {', '.join(map(str, divisors))}) or distributed.tp_size: 1"
             )
-    layer_tp_plan(model)
+    layer_tp_plan(model, expert_parallel=ep > 1)
 
 

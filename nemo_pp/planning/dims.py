@@ -97,7 +97,8 @@ def resolve_parallel_sizes(
 
     Raises:
         ValueError: sizes that do not multiply to the world size, with the arithmetic; an
-            ``ep_size`` that does not divide the data-parallel size, or with HSDP, cp or tp.
+            ``ep_size`` that does not divide the data-parallel size, or with HSDP, cp or
+            sequence parallelism.
     """
     pp, tp, cp = _positive("pp_size", pp_size), _positive("tp_size", tp_size), _positive("cp_size", cp_size)
     rep = _positive("dp_replicate_size", dp_replicate_size)
@@ -124,10 +125,11 @@ def resolve_parallel_sizes(
         )
     ep = _positive("ep_size", ep_size)
     if ep > 1:
-        if rep > 1 or cp > 1 or tp > 1:
+        if rep > 1 or cp > 1 or sequence_parallel:
             raise ValueError(
-                f"distributed.ep_size={ep} with dp_replicate_size={rep}, cp_size={cp}, tp_size={tp}: expert "
-                "parallelism is built for plain data parallelism under the pipeline so far; set those to 1 or "
+                f"distributed.ep_size={ep} with dp_replicate_size={rep}, cp_size={cp}, sequence_parallel="
+                f"{bool(sequence_parallel)}: expert parallelism is built for FSDP2 data parallelism and tp on the "
+                "attention so far; set dp_replicate_size and cp_size to 1 and sequence_parallel to false, or "
                 "distributed.ep_size: 1")
         if dp % ep:
             divisors = [d for d in range(1, dp + 1) if dp % d == 0]

@@ -84,7 +84,8 @@ def test_upcycled_moe_trains_at_pp2_x_dp2_exports_and_resumes_at_another_ep(tiny
     step3 = next(straight.glob("epoch_*_step_3"))
     shutil.copytree(step3, other / step3.name)
     if ep == 1:
-        launch_recipe(4, recipe_overrides(model, squad, other, *EXTRA, "--distributed.ep_size=2"))
+        launch_recipe(4, recipe_overrides(model, squad, other, *EXTRA, "--distributed.pp_size=1", "--distributed.tp_size=2",
+                                      "--distributed.ep_size=2"))
     else:
         launch_recipe(1, recipe_overrides(model, squad, other, *EXTRA, "--distributed.pp_size=1",
                                           "--dataloader.batch_size=4"))
@@ -98,10 +99,11 @@ def test_upcycled_moe_trains_at_pp2_x_dp2_exports_and_resumes_at_another_ep(tiny
         torch.tensor([resumed[s]["grad_norm"] for s in (4, 5, 6)]), rtol=1e-4, atol=1e-5)
 
 
-def test_experts_sharded_over_ep_shard_checkpoint_and_export_and_resume_at_ep_shard_1(tiny_moe_assets, tmp_path):
+def test_experts_sharded_over_ep_shard_export_and_resume_at_tp2_x_ep2(tiny_moe_assets, tmp_path):
     """pp 1 x dp 4 at ep 2: the experts are FSDP2-sharded again over the ep_shard pairs (DTensors
     on the 2-D (ep_shard, ep) mesh, ``_StridedShard`` on dim 0). Their DCP checkpoint resumes at
-    pp 2 x ep 2 (ep_shard 1) with the next losses equal, and the export gathers them whole."""
+    tp 2 x ep 2 (ep_shard 1, the attention tensor-parallel) with the next losses equal, and the
+    export gathers them whole."""
     from transformers import AutoModelForCausalLM
 
     model, squad = tiny_moe_assets
@@ -120,7 +122,8 @@ def test_experts_sharded_over_ep_shard_checkpoint_and_export_and_resume_at_ep_sh
     other.mkdir()
     step3 = next(straight.glob("epoch_*_step_3"))
     shutil.copytree(step3, other / step3.name)
-    launch_recipe(4, recipe_overrides(model, squad, other, *EXTRA, "--distributed.ep_size=2"))
+    launch_recipe(4, recipe_overrides(model, squad, other, *EXTRA, "--distributed.pp_size=1", "--distributed.tp_size=2",
+                                      "--distributed.ep_size=2"))
     resumed = {r["step"]: r for r in _records(other) if r["event"] == "train"}
     assert sorted(resumed) == [4, 5, 6]
     for r in train[3:]:

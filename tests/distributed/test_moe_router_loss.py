@@ -31,7 +31,7 @@ from tests.helpers import (
 
 
 def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activation_checkpointing=False, drop_stage=None,
-         ep=1):
+         ep=1, tp=1):
     from nemo_pp.distributed.mesh import build_device_mesh
     from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
@@ -40,7 +40,7 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
     from nemo_pp.training.engine import TrainEngine
     from tests.helpers import LR
 
-    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, ep_size=ep))
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, ep_size=ep, tp_size=tp))
     dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
     ref = moe_family_model(model_type)
     model = copy.deepcopy(ref)
@@ -52,7 +52,7 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
 
     split = canonical_schedule_name(schedule) in SPLIT_BACKWARD_SCHEDULES
     chain = parallelize_chain(mesh, activation_checkpointing=activation_checkpointing, reshard_after_forward=not split) \
-        if fsdp or activation_checkpointing or ep > 1 else None
+        if fsdp or activation_checkpointing or ep > 1 or tp > 1 else None
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4, pp_microbatch_size=microbatch,
                       split="uniform", device=torch.device("cpu")).build(model, loss_fn=sum_ce, parallelize_fn=chain)
     assert ap.router_loss is not None and ap.router_loss.aux_loss
@@ -62,12 +62,17 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
         from nemo_pp.models.moe import expert_modules
 
         # the reference's moe_mesh (pp, ep_shard, ep): ep and ep_shard split this stage's dp group
-        assert mesh.moe.mesh_dim_names == ("pp", "ep_shard", "ep") and mesh.ep.size() == ep
+        assert mesh.moe.mesh_dim_names == ("pp", "ep_shard", "ep") + (("tp",) if tp > 1 else ()) and mesh.ep.size() == ep
         ep_ranks = dist.get_process_group_ranks(mesh.ep.get_group())
         shard_ranks = dist.get_process_group_ranks(mesh.moe["ep_shard"].get_group())
         dp_ranks = dist.get_process_group_ranks(mesh.dp.get_group())
         assert set(ep_ranks) <= set(dp_ranks) and set(shard_ranks) <= set(dp_ranks)
         assert len(ep_ranks) * len(shard_ranks) == dp and set(ep_ranks) & set(shard_ranks) == {rank}
+        if tp > 1:  # the ep group holds ranks of one tp index: the tp ranks see the same tokens
+            tp_index = mesh.world.get_local_rank("tp")
+            assert all(r % tp == tp_index for r in ep_ranks)
+            attention = next(m for part in ap.parts for n, m in part.named_modules() if n.endswith("self_attn.o_proj"))
+            assert attention.weight.to_local().shape[1] * tp == attention.weight.shape[1]
 
         ep_shard = dp // ep
         for module in (m for part in ap.parts for m in expert_modules(part)):
@@ -159,3 +164,14 @@ def test_ep2_x_ep_shard2_fsdp2_over_the_shared_experts_matches_reference():
 def test_pp2_x_ep2_x_ep_shard2_matches_reference():
     """The issue's layout on 8 ranks: pp 2 x (ep_shard 2 x ep 2), 1F1B, layers recomputed."""
     run_ranks(_run, 8, "mixtral", 2, "1f1b", 2, False, True, None, 2, timeout=400)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "olmoe"])
+def test_tp2_on_the_attention_x_ep2_matches_reference(model_type):
+    """tp 2 x ep 2 on 4 ranks (pp 1): tp shards the attention (and Qwen2-MoE's dense MLP
+    layers), ep the experts; each tp rank routes the same tokens within its own ep group."""
+    run_ranks(_run, 4, model_type, 1, "gpipe", 2, False, False, None, 2, 2, timeout=240)
+
+
+def test_pp2_x_tp2_x_ep2_matches_reference():
+    run_ranks(_run, 8, "mixtral", 2, "1f1b", 2, False, True, None, 2, 2, timeout=400)

@@ -73,7 +73,7 @@ def test_good_config_derives_the_plan(cfg_file):
          "olmoe, qwen2_moe, qwen3_moe, not 'llama'"),
         (["distributed.ep_size=4"], 4, ValueError, r"ep_size=4 does not divide the data-parallel size 2 .*use one of \[1, 2\]"),
         (["distributed.ep_size=2", "distributed.cp_size=2"], 8, ValueError,
-         "ep_size=2 with dp_replicate_size=1, cp_size=2, tp_size=1"),
+         "ep_size=2 with dp_replicate_size=1, cp_size=2, sequence_parallel=False"),
     ],
 )
 def test_bad_input_names_key_and_fix(cfg_file, overrides, world, error, message):
