@@ -82,6 +82,22 @@ def main(argv: list[str] | None = None) -> int:
     mean = sum(flops) / len(flops)
     print(f"stage cost (FLOP model, split '{d.pipeline.split}'): " + ", ".join(
         f"{i}: {f / mean:.2f}" for i, f in enumerate(flops)) + f" x the mean; slowest {max(flops) / mean:.3f} x")
+    if run.sizes.ep > 1:
+        import re
+
+        from nemo_pp.models.moe import moe_layer_indices, router_spec
+        from nemo_pp.planning.cost import expert_all_to_all_bytes
+
+        sparse = set(moe_layer_indices(model, router_spec(model)))
+        dtype_bytes = next(model.parameters()).element_size()
+        per_layer = expert_all_to_all_bytes(model.config, plan.microbatch_size, seq_len, run.sizes.ep, dtype_bytes,
+                                            run.activation_checkpointing)
+        counts = [sum(1 for n in names if (m := re.search(r"layers\.(\d+)$", n)) and int(m.group(1)) in sparse)
+                  for names in plan.module_fqns]
+        print(f"expert all-to-all sent per rank and optimizer step (ep {run.sizes.ep}, balanced routing, "
+              f"{'with' if run.activation_checkpointing else 'without'} recomputation): " + ", ".join(
+                  f"stage {i}: {n * per_layer * plan.n_microbatches * run.grad_acc_steps / 1024**2:.1f} MiB"
+                  for i, n in enumerate(counts)))
     if known.profile:
         import torch
 
@@ -97,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     # under cp each rank holds S/cp tokens of every sequence (plus the gathered keys and
     # values of the layer running, not counted here)
     local_len = seq_len // run.sizes.cp
+    ep = run.sizes.ep
     gib = 1024**3
     print(f"memory plan per pp rank (seq_len {seq_len}, {local_len} per cp rank, {plan.n_microbatches} microbatches of "
-          f"{plan.microbatch_size}, FSDP shards {shards}, {states} optimizer states per parameter), GiB:")
+          f"{plan.microbatch_size}, FSDP shards {shards}, {states} optimizer states per parameter"
+          + (f", experts over ep {ep} x ep_shard {run.sizes.ep_shard}, routing balanced" if ep > 1 else "") + "), GiB:")
     print(f"  {'rank':<5}{'stages':<10}{'params':>8}{'grads':>8}{'optim':>8}{'activ.':>8}{'act+AC':>8}"
           f"{'total':>8}{'total+AC':>9}  microbatches held")
-    plain = memory_plan(model, plan, local_len, shards, states, activation_checkpointing=False)
-    ckpt = memory_plan(model, plan, local_len, shards, states, activation_checkpointing=True)
+    plain = memory_plan(model, plan, local_len, shards, states, activation_checkpointing=False, ep=ep)
+    ckpt = memory_plan(model, plan, local_len, shards, states, activation_checkpointing=True, ep=ep)
     for r, c in zip(plain, ckpt):
         print(f"  {r.pp_rank:<5}{str(list(r.stages)):<10}{r.param_bytes / gib:>8.2f}{r.grad_bytes / gib:>8.2f}"
               f"{r.optimizer_bytes / gib:>8.2f}{r.activation_bytes / gib:>8.2f}{c.activation_bytes / gib:>8.2f}"

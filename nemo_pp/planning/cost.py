@@ -19,6 +19,8 @@ layer forward). Written out for grouped-query attention and gated (SwiGLU) MLPs:
   FLOPs, as the Switch Transformer counts them (Fedus et al., 2021). Which layers are
   sparse comes from the model (a dense-then-sparse stack such as DeepSeek-V3's);
 * head (final norm + ``lm_head`` + loss): ``2bs*h*V`` forward for ``lm_head``;
+* under expert parallelism, the bytes each MoE layer's all-to-alls send
+  (:func:`expert_all_to_all_bytes`), beside the FLOPs: a planning input, not a FLOP;
 * embedding: a lookup, no FLOPs (its backward is a memory-bound scatter-add: timed on
   this CPU it costs about half a SmolLM2 layer; see docs/architecture.md).
 
@@ -106,6 +108,39 @@ def flop_costs(config, microbatch_size: int, seq_len: int, moe_layers=()) -> Pie
         layers=tuple(layer(i, t) for i, t in enumerate(types[: cfg.num_hidden_layers])),
         head=3.0 * 2 * b * s * h * cfg.vocab_size,
     )
+
+
+def expert_all_to_all_bytes(config, microbatch_size: int, seq_len: int, ep: int, dtype_bytes: int = 2,
+                            activation_checkpointing: bool = False, remote_share: float | None = None) -> float:
+    """Bytes one rank sends to the other ep ranks per MoE layer for one microbatch's forward
+    + backward under expert parallelism (nemo_pp.distributed.expert_parallel), at balanced
+    routing: of the ``N * top_k`` assignments (``N = b * s`` tokens) a share ``(ep - 1) / ep``
+    lives on another rank. Forward: the token states ``[N k, H]`` out and the expert outputs
+    back (dispatch + combine) and each assignment's local expert index (int64); backward:
+    the two gradients of the states. Recomputation (``activation_checkpointing``) runs the
+    forward's three again. Receives are as large as sends. The count all-to-all (``ep``
+    int64) is left out.
+
+    Args:
+        config: ``hidden_size``, ``num_experts_per_tok`` (the top k).
+        microbatch_size, seq_len: b and s, tokens per microbatch ``b * s``.
+        ep: expert-parallel ranks (1: nothing is sent).
+        dtype_bytes: bytes per element of the hidden states (2 for bf16).
+        activation_checkpointing: the layer's forward runs again in backward.
+        remote_share: the share of assignments routed to another rank's experts; default
+            ``(ep - 1) / ep`` (balanced routing).
+
+    Returns:
+        bytes sent per MoE layer and microbatch, by one rank.
+    """
+    if ep == 1:
+        return 0.0
+    cfg = text_config(config)
+    share = (ep - 1) / ep if remote_share is None else remote_share
+    remote = microbatch_size * seq_len * (getattr(cfg, "num_experts_per_tok", None) or 1) * share
+    forward = remote * (2 * cfg.hidden_size * dtype_bytes + 8)
+    backward = remote * 2 * cfg.hidden_size * dtype_bytes
+    return forward * (2 if activation_checkpointing else 1) + backward
 
 
 def _moe_mlp_flops_per_token(cfg, gated: int) -> float:

@@ -84,12 +84,47 @@ def _fused_sdpa(query, key, value, *args, **kwargs):
     return _FusedAttentionMeta.apply(query, key, value)
 
 
+def _balanced_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor) -> torch.Tensor:
+    """A fused experts module's forward under perfectly balanced routing, for the meta
+    device: the ``N * k`` assignments split evenly over the ``E`` experts (``ceil(N k / E)``
+    rows each), each expert's gated MLP as a batched matmul. It keeps what the eager
+    per-expert loop keeps for backward (the gathered rows, the gate/up output, the activation
+    and its product), which the real forward cannot show on meta: its routing is data.
+    Under expert parallelism a rank receives the same ``N * k`` rows for its ``E / ep``
+    experts (balanced), so the count holds there too."""
+    n, hidden = hidden_states.shape
+    k, experts = top_k_index.shape[1], self.num_experts
+    rows = -(-n * k // experts)
+    x = hidden_states.repeat_interleave(k, dim=0)
+    x = F.pad(x, (0, 0, 0, experts * rows - n * k)).view(experts, rows, hidden)
+    gate, up = torch.bmm(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+    out = torch.bmm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2)).reshape(experts * rows, hidden)
+    return (out[: n * k].view(n, k, hidden) * top_k_weights.unsqueeze(-1).to(out.dtype)).sum(1)
+
+
+@contextlib.contextmanager
+def _balanced_experts(part: nn.Module):
+    """Run every fused experts module of ``part`` as :func:`_balanced_experts_forward`."""
+    from nemo_pp.models.moe import expert_modules
+
+    modules = expert_modules(part)
+    for m in modules:
+        m.forward = _balanced_experts_forward.__get__(m)
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward
+
+
 def saved_activation_bytes(part: nn.Module, inputs: torch.Tensor, loss_fn=None, labels=None) -> int:
     """Bytes autograd keeps for backward after one forward of ``part`` on meta ``inputs``
-    (``[mb, S] int64`` ids or ``[mb, S, H]`` hidden states), parameters excluded."""
+    (``[mb, S] int64`` ids or ``[mb, S, H]`` hidden states), parameters excluded; a mixture
+    of experts' experts counted at balanced routing (:func:`_balanced_experts_forward`)."""
     # no mask tensor: it would need data on the meta device; SDPA then runs causal
     masks = {"full_attention": None, "sliding_attention": None}
-    with _counting_saved_tensors(part) as saved:
+    with _counting_saved_tensors(part) as saved, _balanced_experts(part):
         out = part(inputs, causal_mask_mapping=masks)
         if loss_fn is not None:
             loss_fn(out, labels)
@@ -137,6 +172,7 @@ def memory_plan(
     optimizer_states: int = 2,
     activation_checkpointing: bool = False,
     loss_fn=None,
+    ep: int = 1,
 ) -> list[RankMemory]:
     """Bytes every pp rank needs for ``plan`` at sequence length ``seq_len``.
 
@@ -152,6 +188,10 @@ def memory_plan(
             the rest in backward (one layer's activations then exist at a time).
         loss_fn: run on the last stage's output (its fp32 upcast is part of the peak);
             default ``MaskedCrossEntropy``.
+        ep: expert-parallel ranks. A mixture of experts' expert weights are then
+            ``1 / (ep * ep_shard)`` per rank (``ep * ep_shard = fsdp_shards``), like the
+            other parameters, but their gradients ``1 / ep`` before the reduce-scatter
+            (each rank computes only its experts'); activations at balanced routing.
 
     Returns:
         one :class:`RankMemory` per pp rank.
@@ -163,11 +203,15 @@ def memory_plan(
     mb = plan.microbatch_size
     hidden = text_config(model.config).hidden_size
     dtype = next(model.parameters()).dtype
-    per_stage, recompute = [], []
+    from nemo_pp.models.moe import expert_modules
+
+    per_stage, recompute, expert_grad_saving = [], [], []
     for stage, names in enumerate(plan.module_fqns):
         part = _stage_module(model, names)
         params = {id(p): p for p in part.parameters()}.values()
         nbytes = sum(p.numel() * p.element_size() for p in params)
+        expert_bytes = sum(p.numel() * p.element_size() for m in expert_modules(part) for p in m.parameters())
+        expert_grad_saving.append(expert_bytes - expert_bytes // ep)
         first, last = stage == 0, stage == plan.num_stages - 1
         x = (torch.zeros(mb, seq_len, dtype=torch.long, device="meta") if first
              else torch.empty(mb, seq_len, hidden, dtype=dtype, device="meta", requires_grad=True))
@@ -196,7 +240,8 @@ def memory_plan(
         params = full // fsdp_shards
         # FSDP2 keeps each stage's gradient unsharded until the step's reduce-scatter (and
         # across accumulated batches when deferring): a full copy, not a shard
-        out.append(RankMemory(rank, stages, params, full, optimizer_states * params, peak, in_flight))
+        grads = full - sum(expert_grad_saving[s] for s in stages)  # an ep rank computes only its experts' gradients
+        out.append(RankMemory(rank, stages, params, grads, optimizer_states * params, peak, in_flight))
     return out
 
 
@@ -207,6 +252,6 @@ def _layer_bytes(part: nn.Module, layer: nn.Module, hidden: torch.Tensor) -> int
     rotary = getattr(inner, "rotary_emb", None)
     position_ids = torch.arange(hidden.shape[1], device="meta").unsqueeze(0)
     embeddings = rotary(hidden, position_ids) if rotary is not None else None
-    with _counting_saved_tensors(layer) as saved:
+    with _counting_saved_tensors(layer) as saved, _balanced_experts(layer):
         layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=position_ids)
     return sum(saved.values())

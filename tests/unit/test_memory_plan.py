@@ -81,3 +81,40 @@ def test_a_stage_without_layers_is_planned_and_checkpointed():
     plan = make_pipeline_plan(model, 2, "1f1b", pp_batch_size=2, module_fqns_per_model_part=split)
     assert all(r.activation_bytes > 0 for r in memory_plan(model, plan, seq_len=8, activation_checkpointing=True))
     assert checkpoint_decoder_layers(copy_pruned(model, ["lm_head"]), required=False) == 0
+
+
+def test_mixture_of_experts_activations_and_expert_gradients_per_ep_rank():
+    """A mixture of experts: the meta count (balanced routing) against a real CPU forward of
+    the eager experts, whose routing is not balanced but dropless (every expert keeps its
+    rows, ``N * top_k`` in all); under ep each rank's expert gradients are ``1 / ep``."""
+    from nemo_pp.models.moe import expert_modules
+
+    real = tiny_model("mixtral", layers=2)
+    names = ["model.layers.0", "model.layers.1", "model.norm", "lm_head", "model.rotary_emb"]
+    part = _stage(real, names)
+    params = {id(p) for p in part.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(base) not in params:
+            kept[id(base)] = base.numel() * base.element_size()
+        return t
+
+    hidden = real.config.hidden_size
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        part(torch.randn(2, 32, hidden, requires_grad=True), causal_mask_mapping={"full_attention": None})
+    cpu = sum(kept.values())
+    meta = saved_activation_bytes(_stage(real, names).to("meta"),
+                                  torch.empty(2, 32, hidden, device="meta", requires_grad=True))
+    assert cpu > 0 and abs(meta - cpu) <= 0.1 * cpu, (meta, cpu)
+
+    model = empty_model(real.config)
+    plan = make_pipeline_plan(model, 2, "1f1b", pp_batch_size=4)
+    whole, ep2 = memory_plan(model, plan, seq_len=16, fsdp_shards=2), memory_plan(model, plan, 16, fsdp_shards=2, ep=2)
+    for stage, (a, b) in enumerate(zip(whole, ep2)):
+        part = copy_pruned(model, plan.module_fqns[stage])
+        experts = sum(p.numel() * p.element_size() for m in expert_modules(part) for p in m.parameters())
+        assert experts > 0 and a.grad_bytes - b.grad_bytes == experts // 2
+        assert (a.param_bytes, a.optimizer_bytes, a.activation_bytes) == (b.param_bytes, b.optimizer_bytes,
+                                                                           b.activation_bytes)
