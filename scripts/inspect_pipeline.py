@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                   for names in plan.module_fqns]
         print(f"expert all-to-all sent per rank and optimizer step (ep {run.sizes.ep}, balanced routing, "
               f"{'with' if run.activation_checkpointing else 'without'} recomputation): " + ", ".join(
-                  f"stage {i}: {n * per_layer * plan.n_microbatches * run.grad_acc_steps / 1024**2:.1f} MiB"
+                  f"stage {i}: {n * per_layer * plan.n_microbatches * run.grad_acc_steps / 1024**3:.2f} GiB"
                   for i, n in enumerate(counts)))
     if known.profile:
         import torch

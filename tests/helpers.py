@@ -270,6 +270,12 @@ FAMILIES = {
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0, "logits_scaling": 4.0,
                    "residual_multiplier": 0.5, "attention_multiplier": 0.2},
+    # multi-head latent attention, a dense layer then MoE layers with a shared expert, and
+    # group-limited sigmoid routing with a bias (no load-balancing loss: tests/distributed/test_moe_gate_bias.py)
+    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                    "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "q_lora_rank": 16, "kv_lora_rank": 16,
+                    "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4,
+                    "rope_scaling": None},
 }
 
 
@@ -280,7 +286,7 @@ MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe")
 def family_model(model_type: str, **overrides) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **FAMILY_COMMON, **{**FAMILIES[model_type], **overrides})
+    config = AutoConfig.for_model(model_type, **{**FAMILY_COMMON, **FAMILIES[model_type], **overrides})
     config._attn_implementation = "eager"  # soft-capping and sliding windows in every family's own code path
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

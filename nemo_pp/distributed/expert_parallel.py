@@ -13,7 +13,9 @@ is computed, none is capped):
 1. the ``N * top_k`` assignments are sorted by expert, so by the rank that holds it;
 2. one all-to-all of the counts, then one of the token states (``[N * top_k, H]``) and one
    of each assignment's local expert index;
-3. each rank runs its ``E / ep`` experts on what it received (one matmul per expert);
+3. each rank runs its ``E / ep`` experts on what it received (one matmul pair per expert,
+   on its rows gathered together); a rank whose experts received nothing still runs the
+   backward all-to-alls, which every rank of the group must join;
 4. the outputs go back by the reverse all-to-all and are weighted and summed on the rank
    that routed them, so the router's gradient stays local.
 
@@ -103,13 +105,19 @@ def _ep_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, to
     received = _all_to_all(hidden_states[tokens], recv, send, group)
 
     gate_up, down = self.gate_up_proj.to_local(), self.down_proj.to_local()
-    out = received.new_zeros(received.shape)
-    for e in range(per_rank):
-        rows = (recv_expert == e).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        gate, up = nn.functional.linear(received[rows], gate_up[e].to(received.dtype)).chunk(2, dim=-1)
-        out = out.index_copy(0, rows, nn.functional.linear(self.act_fn(gate) * up, down[e].to(received.dtype)))
+    # the rows of each local expert together (they arrive grouped by source rank)
+    by_expert = torch.argsort(recv_expert, stable=True)
+    rows = received[by_expert]
+    outs = []
+    for e, chunk in enumerate(rows.split(torch.bincount(recv_expert, minlength=per_rank).tolist())):
+        if chunk.shape[0]:
+            gate, up = nn.functional.linear(chunk, gate_up[e].to(received.dtype)).chunk(2, dim=-1)
+            outs.append(nn.functional.linear(self.act_fn(gate) * up, down[e].to(received.dtype)))
+    # a rank that received no row keeps ``received`` and its expert weights in the graph anyway:
+    # its backward must join the two reverse all-to-alls the other ranks run (or they wait for
+    # it forever), and its experts need a (zero) gradient for the grad norm's DTensor reductions
+    grouped = torch.cat(outs) if outs else rows * 0 + (gate_up.sum() + down.sum()).to(rows.dtype) * 0
+    out = grouped[torch.argsort(by_expert)]
     back = _all_to_all(out, send, recv, group)
     weights = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(back.dtype)
     combined = torch.zeros(n, hidden, dtype=hidden_states.dtype, device=hidden_states.device)

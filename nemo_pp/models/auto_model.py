@@ -54,14 +54,28 @@ class NeMoAutoModelForCausalLM:
 
     @staticmethod
     def from_pretrained(
-        pretrained_model_name_or_path: str, *args, torch_dtype=None, dtype=None, load_weights: bool = True, **kwargs
+        pretrained_model_name_or_path: str, *args, torch_dtype=None, dtype=None, load_weights: bool = True,
+        gate_bias_update_factor: float | None = None, **kwargs
     ):
         """The model of a checkpoint folder or hub id.
 
         With ``load_weights=False`` no weight is read: parameters are on the meta device
         (see :func:`nemo_pp.models.loading.empty_model`) for a pipeline to materialise and
         load stage by stage (:class:`nemo_pp.models.loading.SafetensorsCheckpoint`).
+
+        ``gate_bias_update_factor`` (NeMo AutoModel's MoE key; Hugging Face configs have no
+        such field) is recorded on the config: the step of DeepSeek-V3's auxiliary-loss-free
+        balancing of its routing bias (:meth:`nemo_pp.models.moe.RouterLoss.update_gate_bias`).
         """
+        model = NeMoAutoModelForCausalLM._from_pretrained(pretrained_model_name_or_path, *args, torch_dtype=torch_dtype,
+                                                          dtype=dtype, load_weights=load_weights, **kwargs)
+        if gate_bias_update_factor is not None:
+            model.config.gate_bias_update_factor = float(gate_bias_update_factor)
+        return model
+
+    @staticmethod
+    def _from_pretrained(pretrained_model_name_or_path: str, *args, torch_dtype=None, dtype=None,
+                         load_weights: bool = True, **kwargs):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         check_model_path(pretrained_model_name_or_path)

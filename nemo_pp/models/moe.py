@@ -48,7 +48,7 @@ from torch import nn
 
 from nemo_pp.models.module_tree import find_layer_stack, iter_decoder_layers, text_config
 
-__all__ = ["EP_PROVEN_MODEL_TYPES", "EXPERT_WEIGHTS", "RouterLoss", "RouterSpec", "check_expert_parallel", "check_router_aux_loss", "expert_modules",
+__all__ = ["EP_PROVEN_MODEL_TYPES", "EXPERT_WEIGHTS", "GATE_BIAS", "RouterLoss", "check_gate_bias_update", "RouterSpec", "check_expert_parallel", "check_router_aux_loss", "expert_modules",
            "moe_layer_indices", "router_spec"]
 
 
@@ -65,6 +65,8 @@ class RouterSpec:
         load_balancing_loss: the family's ``load_balancing_loss_func`` (None: it has none,
             e.g. DeepSeek-V3, which balances with a routing bias instead).
         output_router_logits: the config asks for the load-balancing loss.
+        gate_bias_update_factor: the step of the auxiliary-loss-free balancing (NeMo
+            AutoModel's name; 0: the routing bias stays as loaded, as Hugging Face leaves it).
     """
 
     model_type: str
@@ -75,6 +77,7 @@ class RouterSpec:
     aux_loss_coef: float
     load_balancing_loss: Callable | None
     output_router_logits: bool
+    gate_bias_update_factor: float = 0.0
 
 
 def router_spec(model: nn.Module) -> RouterSpec | None:
@@ -109,7 +112,36 @@ def router_spec(model: nn.Module) -> RouterSpec | None:
         aux_loss_coef=float(coef),
         load_balancing_loss=getattr(module, "load_balancing_loss_func", None),
         output_router_logits=bool(getattr(config, "output_router_logits", False)),
+        gate_bias_update_factor=float(getattr(config, "gate_bias_update_factor", 0.0) or 0.0),
     )
+
+
+#: the routing-bias buffer of auxiliary-loss-free balancing (DeepSeek-V3, GLM-4-MoE routers):
+#: added to the scores for the top-k choice only, never to the weights
+GATE_BIAS = "e_score_correction_bias"
+
+
+def check_gate_bias_update(model: nn.Module) -> None:
+    """Refuse ``gate_bias_update_factor`` where no router has a routing bias to update.
+
+    Raises:
+        ValueError: a negative factor, or a positive one on a model whose routers hold no
+            ``e_score_correction_bias`` (names ``model.gate_bias_update_factor``).
+    """
+    spec = router_spec(model)
+    factor = float(getattr(text_config(model.config), "gate_bias_update_factor", 0.0) or 0.0)
+    if factor < 0:
+        raise ValueError(f"model.gate_bias_update_factor={factor} must be >= 0 (0: the routing bias stays fixed)")
+    if factor == 0:
+        return
+    kind = getattr(text_config(model.config), "model_type", type(model).__name__)
+    biased = spec is not None and any(GATE_BIAS in dict(m.named_buffers(recurse=False))
+                                      for m in model.modules() if isinstance(m, spec.router_class))
+    if not biased:
+        raise ValueError(
+            f"model.gate_bias_update_factor={factor}: model type '{kind}' has no router with a routing bias "
+            f"({GATE_BIAS}) to balance (auxiliary-loss-free balancing is DeepSeek-V3's); use "
+            "model.output_router_logits for a load-balancing loss, or remove the key")
 
 
 def check_router_aux_loss(model: nn.Module) -> RouterSpec:
@@ -163,7 +195,7 @@ EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
 #: families whose experts nemo_pp's expert-parallel forward reproduces exactly
 #: (tests/distributed/test_moe_router_loss.py, EP_FAMILIES)
-EP_PROVEN_MODEL_TYPES = frozenset({"mixtral", "qwen3_moe", "qwen2_moe", "olmoe"})
+EP_PROVEN_MODEL_TYPES = frozenset({"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"})
 
 
 def expert_modules(model: nn.Module) -> list[nn.Module]:
@@ -243,7 +275,9 @@ class RouterLoss:
         aux_sum: ``[]`` float32, the sum of this rank's per-layer, per-sequence losses
             since :meth:`begin_step` (detached).
         tokens_per_expert: ``[len(moe_layers), E]`` float64, top-k assignments counted on this
-            rank since :meth:`begin_step`, a row per MoE layer (zeros for layers elsewhere).
+            rank since :meth:`begin_step`, a row per MoE layer (zeros for layers elsewhere):
+            the router's own choice where it returns it (DeepSeek-V3's group-limited,
+            bias-shifted top-k), else the top-k of its logits.
     """
 
     def __init__(self, spec: RouterSpec, moe_layers: list[int], aux_loss: bool):
@@ -256,7 +290,8 @@ class RouterLoss:
         self.grad_scale = 0.0
         self.aux_sum = torch.zeros(())
         self.tokens_per_expert = torch.zeros(len(self.moe_layers), spec.num_experts, dtype=torch.float64)
-        self._logits: dict[int, torch.Tensor | None] = {}
+        self._logits: dict[int, tuple | None] = {}
+        self._routers: dict[int, list[nn.Module]] = {}
 
     # ------------------------------------------------------------------ hooks
     def attach(self, part: nn.Module, device: torch.device) -> int:
@@ -280,6 +315,7 @@ class RouterLoss:
                 continue
             if index not in self._slot:
                 raise ValueError(f"decoder layer {index} holds a router but the model's MoE layers are {self.moe_layers}")
+            self._routers[index] = routers
             for router in routers:
                 router.register_forward_hook(self._router_hook(index))
             layer.register_forward_pre_hook(self._arm(index))
@@ -297,18 +333,22 @@ class RouterLoss:
         def hook(module, args, output):
             if index in self._logits:
                 logits = output[self.spec.logits_index] if isinstance(output, (tuple, list)) else output
-                self._logits[index] = logits
+                # a router that returns its top-k indices chose by more than the logits (a bias, groups)
+                chosen = next((o for o in output if isinstance(o, torch.Tensor) and not o.is_floating_point()),
+                              None) if isinstance(output, (tuple, list)) else None
+                self._logits[index] = (logits, chosen)
         return hook
 
     def _layer_hook(self, index: int):
         def hook(module, args, output):
-            logits = self._logits.pop(index, None)
-            if logits is None:
+            captured = self._logits.pop(index, None)
+            if captured is None:
                 return output
+            logits, chosen = captured
             hidden = output[0] if isinstance(output, tuple) else output
             flat = logits.reshape(-1, self.spec.num_experts)
             with torch.no_grad():
-                chosen = torch.topk(flat, self.spec.top_k, dim=-1).indices.reshape(-1)
+                chosen = (torch.topk(flat, self.spec.top_k, dim=-1).indices if chosen is None else chosen).reshape(-1)
                 self.tokens_per_expert[self._slot[index]] += torch.bincount(
                     chosen, minlength=self.spec.num_experts).to(self.tokens_per_expert.dtype)
             if not self.aux_loss:
@@ -340,6 +380,26 @@ class RouterLoss:
         self.aux_sum.zero_()
         self.tokens_per_expert.zero_()
         self._logits.clear()
+
+    @torch.no_grad()
+    def update_gate_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing (Wang et al., 2024; DeepSeek-V3, 2024, section 2.1.2):
+        after an optimizer step each router's bias moves by ``gate_bias_update_factor`` toward
+        balance, ``b_i += u * sign(mean_j c_j - c_i)`` with ``c`` the step's tokens per expert
+        of that layer over every rank, so every replica of a layer updates alike. Nothing
+        happens at factor 0.
+
+        Args:
+            tokens_per_expert: ``[len(moe_layers), E]``, the step's global counts (:meth:`stats`).
+        """
+        factor = self.spec.gate_bias_update_factor
+        if factor == 0:
+            return
+        for index, routers in self._routers.items():
+            load = tokens_per_expert[self._slot[index]]
+            for router in routers:
+                bias = getattr(router, GATE_BIAS)
+                bias.add_(factor * torch.sign(load.mean() - load).to(bias.device, bias.dtype))
 
     def stats(self, sequences: int, groups) -> tuple[float | None, torch.Tensor]:
         """The step's mean auxiliary loss and tokens per expert over every rank.

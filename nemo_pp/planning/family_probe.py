@@ -36,7 +36,7 @@ __all__ = ["PROVEN_MODEL_TYPES", "ProbeResult", "check_model_family", "probe_mod
 PROVEN_MODEL_TYPES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "cohere",
     "mixtral", "qwen3_moe", "phi", "starcoder2", "stablelm", "smollm3", "glm", "cohere2", "olmo", "nemotron",
-    "qwen2_moe", "olmoe", "granitemoe",
+    "qwen2_moe", "olmoe", "granitemoe", "deepseek_v3",
 })
 
 #: relative tolerance of the probe: max |logits - HF logits| / max(1, max |HF logits|), fp32
@@ -48,6 +48,11 @@ _TINY = {
     "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "head_dim": 16, "vocab_size": 256,
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32, "n_embd": 64, "n_head": 4, "n_layer": 4,
+    # multi-head latent attention (DeepSeek-V2/V3): its low ranks and per-head widths, the rotary
+    # part as wide as head_dim (which these configs derive from it)
+    "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16,
+    # group-limited routing: 2 groups of the 4 experts, the top-k drawn from 1 of them
+    "n_group": 2, "topk_group": 1,
 }
 _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -79,6 +84,8 @@ def tiny_config(config, layers: int = 4):
         tiny.num_key_value_heads = 2 if kv is not None and kv < text_config(config).num_attention_heads else heads
     if getattr(tiny, "num_experts_per_tok", None) is not None:
         tiny.num_experts_per_tok = min(tiny.num_experts_per_tok, 2)
+    if getattr(tiny, "first_k_dense_replace", None):  # dense-then-sparse: keep one dense layer, the rest MoE
+        tiny.first_k_dense_replace = 1
     tiny.num_hidden_layers = layers
     if isinstance(getattr(tiny, "layer_types", None), list):
         tiny.layer_types = list(tiny.layer_types)[:layers]

@@ -14,6 +14,7 @@ memory a rank needs.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -127,21 +128,40 @@ def saved_activation_bytes(part: nn.Module, inputs: torch.Tensor, loss_fn=None, 
     with _counting_saved_tensors(part) as saved, _balanced_experts(part):
         out = part(inputs, causal_mask_mapping=masks)
         if loss_fn is not None:
-            loss_fn(out, labels)
-    return sum(saved.values())
+            out = loss_fn(out, labels)
+        return saved.total()  # while ``out`` keeps the graph alive
+
+
+class _SavedBytes:
+    """The tensors autograd saved, by the tensor owning their memory. Each is held by a
+    weak reference to the object autograd keeps, so what a discarded branch saved (the
+    values of a top-k whose indices alone are used, say) drops out when autograd frees it,
+    and a reused ``id`` cannot overwrite a live entry."""
+
+    def __init__(self):
+        self._entries: list[tuple[weakref.ref, int, int]] = []
+
+    def add(self, t: torch.Tensor) -> None:
+        self._entries.append((weakref.ref(t), _owner(t), _owner_bytes(t)))
+
+    def total(self) -> int:
+        """Bytes of the distinct owners still saved by a live graph (call it while the
+        forward's output is alive)."""
+        live = {owner: nbytes for ref, owner, nbytes in self._entries if ref() is not None}
+        return sum(live.values())
 
 
 @contextlib.contextmanager
 def _counting_saved_tensors(module: nn.Module):
-    """Yield ``{owner id: bytes}`` of every tensor autograd saves inside the block, the
+    """Yield a :class:`_SavedBytes` of every tensor autograd saves inside the block, the
     module's parameters (and views of them) excluded, attention counted as a fused kernel
     keeps it."""
     params = {id(p) for p in module.parameters()}
-    saved: dict[int, int] = {}
+    saved = _SavedBytes()
 
     def pack(t: torch.Tensor):
         if _owner(t) not in params:
-            saved[_owner(t)] = _owner_bytes(t)
+            saved.add(t)
         return t
 
     original = F.scaled_dot_product_attention
@@ -224,9 +244,10 @@ def memory_plan(
         one_layer = 0
         if activation_checkpointing and layers:
             h = torch.empty(mb, seq_len, hidden, dtype=dtype, device="meta", requires_grad=True)
-            one_layer = _layer_bytes(part, layers[0], h)
+            each = layer_activation_bytes(part, h)
+            one_layer = max(each)
             # a checkpointed layer keeps its input; the rest is recomputed one layer at a time in backward
-            act -= len(layers) * (one_layer - h.numel() * h.element_size())
+            act -= sum(each) - len(layers) * h.numel() * h.element_size()
         per_stage.append((nbytes, act))
         recompute.append(one_layer)
 
@@ -245,13 +266,33 @@ def memory_plan(
     return out
 
 
+def layer_activation_bytes(part: nn.Module, hidden: torch.Tensor) -> list[int]:
+    """Bytes autograd keeps for backward in each decoder layer of ``part`` run alone on
+    ``hidden: [mb, S, H]`` (meta or real), one entry per layer, measured once per kind of
+    layer: a dense-then-sparse stack (DeepSeek-V3's first layers, Qwen2-MoE's dense ones)
+    keeps far less in a dense layer than in an MoE layer, which also keeps its ``top_k``
+    copies of every token."""
+    kinds: dict[str, int] = {}
+    return [kinds[k] if (k := _layer_kind(layer)) in kinds else kinds.setdefault(k, _layer_bytes(part, layer, hidden))
+            for layer in decoder_layers(part)]
+
+
+def _layer_kind(layer: nn.Module) -> str:
+    """What makes two decoder layers of one model keep different activations: their
+    submodules' classes (a dense MLP or a mixture of experts, one attention kind or another)."""
+    return ",".join(sorted({type(m).__name__ for m in layer.modules()}))
+
+
 def _layer_bytes(part: nn.Module, layer: nn.Module, hidden: torch.Tensor) -> int:
     """Saved bytes of one decoder layer run alone on meta ``hidden`` (with the stage's
     rotary embedding, which every stage holds)."""
     inner = part.model if getattr(part, "model", None) is not None else part
     rotary = getattr(inner, "rotary_emb", None)
-    position_ids = torch.arange(hidden.shape[1], device="meta").unsqueeze(0)
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     embeddings = rotary(hidden, position_ids) if rotary is not None else None
-    with _counting_saved_tensors(layer) as saved, _balanced_experts(layer):
-        layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=position_ids)
-    return sum(saved.values())
+    balanced = _balanced_experts(layer) if hidden.is_meta else contextlib.nullcontext()
+    with _counting_saved_tensors(layer) as saved, balanced:
+        out = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=position_ids)
+        total = saved.total()
+    del out
+    return total

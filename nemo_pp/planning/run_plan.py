@@ -26,7 +26,7 @@ from nemo_pp.config import instantiate
 from nemo_pp.models.auto_model import loads_per_stage, resolve_dtype
 from nemo_pp.models.loading import SafetensorsCheckpoint, empty_model
 from nemo_pp.models.module_tree import text_config
-from nemo_pp.models.moe import check_expert_parallel
+from nemo_pp.models.moe import check_expert_parallel, check_gate_bias_update
 from nemo_pp.models.stage_forward import validate_hf_model_for_pipeline_support
 from nemo_pp.models.tp_plan import check_tensor_parallel
 from nemo_pp.planning import checks
@@ -357,6 +357,7 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     check_tensor_parallel(model, sizes.tp, sizes.ep)
     checks.check_router_loss(model, sizes)
     check_expert_parallel(model, sizes.ep)
+    check_gate_bias_update(model)
     if cp_attention == "ring":
         checks.check_ring_attention(text_cfg)
     if d.activation_checkpointing:

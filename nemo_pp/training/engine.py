@@ -158,6 +158,8 @@ class TrainEngine:
             if finite:
                 opt.step()
             opt.zero_grad(set_to_none=True)
+        if finite and router is not None:
+            router.update_gate_bias(expert_tokens)  # DeepSeek-V3's routing bias, after the step it routed
         if finite:
             for sched in lr_schedulers:
                 sched.step()

@@ -31,7 +31,7 @@ from tests.helpers import (
 
 
 def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activation_checkpointing=False, drop_stage=None,
-         ep=1, tp=1):
+         ep=1, tp=1, starve=False):
     from nemo_pp.distributed.mesh import build_device_mesh
     from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
@@ -43,6 +43,12 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, ep_size=ep, tp_size=tp))
     dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
     ref = moe_family_model(model_type)
+    if starve:  # equal logits: every token picks experts 0 and 1, so the other ep rank's experts get no row
+        from nemo_pp.models.moe import router_spec
+
+        for m in ref.modules():
+            if isinstance(m, router_spec(ref).router_class):
+                torch.nn.init.zeros_(m.weight)
     model = copy.deepcopy(ref)
     steps = training_batches(2, 2, dp, 4, (16, 8), ref.config.vocab_size)
     # expert parallelism sums each token's expert outputs in another order: Adam would turn those
@@ -139,7 +145,8 @@ EP_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")  # fused experts (g
 def test_the_ep_proven_list_is_the_families_tested_here():
     from nemo_pp.models.moe import EP_PROVEN_MODEL_TYPES
 
-    assert EP_PROVEN_MODEL_TYPES == set(EP_FAMILIES)
+    # DeepSeek-V3's parity under ep (no load-balancing loss, a routing bias): test_moe_gate_bias.py
+    assert EP_PROVEN_MODEL_TYPES == set(EP_FAMILIES) | {"deepseek_v3"}
 
 
 @pytest.mark.parametrize("model_type", EP_FAMILIES)
@@ -175,3 +182,10 @@ def test_tp2_on_the_attention_x_ep2_matches_reference(model_type):
 
 def test_pp2_x_tp2_x_ep2_matches_reference():
     run_ranks(_run, 8, "mixtral", 2, "1f1b", 2, False, True, None, 2, 2, timeout=400)
+
+
+def test_an_ep_rank_whose_experts_receive_no_token_still_joins_the_backward():
+    """Routers at zero send every token of the first step to experts 0 and 1 (ep rank 0): rank
+    1's experts compute nothing, yet its backward must run the reverse all-to-alls and give its
+    experts a (zero) gradient, or both ranks hang (found on DeepSeek-V3's routing)."""
+    run_ranks(_run, 2, "mixtral", 1, "gpipe", 2, False, False, None, 2, 1, True, timeout=180)

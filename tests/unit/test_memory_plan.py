@@ -118,3 +118,30 @@ def test_mixture_of_experts_activations_and_expert_gradients_per_ep_rank():
         assert experts > 0 and a.grad_bytes - b.grad_bytes == experts // 2
         assert (a.param_bytes, a.optimizer_bytes, a.activation_bytes) == (b.param_bytes, b.optimizer_bytes,
                                                                            b.activation_bytes)
+
+
+def test_a_dense_then_sparse_stack_is_counted_layer_by_layer():
+    """DeepSeek-V3's dense first layer keeps far less than its MoE layers (which keep ``top_k``
+    copies of every token): each layer's meta count is within 10% of a real CPU forward, and
+    activation checkpointing keeps each layer's input and recomputes the largest layer."""
+    from nemo_pp.planning.memory import layer_activation_bytes
+    from tests.helpers import family_model
+
+    real = family_model("deepseek_v3")
+    names = ["model.layers.0", "model.layers.1", "model.layers.2", "model.layers.3", "model.norm", "lm_head",
+             "model.rotary_emb"]
+    hidden = real.config.hidden_size
+    cpu = layer_activation_bytes(_stage(real, names), torch.randn(2, 32, hidden, requires_grad=True))
+    meta = layer_activation_bytes(_stage(real, names).to("meta"),
+                                  torch.empty(2, 32, hidden, device="meta", requires_grad=True))
+    assert cpu[1] > 1.25 * cpu[0], cpu  # the MoE layer against the dense one
+    for m, c in zip(meta, cpu):
+        assert abs(m - c) <= 0.1 * c, (meta, cpu)
+
+    model = empty_model(real.config)
+    plan = make_pipeline_plan(model, 1, "gpipe", pp_batch_size=2, pp_microbatch_size=2)
+    plain, ckpt = (memory_plan(model, plan, seq_len=32, activation_checkpointing=ac)[0] for ac in (False, True))
+    each = layer_activation_bytes(_stage(model, plan.module_fqns[0]).to("meta"),
+                                  torch.empty(2, 32, hidden, device="meta", requires_grad=True))
+    kept_inputs = len(each) * 2 * 32 * hidden * 4
+    assert plain.activation_bytes - ckpt.activation_bytes == sum(each) - kept_inputs - max(each)
