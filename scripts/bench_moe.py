@@ -69,7 +69,7 @@ def run_one(impl: str, steps: int, experts: int, top_k: int, tokens: int, ep: in
         times.append(time.perf_counter() - start)
         loss = float(out.loss)
     step = statistics.median(times[1:])  # the first step allocates
-    return {"impl": impl if ep == 1 else f"ep {ep} (all-to-all)", "step_s": step, "tokens_per_s": ids.numel() * ep / step,
+    return {"impl": impl if ep == 1 else f"ep {ep}, {impl}", "step_s": step, "tokens_per_s": ids.numel() * ep / step,
             "peak_gib": peak_memory_bytes(torch.device("cpu")) / 2**30, "loss": loss}
 
 
@@ -101,11 +101,12 @@ def main() -> int:
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{impl:<24}{r['step_s']:>14.3f}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.2f}{r['loss']:>9.4f}", flush=True)
-    if args.ep > 1:
+    # under ep the local experts follow the implementation: a loop for eager, grouped GEMMs for grouped_mm
+    for impl in [i for i in args.impls if i in ("eager", "grouped_mm")] if args.ep > 1 else []:
         from nemo_pp.distributed.init import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ep}", f"--master_port={free_port()}",
-               __file__, "--one", "eager", "--ep-rank-run", str(args.ep), "--steps", str(args.steps), "--experts",
+               __file__, "--one", impl, "--ep-rank-run", str(args.ep), "--steps", str(args.steps), "--experts",
                str(args.experts), "--top-k", str(args.top_k), "--tokens", str(args.tokens)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:

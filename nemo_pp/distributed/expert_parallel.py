@@ -13,8 +13,9 @@ is computed, none is capped):
 1. the ``N * top_k`` assignments are sorted by expert, so by the rank that holds it;
 2. one all-to-all of the counts, then one of the token states (``[N * top_k, H]``) and one
    of each assignment's local expert index;
-3. each rank runs its ``E / ep`` experts on what it received (one matmul pair per expert,
-   on its rows gathered together); a rank whose experts received nothing still runs the
+3. each rank runs its ``E / ep`` experts on what it received, sorted by expert: two grouped
+   GEMMs where the model uses transformers' ``grouped_mm`` experts (:func:`_grouped_gemm`),
+   else one matmul pair per expert; a rank whose experts received nothing still runs the
    backward all-to-alls, which every rank of the group must join;
 4. the outputs go back by the reverse all-to-all and are weighted and summed on the rank
    that routed them, so the router's gradient stays local.
@@ -76,6 +77,20 @@ class ExpertParallel:
         return model
 
 
+def _grouped_gemm(experts: nn.Module, rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether the local experts run as two grouped GEMMs (``torch.nn.functional.grouped_mm``
+    over the rows sorted by expert) rather than one matmul pair per expert: where the model
+    asks for transformers' ``grouped_mm`` experts (its default) and the kernel takes the
+    shapes. torch's kernel needs every row stride a multiple of 16 bytes (hidden, intermediate
+    and twice the intermediate size, in the compute dtype), as transformers checks before it
+    falls back to a loop. Both give the same numbers (tested)."""
+    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    if impl != "grouped_mm" or not hasattr(nn.functional, "grouped_mm"):
+        return False
+    size = rows.element_size()
+    return all(n * size % 16 == 0 for n in (*gate_up.shape[1:], down.shape[2]))
+
+
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     """Differentiable uneven all-to-all of the rows of ``x``."""
     from torch.distributed.nn.functional import all_to_all_single
@@ -104,19 +119,28 @@ def _ep_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, to
     dist.all_to_all_single(recv_expert, local_expert, recv, send, group=group)
     received = _all_to_all(hidden_states[tokens], recv, send, group)
 
-    gate_up, down = self.gate_up_proj.to_local(), self.down_proj.to_local()
+    gate_up = self.gate_up_proj.to_local().to(received.dtype)
+    down = self.down_proj.to_local().to(received.dtype)
     # the rows of each local expert together (they arrive grouped by source rank)
     by_expert = torch.argsort(recv_expert, stable=True)
     rows = received[by_expert]
-    outs = []
-    for e, chunk in enumerate(rows.split(torch.bincount(recv_expert, minlength=per_rank).tolist())):
-        if chunk.shape[0]:
-            gate, up = nn.functional.linear(chunk, gate_up[e].to(received.dtype)).chunk(2, dim=-1)
-            outs.append(nn.functional.linear(self.act_fn(gate) * up, down[e].to(received.dtype)))
-    # a rank that received no row keeps ``received`` and its expert weights in the graph anyway:
-    # its backward must join the two reverse all-to-alls the other ranks run (or they wait for
-    # it forever), and its experts need a (zero) gradient for the grad norm's DTensor reductions
-    grouped = torch.cat(outs) if outs else rows * 0 + (gate_up.sum() + down.sum()).to(rows.dtype) * 0
+    counts = torch.bincount(recv_expert, minlength=per_rank)
+    if rows.shape[0] == 0:
+        # a rank that received no row keeps ``received`` and its expert weights in the graph anyway:
+        # its backward must join the two reverse all-to-alls the other ranks run (or they wait for
+        # it forever), and its experts need a (zero) gradient for the grad norm's DTensor reductions
+        grouped = rows * 0 + (gate_up.sum() + down.sum()) * 0
+    elif _grouped_gemm(self, rows, gate_up, down):
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        gate, up = nn.functional.grouped_mm(rows, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        grouped = nn.functional.grouped_mm(self.act_fn(gate) * up, down.transpose(-2, -1), offs=offsets)
+    else:
+        outs = []
+        for e, chunk in enumerate(rows.split(counts.tolist())):
+            if chunk.shape[0]:
+                gate, up = nn.functional.linear(chunk, gate_up[e]).chunk(2, dim=-1)
+                outs.append(nn.functional.linear(self.act_fn(gate) * up, down[e]))
+        grouped = torch.cat(outs)
     out = grouped[torch.argsort(by_expert)]
     back = _all_to_all(out, send, recv, group)
     weights = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(back.dtype)

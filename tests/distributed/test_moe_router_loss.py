@@ -31,7 +31,7 @@ from tests.helpers import (
 
 
 def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activation_checkpointing=False, drop_stage=None,
-         ep=1, tp=1, starve=False):
+         ep=1, tp=1, starve=False, experts_implementation="grouped_mm"):
     from nemo_pp.distributed.mesh import build_device_mesh
     from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
@@ -43,6 +43,8 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, ep_size=ep, tp_size=tp))
     dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
     ref = moe_family_model(model_type)
+    # transformers' default, which the ep forward follows with grouped GEMMs; "eager": a loop
+    ref.config._experts_implementation = experts_implementation
     if starve:  # equal logits: every token picks experts 0 and 1, so the other ep rank's experts get no row
         from nemo_pp.models.moe import router_spec
 
@@ -189,3 +191,8 @@ def test_an_ep_rank_whose_experts_receive_no_token_still_joins_the_backward():
     1's experts compute nothing, yet its backward must run the reverse all-to-alls and give its
     experts a (zero) gradient, or both ranks hang (found on DeepSeek-V3's routing)."""
     run_ranks(_run, 2, "mixtral", 1, "gpipe", 2, False, False, None, 2, 1, True, timeout=180)
+
+
+def test_expert_parallel_with_eager_experts_loops_over_the_local_experts():
+    """``eager`` experts (one matmul pair per expert) under ep 2, against HF's eager experts."""
+    run_ranks(_run, 2, "qwen3_moe", 1, "gpipe", 2, False, False, None, 2, 1, False, "eager", timeout=180)
