@@ -26,6 +26,16 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _assert_resumed_losses_equal(train: list[dict], other: Path) -> dict:
+    """The run resumed in ``other`` from step 3 logs steps 4-6 with the losses of ``train``."""
+    resumed = {r["step"]: r for r in _records(other) if r["event"] == "train"}
+    assert sorted(resumed) == [4, 5, 6]
+    for r in train[3:]:
+        assert abs(r["loss"] - resumed[r["step"]]["loss"]) <= 1e-5, (r, resumed[r["step"]])
+        assert abs(r["aux_loss"] - resumed[r["step"]]["aux_loss"]) <= 1e-5, (r, resumed[r["step"]])
+    return resumed
+
+
 def _check_tensorboard_and_plot(out: Path, train: list[dict], loads: list[dict], tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -84,16 +94,11 @@ def test_upcycled_moe_trains_at_pp2_x_dp2_exports_and_resumes_at_another_ep(tiny
     step3 = next(straight.glob("epoch_*_step_3"))
     shutil.copytree(step3, other / step3.name)
     if ep == 1:
-        launch_recipe(4, recipe_overrides(model, squad, other, *EXTRA, "--distributed.pp_size=1", "--distributed.tp_size=2",
-                                      "--distributed.ep_size=2"))
+        launch_recipe(4, recipe_overrides(model, squad, other, *EXTRA, "--distributed.ep_size=2"))
     else:
         launch_recipe(1, recipe_overrides(model, squad, other, *EXTRA, "--distributed.pp_size=1",
                                           "--dataloader.batch_size=4"))
-    resumed = {r["step"]: r for r in _records(other) if r["event"] == "train"}
-    assert sorted(resumed) == [4, 5, 6]
-    for r in train[3:]:
-        assert abs(r["loss"] - resumed[r["step"]]["loss"]) <= 1e-5, (r, resumed[r["step"]])
-        assert abs(r["aux_loss"] - resumed[r["step"]]["aux_loss"]) <= 1e-5, (r, resumed[r["step"]])
+    resumed = _assert_resumed_losses_equal(train, other)
     torch.testing.assert_close(
         torch.tensor([r["grad_norm"] for r in train[3:]]),
         torch.tensor([resumed[s]["grad_norm"] for s in (4, 5, 6)]), rtol=1e-4, atol=1e-5)
@@ -124,8 +129,4 @@ def test_experts_sharded_over_ep_shard_export_and_resume_at_tp2_x_ep2(tiny_moe_a
     shutil.copytree(step3, other / step3.name)
     launch_recipe(4, recipe_overrides(model, squad, other, *EXTRA, "--distributed.pp_size=1", "--distributed.tp_size=2",
                                       "--distributed.ep_size=2"))
-    resumed = {r["step"]: r for r in _records(other) if r["event"] == "train"}
-    assert sorted(resumed) == [4, 5, 6]
-    for r in train[3:]:
-        assert abs(r["loss"] - resumed[r["step"]]["loss"]) <= 1e-5, (r, resumed[r["step"]])
-        assert abs(r["aux_loss"] - resumed[r["step"]]["aux_loss"]) <= 1e-5, (r, resumed[r["step"]])
+    _assert_resumed_losses_equal(train, other)

@@ -22,24 +22,29 @@ def _stage(model, names):
     return part
 
 
+def _cpu_saved_bytes(part, hidden: torch.Tensor) -> int:
+    """What autograd keeps in a real CPU forward of ``part`` with torch's own kernels, by the
+    tensor owning the memory, parameters excluded (each kept alive, so no id is reused)."""
+    params = {id(p) for p in part.parameters()}
+    kept: dict[int, tuple] = {}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(base) not in params:
+            kept[id(base)] = (base, base.numel() * base.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        part(hidden, causal_mask_mapping={"full_attention": None})
+    return sum(n for _, n in kept.values())
+
+
 def test_activations_measured_on_meta_match_a_real_cpu_forward():
     """The meta count against what autograd really keeps on CPU with torch's own SDPA kernel
     (the meta count models attention as a fused kernel keeps it: q, k, v, output, lse)."""
     real = tiny_model("llama", layers=2)
     names = ["model.layers.0", "model.layers.1", "model.norm", "lm_head", "model.rotary_emb"]
-    part = _stage(real, names)
-    params = {id(p) for p in part.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        base = t._base if t._base is not None else t
-        if id(base) not in params:
-            kept[id(base)] = base.numel() * base.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        part(torch.randn(2, 16, 32, requires_grad=True), causal_mask_mapping={"full_attention": None})
-    cpu = sum(kept.values())
+    cpu = _cpu_saved_bytes(_stage(real, names), torch.randn(2, 16, 32, requires_grad=True))
     meta = saved_activation_bytes(_stage(real, names).to("meta"), torch.empty(2, 16, 32, device="meta",
                                                                                requires_grad=True))
     assert cpu > 0 and abs(meta - cpu) <= 0.1 * cpu, (meta, cpu)
@@ -91,20 +96,8 @@ def test_mixture_of_experts_activations_and_expert_gradients_per_ep_rank():
 
     real = tiny_model("mixtral", layers=2)
     names = ["model.layers.0", "model.layers.1", "model.norm", "lm_head", "model.rotary_emb"]
-    part = _stage(real, names)
-    params = {id(p) for p in part.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        base = t._base if t._base is not None else t
-        if id(base) not in params:
-            kept[id(base)] = base.numel() * base.element_size()
-        return t
-
     hidden = real.config.hidden_size
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        part(torch.randn(2, 32, hidden, requires_grad=True), causal_mask_mapping={"full_attention": None})
-    cpu = sum(kept.values())
+    cpu = _cpu_saved_bytes(_stage(real, names), torch.randn(2, 32, hidden, requires_grad=True))
     meta = saved_activation_bytes(_stage(real, names).to("meta"),
                                   torch.empty(2, 32, hidden, device="meta", requires_grad=True))
     assert cpu > 0 and abs(meta - cpu) <= 0.1 * cpu, (meta, cpu)
