@@ -71,14 +71,14 @@ def reference_gate_bias_training(model, steps) -> list[dict]:
     return out
 
 
-def _run(rank, world, pp, schedule, ep=1, factor=FACTOR):
+def _run(rank, world, pp, schedule, ep=1, factor=FACTOR, tp=1):
     from nemo_pp.distributed.mesh import build_device_mesh
     from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
     from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
 
-    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, ep_size=ep))
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, ep_size=ep, tp_size=tp))
     dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
     ref = _model()
     model = copy.deepcopy(ref)
@@ -120,6 +120,16 @@ def test_ep2_gate_bias_balancing_matches_reference():
 
 def test_pp2_x_ep2_matches_reference():
     run_ranks(_run, 4, 2, "1f1b", 2, timeout=240)
+
+
+def test_ep2_x_ep_shard2_matches_reference():
+    """4 data-parallel ranks, the experts FSDP2-sharded again over the ep_shard pairs."""
+    run_ranks(_run, 4, 1, "gpipe", 2, timeout=240)
+
+
+def test_tp2_x_ep2_matches_reference():
+    """tp 2 shards what DeepSeek-V3's plan names (its dense layer's MLP), ep 2 the experts."""
+    run_ranks(_run, 4, 1, "gpipe", 2, FACTOR, 2, timeout=240)
 
 
 def test_a_bias_left_alone_fails_the_comparison():
