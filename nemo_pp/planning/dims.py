@@ -92,12 +92,12 @@ def resolve_parallel_sizes(
     ``dp_size`` (None: inferred as ``world_size / (pp*cp*tp)``) is split into
     ``dp_replicate_size`` (default 1, i.e. plain FSDP) x ``dp_shard``.
     ``sequence_parallel`` is recorded as given (``plan_run`` checks it against tp).
-    ``ep_size`` experts shards are taken from the data-parallel ranks of a stage; the
-    ``dp / ep`` ranks left (``ep_shard``) hold the same experts and FSDP2-shard them.
+    ``ep_size`` experts shards are taken from the data-parallel x cp ranks of a stage; the
+    ``dp * cp / ep`` ranks left (``ep_shard``) hold the same experts and FSDP2-shard them.
 
     Raises:
         ValueError: sizes that do not multiply to the world size, with the arithmetic; an
-            ``ep_size`` that does not divide the data-parallel size, or with HSDP, cp or
+            ``ep_size`` that does not divide the data-parallel x cp size, or with HSDP or
             sequence parallelism.
     """
     pp, tp, cp = _positive("pp_size", pp_size), _positive("tp_size", tp_size), _positive("cp_size", cp_size)
@@ -125,17 +125,17 @@ def resolve_parallel_sizes(
         )
     ep = _positive("ep_size", ep_size)
     if ep > 1:
-        if rep > 1 or cp > 1 or sequence_parallel:
+        if rep > 1 or sequence_parallel:
             raise ValueError(
-                f"distributed.ep_size={ep} with dp_replicate_size={rep}, cp_size={cp}, sequence_parallel="
-                f"{bool(sequence_parallel)}: expert parallelism is built for FSDP2 data parallelism and tp on the "
-                "attention so far; set dp_replicate_size and cp_size to 1 and sequence_parallel to false, or "
-                "distributed.ep_size: 1")
-        if dp % ep:
-            divisors = [d for d in range(1, dp + 1) if dp % d == 0]
+                f"distributed.ep_size={ep} with dp_replicate_size={rep}, sequence_parallel={bool(sequence_parallel)}: "
+                "expert parallelism is built for FSDP2 data parallelism, cp and tp on the attention so far; set "
+                "dp_replicate_size to 1 and sequence_parallel to false, or distributed.ep_size: 1")
+        if (dp * cp) % ep:
+            divisors = [d for d in range(1, dp * cp + 1) if dp * cp % d == 0]
             raise ValueError(
-                f"distributed.ep_size={ep} does not divide the data-parallel size {dp} (world {world_size} / pp {pp}): "
-                f"the ep ranks are taken from a stage's dp ranks; use one of {divisors}")
+                f"distributed.ep_size={ep} does not divide the data-parallel x cp ranks of a stage, {dp} x {cp} = "
+                f"{dp * cp} (world {world_size} / (pp {pp} x tp {tp})): the ep ranks are taken from them; use one of "
+                f"{divisors}")
     return ParallelDims(pp=pp, dp_replicate=rep, dp_shard=dp // rep, cp=cp, tp=tp,
                         sequence_parallel=bool(sequence_parallel), ep=ep)
 

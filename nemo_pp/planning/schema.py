@@ -140,9 +140,9 @@ class DistributedConfig:
         cp_size: context-parallel ranks: each holds ``S / cp`` tokens of every sequence.
         cp_attention: the attention over the cp group under cp > 1.
         ep_size: expert-parallel ranks: a mixture of experts' experts sharded over the
-            data-parallel ranks of each stage, tokens routed to them by all-to-all; it divides
-            the data-parallel size, and the ``dp / ep`` ranks left (``ep_shard``) FSDP2-shard
-            the experts they share.
+            data-parallel x cp ranks of each stage, tokens routed to them by all-to-all; it
+            divides their number, and the ``dp * cp / ep`` ranks left (``ep_shard``)
+            FSDP2-shard the experts they share.
         pp_size: pipeline stages' ranks (1: one stage of the whole model, same code path).
         sequence_parallel: under tp > 1, hidden states between layers and stages are
             ``[B, S / tp, H]`` sequence shards (Korthikanti et al., 2022).

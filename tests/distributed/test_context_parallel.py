@@ -133,7 +133,7 @@ def test_ring_path_slices_batches_as_the_allgather_path():
     run_ranks(_ring_slices, 2)
 
 
-def _run_family(rank, world, model_type):
+def _run_family(rank, world, model_type, ep=1):
     from nemo_pp.distributed.context_parallel import ContextParallel
     from nemo_pp.distributed.mesh import build_device_mesh
     from nemo_pp.distributed.parallelize import parallelize_chain
@@ -141,7 +141,7 @@ def _run_family(rank, world, model_type):
     from nemo_pp.planning.dims import resolve_parallel_sizes
     from nemo_pp.training.engine import TrainEngine
 
-    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, cp_size=world))
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, cp_size=world, ep_size=ep))
     # HF's own eager attention: windows and soft-capping in the family's code; a cap small
     # enough to bend this tiny model's attention scores (at 5.0 tanh is nearly the identity)
     capped = {"attn_logit_softcapping": 0.5} if model_type == "gemma2" else {}
@@ -152,6 +152,10 @@ def _run_family(rank, world, model_type):
     cp = ContextParallel(mesh, "allgather")  # one object for the stages and the engine
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule="gpipe", pp_batch_size=4, device=torch.device("cpu")).build(
         model, loss_fn=sum_ce, parallelize_fn=parallelize_chain(mesh, cp=cp))  # the CP attention, FSDP2 over the cp ranks
+    if ep > 1:  # each cp rank holds E / ep experts
+        from nemo_pp.models.moe import expert_modules
+
+        assert all(m.gate_up_proj.to_local().shape[0] == m.num_experts // ep for m in expert_modules(ap.parts[0]))
     engine = TrainEngine(ap, torch.device("cpu"), max_grad_norm=None, cp=cp)
     out = engine.train_step([{"input_ids": ids, "labels": lb} for ids, lb in batches], [], [])
     assert abs(out["loss"] - ref_loss) <= 1e-5 * max(1.0, ref_loss), (out["loss"], ref_loss)
@@ -166,3 +170,10 @@ def test_context_parallel_family_matches_hf_forward(model_type):
     """cp 2 on every proven family: sliding windows (Mistral, Gemma 2/3, window 8 of 16 tokens),
     attention soft-capping and query scaling (Gemma 2), per-layer rotary bases (Gemma 3), MoE."""
     run_ranks(_run_family, 2, model_type, timeout=180)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3"])
+def test_expert_parallel_over_the_cp_ranks_matches_hf_forward(model_type):
+    """ep 2 taken from the 2 cp ranks: each routes the tokens of its sequence slices and sends
+    them to the rank holding their experts (the load-balancing loss is refused under cp)."""
+    run_ranks(_run_family, 2, model_type, 2, timeout=180)

@@ -71,12 +71,13 @@ def test_good_config_derives_the_plan(cfg_file):
         (["distributed.sequence_parallel=true"], 2, ValueError, "set distributed.tp_size > 1"),
         (["distributed.ep_size=2"], 4, ValueError, "ep_size=2: expert parallelism is proven for model types deepseek_v3, mixtral, "
          "olmoe, qwen2_moe, qwen3_moe, not 'llama'"),
-        (["distributed.ep_size=4"], 4, ValueError, r"ep_size=4 does not divide the data-parallel size 2 .*use one of \[1, 2\]"),
+        (["distributed.ep_size=4"], 4, ValueError,
+         r"ep_size=4 does not divide the data-parallel x cp ranks of a stage, 2 x 1 = 2 .*use one of \[1, 2\]"),
         (["+model.gate_bias_update_factor=0.001"], 2, ValueError,
          r"model.gate_bias_update_factor=0.001: model type 'llama' has no router with a routing bias"),
         (["+model.gate_bias_update_factor=-1"], 2, ValueError, r"gate_bias_update_factor=-1.0 must be >= 0"),
-        (["distributed.ep_size=2", "distributed.cp_size=2"], 8, ValueError,
-         "ep_size=2 with dp_replicate_size=1, cp_size=2, sequence_parallel=False"),
+        (["distributed.ep_size=2", "distributed.dp_replicate_size=2"], 8, ValueError,
+         "ep_size=2 with dp_replicate_size=2, sequence_parallel=False"),
     ],
 )
 def test_bad_input_names_key_and_fix(cfg_file, overrides, world, error, message):
