@@ -10,8 +10,9 @@ the root mesh is deprecated in torch 2.13):
 With expert parallelism (``ep`` > 1) a second mesh over the same ranks, the reference's
 ``moe_mesh`` ``(pp, ep_shard, ep)``: ``ep`` ranks hold different experts of a layer,
 ``ep_shard`` ranks the same ones (``ep * ep_shard`` = the dp_shard x cp ranks of a stage).
-Under tp a fourth axis ``(pp, ep_shard, ep, tp)``: the ranks of one tp group hold the same
+Under tp a trailing axis ``(pp, ep_shard, ep, tp)``: the ranks of one tp group hold the same
 tokens (tp shards the attention only), so each dispatches within the ep group of its tp index.
+Under HSDP a ``dp_replicate`` axis after ``pp``: ep and ep_shard are taken within a replica.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ class MeshBundle:
         return self.moe["ep"] if self.moe is not None else None
 
     @property
+    def ep_shard_axis_names(self) -> tuple[str, ...] | None:
+        """The moe_mesh axes over which ranks hold the same experts (the reference's
+        ``ep_shard_axis_names``): ``("ep_shard",)``, with ``"dp_replicate"`` first under HSDP."""
+        if self.moe is None:
+            return None
+        return tuple(n for n in ("dp_replicate", "ep_shard") if n in self.moe.mesh_dim_names)
+
+    @property
     def pp(self) -> DeviceMesh:
         """The 1D ``pp`` sub-mesh."""
         return self.world["pp"]
@@ -83,8 +92,10 @@ def build_device_mesh(device_type: str, sizes: ParallelDims) -> MeshBundle:
     dp_shard_cp = flatten_mesh(world["dp_shard", "cp"], "dp_shard_cp")
     dp_cp = flatten_mesh(world["dp_replicate", "dp_shard", "cp"], "dp_cp")
     moe = None
-    if sizes.ep > 1:  # the same ranks in the same order: a stage's dp_shard x cp ranks are ep_shard x ep
+    if sizes.ep > 1:  # the same ranks in the same order: a replica's dp_shard x cp ranks are ep_shard x ep
         shape, names = (sizes.pp, sizes.ep_shard, sizes.ep), MOE_MESH_DIM_NAMES
+        if sizes.dp_replicate > 1:  # HSDP: the replicas hold the same experts too
+            shape, names = (sizes.pp, sizes.dp_replicate, *shape[1:]), ("pp", "dp_replicate", *names[1:])
         if sizes.tp > 1:  # tp stays innermost: each tp rank dispatches within the ep group of its tp index
             shape, names = (*shape, sizes.tp), (*names, "tp")
         moe = init_device_mesh(device_type, shape, mesh_dim_names=names)

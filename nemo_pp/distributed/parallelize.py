@@ -111,23 +111,26 @@ class FSDP2Parallelizer:
 
 
     def _shard_experts(self, model: nn.Module, kwargs: dict) -> None:
-        """Experts already sharded over ``ep`` (:class:`ExpertParallel`): at ``ep_shard`` 1 no
-        two ranks of a stage hold the same expert, so FSDP2 leaves them out; otherwise each
-        experts module is its own FSDP2 unit over ``moe_mesh["ep_shard"]`` (the ranks holding
-        the same experts), which the layer's unit then skips, as torchtitan shards them. FSDP2
+        """Experts already sharded over ``ep`` (:class:`ExpertParallel`): at ``ep_shard`` 1
+        without HSDP no two ranks of a stage hold the same expert, so FSDP2 leaves them out;
+        otherwise each experts module is its own FSDP2 unit over ``moe_mesh["ep_shard"]`` (the
+        ranks holding the same experts; HSDP over ``("dp_replicate", "ep_shard")``), which the
+        layer's unit then skips, as torchtitan shards them. FSDP2
         composes the two meshes of one root (ep_shard, ep) and shards dim 0 again
         (``_StridedShard``), so DCP and ``full_tensor`` still see the global expert tensors."""
         sharded = expert_parallel_params(model)
         if not sharded:
             return
         b = self.mesh_bundle
-        if b.sizes.ep_shard == 1:
+        if b.sizes.ep_shard == 1 and b.sizes.dp_replicate == 1:
             kwargs["ignored_params"] = sharded
             return
-        ep_shard = b.moe["ep_shard"]
+        # HSDP: replicated over dp_replicate (their gradients all-reduced), sharded over ep_shard
+        axes = b.ep_shard_axis_names
+        mesh = b.moe[axes] if len(axes) > 1 else b.moe[axes[0]]
         for module in model.modules():
             if getattr(module, "_nemo_pp_ep_group", None) is not None:
-                fully_shard(module, **{**kwargs, "mesh": ep_shard})
+                fully_shard(module, **{**kwargs, "mesh": mesh})
 
 
 class TensorParallelizer:

@@ -92,13 +92,14 @@ def resolve_parallel_sizes(
     ``dp_size`` (None: inferred as ``world_size / (pp*cp*tp)``) is split into
     ``dp_replicate_size`` (default 1, i.e. plain FSDP) x ``dp_shard``.
     ``sequence_parallel`` is recorded as given (``plan_run`` checks it against tp).
-    ``ep_size`` experts shards are taken from the data-parallel x cp ranks of a stage; the
-    ``dp * cp / ep`` ranks left (``ep_shard``) hold the same experts and FSDP2-shard them.
+    ``ep_size`` experts shards are taken from the dp_shard x cp ranks of a stage (within one
+    HSDP replica); the ``dp_shard * cp / ep`` ranks left (``ep_shard``) hold the same experts
+    and FSDP2-shard them, replicated over ``dp_replicate``.
 
     Raises:
         ValueError: sizes that do not multiply to the world size, with the arithmetic; an
-            ``ep_size`` that does not divide the data-parallel x cp size, or with HSDP or
-            sequence parallelism.
+            ``ep_size`` that does not divide the dp_shard x cp ranks, or with sequence
+            parallelism.
     """
     pp, tp, cp = _positive("pp_size", pp_size), _positive("tp_size", tp_size), _positive("cp_size", cp_size)
     rep = _positive("dp_replicate_size", dp_replicate_size)
@@ -125,17 +126,17 @@ def resolve_parallel_sizes(
         )
     ep = _positive("ep_size", ep_size)
     if ep > 1:
-        if rep > 1 or sequence_parallel:
+        if sequence_parallel:
             raise ValueError(
-                f"distributed.ep_size={ep} with dp_replicate_size={rep}, sequence_parallel={bool(sequence_parallel)}: "
-                "expert parallelism is built for FSDP2 data parallelism, cp and tp on the attention so far; set "
-                "dp_replicate_size to 1 and sequence_parallel to false, or distributed.ep_size: 1")
-        if (dp * cp) % ep:
-            divisors = [d for d in range(1, dp * cp + 1) if dp * cp % d == 0]
+                f"distributed.ep_size={ep} with sequence_parallel: true: the experts would see sequence shards of "
+                "tokens the tp ranks share; set distributed.sequence_parallel: false or distributed.ep_size: 1")
+        shard = dp // rep * cp
+        if shard % ep:
+            divisors = [d for d in range(1, shard + 1) if shard % d == 0]
             raise ValueError(
-                f"distributed.ep_size={ep} does not divide the data-parallel x cp ranks of a stage, {dp} x {cp} = "
-                f"{dp * cp} (world {world_size} / (pp {pp} x tp {tp})): the ep ranks are taken from them; use one of "
-                f"{divisors}")
+                f"distributed.ep_size={ep} does not divide the data-parallel x cp ranks of a stage's replica, "
+                f"{dp // rep} x {cp} = {shard} (world {world_size} / (pp {pp} x tp {tp} x dp_replicate {rep})): the ep "
+                f"ranks are taken from them; use one of {divisors}")
     return ParallelDims(pp=pp, dp_replicate=rep, dp_shard=dp // rep, cp=cp, tp=tp,
                         sequence_parallel=bool(sequence_parallel), ep=ep)
 

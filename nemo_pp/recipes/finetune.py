@@ -177,7 +177,7 @@ class FinetuneRecipe:
             parallelize_fn=build_parallelize_fn(plan, self.mesh, self.cp), weights=weights,
             # the reference's moe_mesh and axis names, for a user's parallelize_fn (None without ep)
             moe_mesh=self.mesh.moe, ep_axis_name="ep" if self.mesh.moe is not None else None,
-            ep_shard_axis_names=("ep_shard",) if self.mesh.moe is not None else None,
+            ep_shard_axis_names=self.mesh.ep_shard_axis_names,
         )
         self.parts = self.ap.parts
         if self.is_main:

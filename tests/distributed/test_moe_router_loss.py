@@ -31,7 +31,7 @@ from tests.helpers import (
 
 
 def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activation_checkpointing=False, drop_stage=None,
-         ep=1, tp=1, starve=False, experts_implementation="grouped_mm"):
+         ep=1, tp=1, starve=False, experts_implementation="grouped_mm", rep=1):
     from nemo_pp.distributed.mesh import build_device_mesh
     from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
@@ -40,7 +40,8 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
     from nemo_pp.training.engine import TrainEngine
     from tests.helpers import LR
 
-    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, ep_size=ep, tp_size=tp))
+    mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, ep_size=ep, tp_size=tp,
+                                                           dp_replicate_size=rep))
     dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
     ref = moe_family_model(model_type)
     # transformers' default, which the ep forward follows with grouped GEMMs; "eager": a loop
@@ -70,9 +71,12 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
         from nemo_pp.models.moe import expert_modules
 
         # the reference's moe_mesh (pp, ep_shard, ep): ep and ep_shard split this stage's dp group
-        assert mesh.moe.mesh_dim_names == ("pp", "ep_shard", "ep") + (("tp",) if tp > 1 else ()) and mesh.ep.size() == ep
+        names = ("pp",) + (("dp_replicate",) if rep > 1 else ()) + ("ep_shard", "ep") + (("tp",) if tp > 1 else ())
+        assert mesh.moe.mesh_dim_names == names and mesh.ep.size() == ep
         ep_ranks = dist.get_process_group_ranks(mesh.ep.get_group())
-        shard_ranks = dist.get_process_group_ranks(mesh.moe["ep_shard"].get_group())
+        same = mesh.moe[mesh.ep_shard_axis_names] if rep > 1 else mesh.moe["ep_shard"]  # ranks holding the same experts
+        shard_ranks = sorted({r for g in ([same.get_group(i) for i in range(same.ndim)]) for r in
+                              dist.get_process_group_ranks(g)}) if rep > 1 else dist.get_process_group_ranks(same.get_group())
         dp_ranks = dist.get_process_group_ranks(mesh.dp.get_group())
         assert set(ep_ranks) <= set(dp_ranks) and set(shard_ranks) <= set(dp_ranks)
         assert len(ep_ranks) * len(shard_ranks) == dp and set(ep_ranks) & set(shard_ranks) == {rank}
@@ -82,7 +86,7 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
             attention = next(m for part in ap.parts for n, m in part.named_modules() if n.endswith("self_attn.o_proj"))
             assert attention.weight.to_local().shape[1] * tp == attention.weight.shape[1]
 
-        ep_shard = dp // ep
+        ep_shard = dp // rep // ep
         for module in (m for part in ap.parts for m in expert_modules(part)):
             # E / ep experts per ep rank, FSDP2 splits those again over ep_shard
             assert module.gate_up_proj.to_local().shape[0] == module.num_experts // ep // ep_shard
@@ -196,3 +200,9 @@ def test_an_ep_rank_whose_experts_receive_no_token_still_joins_the_backward():
 def test_expert_parallel_with_eager_experts_loops_over_the_local_experts():
     """``eager`` experts (one matmul pair per expert) under ep 2, against HF's eager experts."""
     run_ranks(_run, 2, "qwen3_moe", 1, "gpipe", 2, False, False, None, 2, 1, False, "eager", timeout=180)
+
+
+def test_hsdp_x_ep2_replicates_the_experts_over_the_replicas():
+    """HSDP (dp_replicate 2 x dp_shard 2) with ep 2 inside each replica: the experts are an
+    FSDP2 unit over (dp_replicate, ep_shard), so the replicas all-reduce their gradients."""
+    run_ranks(_run, 4, "mixtral", 1, "gpipe", 2, False, False, None, 2, 1, False, "grouped_mm", 2, timeout=240)

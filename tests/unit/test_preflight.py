@@ -72,12 +72,12 @@ def test_good_config_derives_the_plan(cfg_file):
         (["distributed.ep_size=2"], 4, ValueError, "ep_size=2: expert parallelism is proven for model types deepseek_v3, mixtral, "
          "olmoe, qwen2_moe, qwen3_moe, not 'llama'"),
         (["distributed.ep_size=4"], 4, ValueError,
-         r"ep_size=4 does not divide the data-parallel x cp ranks of a stage, 2 x 1 = 2 .*use one of \[1, 2\]"),
+         r"ep_size=4 does not divide the data-parallel x cp ranks of a stage.s replica, 2 x 1 = 2 .*use one of \[1, 2\]"),
         (["+model.gate_bias_update_factor=0.001"], 2, ValueError,
          r"model.gate_bias_update_factor=0.001: model type 'llama' has no router with a routing bias"),
         (["+model.gate_bias_update_factor=-1"], 2, ValueError, r"gate_bias_update_factor=-1.0 must be >= 0"),
-        (["distributed.ep_size=2", "distributed.dp_replicate_size=2"], 8, ValueError,
-         "ep_size=2 with dp_replicate_size=2, sequence_parallel=False"),
+        (["distributed.ep_size=2", "distributed.tp_size=2", "distributed.sequence_parallel=true"], 8, ValueError,
+         "ep_size=2 with sequence_parallel: true"),
     ],
 )
 def test_bad_input_names_key_and_fix(cfg_file, overrides, world, error, message):
