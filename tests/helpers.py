@@ -146,11 +146,11 @@ def training_batches(n_steps, acc, dp, batch_size, seq_lens, vocab):
     return out
 
 
-def reference_training(model, steps) -> list[dict]:
+def reference_training(model, steps, lr: float = LR) -> list[dict]:
     """The unsplit model trained with AdamW on each step's global batch (all dp ranks,
     all accumulated batches): per step the token-mean ``loss``, the global grad ``norm``
     before clipping and the clipped ``grads`` by FQN (of the parameters that train)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
     out = []
     for per_dp in steps:
         flat = [b for group in per_dp for b in group]
@@ -180,11 +180,11 @@ def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def assert_grads_match(ap, grads: dict) -> None:
+def assert_grads_match(ap, grads: dict, atol: float = 1e-6) -> None:
     """Every parameter's (gathered) gradient equals the reference's ``grads[FQN]``."""
     for part in ap.parts:
         for name, p in part.named_parameters():
-            torch.testing.assert_close(full_tensor(p.grad).cpu(), grads[name], rtol=1e-4, atol=1e-6,
+            torch.testing.assert_close(full_tensor(p.grad).cpu(), grads[name], rtol=1e-4, atol=atol,
                                        msg=lambda m: f"{name}: {m}")
 
 

@@ -40,6 +40,12 @@ STYLES = {
     "rowwise": lambda: RowwiseParallel(),
     "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
     "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate()),
+    # a per-head norm after a column-wise projection (Qwen3's and Gemma 3's q_norm / k_norm): each
+    # rank normalises its own heads with the whole weight, whose gradient is then a partial sum
+    # over the tp ranks. SequenceParallel is that style: it replicates the weight and reads the
+    # local input as a shard; dim 0 (batch) is named because it is never the normalised last dim,
+    # whichever of heads or sequence comes first in the family's layout
+    "replicated_with_grad_allreduce": lambda: SequenceParallel(sequence_dim=0, use_local_output=True),
 }
 assert set(STYLES) == set(TP_STYLE_NAMES)  # the model-side check accepts exactly what is mapped here
 
@@ -135,7 +141,9 @@ def tensor_parallelize(model: nn.Module, tp_mesh, sequence_parallel: bool = Fals
     for name, module in model.named_modules():
         rel = name[len(prefix):] if prefix and name.startswith(prefix) else name
         style = next((s for pat, s in patterns.items() if fnmatch.fnmatchcase(rel, pat)), None)
-        if style is not None and isinstance(module, nn.Linear):
+        if style == "replicated_with_grad_allreduce":
+            plan[name] = STYLES[style]()
+        elif style is not None and isinstance(module, nn.Linear):
             plan[name] = RowwiseParallel(**seq_out) if sp and style == "rowwise" else STYLES[style]()
         elif style is not None and isinstance(getattr(module, "base_layer", None), nn.Linear):
             plan.update(_lora_plan(name, module, style, sp))

@@ -17,7 +17,7 @@ from nemo_pp.models.module_tree import text_config
 __all__ = ["DEFAULT_LAYER_PLAN", "TP_STYLE_NAMES", "check_tensor_parallel", "layer_tp_plan"]
 
 #: the plan strings nemo_pp maps to torch styles (``tensor_parallel.STYLES``)
-TP_STYLE_NAMES = ("colwise", "rowwise", "colwise_gather_output", "rowwise_split_input")
+TP_STYLE_NAMES = ("colwise", "rowwise", "colwise_gather_output", "rowwise_split_input", "replicated_with_grad_allreduce")
 
 #: nemo_pp's plan where a model ships none: the Llama names most HF decoders share.
 DEFAULT_LAYER_PLAN = {

@@ -35,10 +35,19 @@ def _run(rank, world, layout: Layout, export_dir, sp=False):
     pp, tp, arch, tied = layout.pp, layout.tp, layout.arch, layout.tied
     mesh = build_device_mesh("cpu", resolve_parallel_sizes(world, pp_size=pp, tp_size=tp, dp_replicate_size=layout.dp_replicate))
     dp, dp_rank = mesh.sizes.dp, mesh.dp_rank
-    ref = tiny_model(arch, tied, layers=4)
+    if arch in ("llama", "qwen2"):
+        ref = tiny_model(arch, tied, layers=4)
+    else:  # a matrix family (tests/helpers.py FAMILIES)
+        from tests.helpers import family_model
+
+        ref = family_model(arch, tie_word_embeddings=tied)
     model = copy.deepcopy(ref)
     steps = training_batches(2, 2, dp, 4, (16, 24), ref.config.vocab_size)
-    expected = reference_training(ref, steps)
+    # Qwen3's q/k norms rescale each head to unit RMS, which turns the tp sums' rounding into
+    # 2e-6 on a few 1e-4-sized gradients (dropping the norms' all-reduce misses by 4e-4), and
+    # Adam turns those into lr-sized updates of near-zero-gradient weights: lr / 10 there
+    lr = LR / 10 if arch == "qwen3" else LR
+    expected = reference_training(ref, steps, lr)
 
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=layout.pp_schedule, pp_batch_size=4,
                       device=torch.device("cpu"), sequence_shards=tp if sp else 1).build(
@@ -51,13 +60,13 @@ def _run(rank, world, layout: Layout, export_dir, sp=False):
         from nemo_pp.models.module_tree import decoder_layers
 
         assert all(hasattr(layer.input_layernorm.weight, "placements") for part in ap.parts for layer in decoder_layers(part))
-    opts = [torch.optim.AdamW(p.parameters(), lr=LR, weight_decay=0.1) for p in ap.parts]
+    opts = [torch.optim.AdamW(p.parameters(), lr=lr, weight_decay=0.1) for p in ap.parts]
     engine = TrainEngine(ap, torch.device("cpu"), dp_group=mesh.dp.get_group() if dp > 1 else None, max_grad_norm=MAX_NORM)
     for step, per_dp in enumerate(steps):
         out = engine.train_step(per_dp[dp_rank], [], [])  # no optimizer: the grads stay to be compared
         loss, grads = expected[step]["loss"], expected[step]["grads"]
         assert abs(out["loss"] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, out["loss"], loss)
-        assert_grads_match(ap, grads)
+        assert_grads_match(ap, grads, atol=5e-6 if arch == "qwen3" else 1e-6)  # Qwen3: see lr above
         optimizer_step_keeps_tie(ap, opts)
     assert_weights_match(ap, ref)
 
@@ -82,6 +91,10 @@ LAYOUTS = {
     "pp2-hsdp2x2": Layout(world=8, pp=2, tp=1, dp_replicate=2, arch="qwen2", tied=True),
     # HSDP x TP: 3D DTensors (dp_replicate, dp_shard, tp) through the one-stage pipeline
     "hsdp2x2-tp2": Layout(world=8, pp=1, tp=2, dp_replicate=2, arch="llama", tied=False),
+    # per-head q/k norms ('replicated_with_grad_allreduce'): Qwen3 normalises [B, S, heads, D],
+    # Gemma 3 [B, heads, S, D]
+    "pp2-tp2-qwen3": Layout(world=4, pp=2, tp=2, dp_replicate=1, arch="qwen3", tied=False),
+    "tp2-gemma3": Layout(world=2, pp=1, tp=2, dp_replicate=1, arch="gemma3_text", tied=True),
 }
 
 
