@@ -109,15 +109,14 @@ class FSDP2Parallelizer:
                 module.set_force_sum_reduction_for_comms(True)
         return model
 
-
     def _shard_experts(self, model: nn.Module, kwargs: dict) -> None:
         """Experts already sharded over ``ep`` (:class:`ExpertParallel`): at ``ep_shard`` 1
         without HSDP no two ranks of a stage hold the same expert, so FSDP2 leaves them out;
         otherwise each experts module is its own FSDP2 unit over ``moe_mesh["ep_shard"]`` (the
         ranks holding the same experts; HSDP over ``("dp_replicate", "ep_shard")``), which the
-        layer's unit then skips, as torchtitan shards them. FSDP2
-        composes the two meshes of one root (ep_shard, ep) and shards dim 0 again
-        (``_StridedShard``), so DCP and ``full_tensor`` still see the global expert tensors."""
+        layer's unit then skips, as torchtitan shards them. FSDP2 composes the meshes of one
+        root (ep_shard, ep) and shards dim 0 again (``_StridedShard``), so DCP and
+        ``full_tensor`` still see the global expert tensors."""
         sharded = expert_parallel_params(model)
         if not sharded:
             return

@@ -48,8 +48,8 @@ from torch import nn
 
 from nemo_pp.models.module_tree import find_layer_stack, iter_decoder_layers, text_config
 
-__all__ = ["EP_PROVEN_MODEL_TYPES", "EXPERT_WEIGHTS", "GATE_BIAS", "RouterLoss", "check_gate_bias_update", "RouterSpec", "check_expert_parallel", "check_router_aux_loss", "expert_modules",
-           "moe_layer_indices", "router_spec"]
+__all__ = ["EP_PROVEN_MODEL_TYPES", "EXPERT_WEIGHTS", "GATE_BIAS", "RouterLoss", "RouterSpec", "check_expert_parallel",
+           "check_gate_bias_update", "check_router_aux_loss", "expert_modules", "moe_layer_indices", "router_spec"]
 
 
 @dataclass(frozen=True)

@@ -284,8 +284,8 @@ def _layer_kind(layer: nn.Module) -> str:
 
 
 def _layer_bytes(part: nn.Module, layer: nn.Module, hidden: torch.Tensor) -> int:
-    """Saved bytes of one decoder layer run alone on meta ``hidden`` (with the stage's
-    rotary embedding, which every stage holds)."""
+    """Saved bytes of one decoder layer run alone on ``hidden`` (with the stage's rotary
+    embedding, which every stage holds; on meta, experts at balanced routing)."""
     inner = part.model if getattr(part, "model", None) is not None else part
     rotary = getattr(inner, "rotary_emb", None)
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
