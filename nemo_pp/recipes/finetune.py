@@ -52,6 +52,7 @@ from nemo_pp.training.loggers import build_metric_loggers
 from nemo_pp.training.lr_scheduler import build_lr_scheduler
 from nemo_pp.training.metrics import ExpertLoadLog, format_step, peak_memory_bytes
 from nemo_pp.training.preemption import PreemptionWatcher
+from nemo_pp.training.skips import SkipCounter
 
 logger = logging.getLogger("nemo_pp.finetune")
 
@@ -352,7 +353,7 @@ class FinetuneRecipe:
         return export_dir
 
     @contextlib.contextmanager
-    def _ending_cleanly(self, skips: "_SkipCounter"):
+    def _ending_cleanly(self, skips: "SkipCounter"):
         """However training ends: an async save in flight is finished; a stop by the
         finite-step guard is recorded in the metric sinks (and then re-raised)."""
         try:
@@ -384,7 +385,7 @@ class FinetuneRecipe:
                    dynamic_ncols=True)
         train_tokens, train_seconds, record, saved_at, preempted = 0, 0.0, {}, None, False
         val_every = cfg.step_scheduler.get("val_every_steps")
-        skips = _SkipCounter(cfg.step_scheduler.max_consecutive_skipped_steps, self.is_main)
+        skips = SkipCounter(cfg.step_scheduler.max_consecutive_skipped_steps, self.is_main)
         with PreemptionWatcher(self.dist.device, enabled=ck_on) as watcher, self._ending_cleanly(skips):
             for batches, position in self._step_batches():
                 out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
@@ -431,40 +432,6 @@ class FinetuneRecipe:
                 flush=True,
             )
         return summary
-
-
-class _SkipCounter:
-    """The finite-step guard's stop rule: counts skipped (non-finite) steps in a row, warns
-    for each and raises :class:`NonFiniteStepError` at ``limit`` of them. Every rank sees
-    the same steps skipped (the engine decides from all-reduced values)."""
-
-    def __init__(self, limit: int, is_main: bool):
-        self.limit, self.is_main = limit, is_main
-        self.in_a_row = self.total = self.last_step = 0
-
-    def update(self, step: int, out: dict) -> None:
-        self.last_step = step
-        if not out["skipped"]:
-            self.in_a_row = 0
-            return
-        self.in_a_row += 1
-        self.total += 1
-        where = out["nonfinite"]
-        at = "; ".join(s for s in (
-            f"loss on stage {', '.join(map(str, where['loss_stages']))}" if where["loss_stages"] else "",
-            f"gradients of stage {', '.join(map(str, where['grad_stages']))}" if where["grad_stages"] else "",
-        ) if s) or "the gradient norm"
-        message = (f"step {step}: non-finite loss {out['loss']} / grad norm {out['grad_norm']} ({at}): skipped, "
-                   f"weights, optimizer state and learning rate unchanged ({self.in_a_row} of {self.limit} in a row)")
-        if self.is_main:
-            tqdm.write(f"warning: {message}")
-        if self.in_a_row >= self.limit:
-            raise NonFiniteStepError(
-                f"stopped after {self.in_a_row} non-finite steps in a row (step_scheduler.max_consecutive_skipped_steps"
-                f"={self.limit}; last: {message}). Nothing non-finite was written: the checkpoints on disk hold the "
-                "weights of the last finite step. Lower optimizer.lr (or clip_grad_norm.max_norm) and run again; it "
-                "resumes from the latest checkpoint"
-            )
 
 
 def _fmt(x: float | None) -> str:
