@@ -75,29 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     if not seq_len:
         print("cost and memory plan: pass --seq-len (no pp_seq_len or dataset.seq_length in the config)")
         return 0
+    from nemo_pp.models.moe import moe_layer_indices, router_spec
     from nemo_pp.planning.cost import flop_costs, profile_costs, stage_costs_of_plan
     from nemo_pp.planning.timeline import simulated_step_seconds
 
-    flops = stage_costs_of_plan(plan, flop_costs(model.config, plan.microbatch_size, seq_len))
+    spec = router_spec(model)
+    sparse = set(moe_layer_indices(model, spec)) if spec is not None else set()  # active expert FLOPs, as the split
+    flops_pieces = flop_costs(model.config, plan.microbatch_size, seq_len, moe_layers=sparse)
+    flops = stage_costs_of_plan(plan, flops_pieces)
     mean = sum(flops) / len(flops)
     print(f"stage cost (FLOP model, split '{d.pipeline.split}'): " + ", ".join(
         f"{i}: {f / mean:.2f}" for i, f in enumerate(flops)) + f" x the mean; slowest {max(flops) / mean:.3f} x")
     if run.sizes.ep > 1:
-        import re
+        from nemo_pp.planning.cost import PieceCosts, expert_all_to_all_bytes
 
-        from nemo_pp.models.moe import moe_layer_indices, router_spec
-        from nemo_pp.planning.cost import expert_all_to_all_bytes
-
-        sparse = set(moe_layer_indices(model, router_spec(model)))
-        dtype_bytes = next(model.parameters()).element_size()
-        per_layer = expert_all_to_all_bytes(model.config, plan.microbatch_size, seq_len, run.sizes.ep, dtype_bytes,
-                                            run.activation_checkpointing)
-        counts = [sum(1 for n in names if (m := re.search(r"layers\.(\d+)$", n)) and int(m.group(1)) in sparse)
-                  for names in plan.module_fqns]
+        per_layer = expert_all_to_all_bytes(model.config, plan.microbatch_size, seq_len, run.sizes.ep,
+                                            next(model.parameters()).element_size(), run.activation_checkpointing)
+        volume = PieceCosts(0.0, tuple(per_layer if i in sparse else 0.0 for i in range(len(flops_pieces.layers))), 0.0)
+        steps = plan.n_microbatches * run.grad_acc_steps
         print(f"expert all-to-all sent per rank and optimizer step (ep {run.sizes.ep}, balanced routing, "
               f"{'with' if run.activation_checkpointing else 'without'} recomputation): " + ", ".join(
-                  f"stage {i}: {n * per_layer * plan.n_microbatches * run.grad_acc_steps / 1024**3:.2f} GiB"
-                  for i, n in enumerate(counts)))
+                  f"stage {i}: {b * steps / 1024**3:.2f} GiB" for i, b in enumerate(stage_costs_of_plan(plan, volume))))
     if known.profile:
         import torch
 

@@ -125,8 +125,7 @@ class FSDP2Parallelizer:
             kwargs["ignored_params"] = sharded
             return
         # HSDP: replicated over dp_replicate (their gradients all-reduced), sharded over ep_shard
-        axes = b.ep_shard_axis_names
-        mesh = b.moe[axes] if len(axes) > 1 else b.moe[axes[0]]
+        mesh = b.moe[b.ep_shard_axis_names]
         for module in model.modules():
             if getattr(module, "_nemo_pp_ep_group", None) is not None:
                 fully_shard(module, **{**kwargs, "mesh": mesh})

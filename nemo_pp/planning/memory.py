@@ -110,13 +110,17 @@ def _balanced_experts(part: nn.Module):
     from nemo_pp.models.moe import expert_modules
 
     modules = expert_modules(part)
+    before = [m.__dict__.get("forward") for m in modules]  # an instance forward (expert parallelism's) comes back
     for m in modules:
         m.forward = _balanced_experts_forward.__get__(m)
     try:
         yield
     finally:
-        for m in modules:
-            del m.forward
+        for m, forward in zip(modules, before):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
 
 
 def saved_activation_bytes(part: nn.Module, inputs: torch.Tensor, loss_fn=None, labels=None) -> int:
