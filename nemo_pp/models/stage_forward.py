@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from nemo_pp.models.lm_head import HEAD_LOSS_ATTR, head_loss, scale_logits
 from nemo_pp.models.module_tree import FINAL_NORM_NAMES, iter_decoder_layers, text_config
 from nemo_pp.models.moe import check_router_aux_loss
 
@@ -171,7 +172,10 @@ def create_pipeline_forward_causal_lm() -> Callable:
     """A ``forward`` for the ``...ForCausalLM`` wrapper that returns a tensor.
 
     Returns logits ``[mb, S, V]`` (or the last ``logits_to_keep`` positions) where
-    ``lm_head`` is present, otherwise the hidden states ``[mb, S, H]`` to send on.
+    ``lm_head`` is present, otherwise the hidden states ``[mb, S, H]`` to send on. A last
+    stage with a hidden-states loss installed (:mod:`nemo_pp.models.head_loss`) returns
+    that loss ``[1]`` fp32 of ``labels: [mb, S] int64`` instead of logits, whenever
+    ``labels`` are given; stages without ``lm_head`` ignore ``labels``.
     """
 
     def forward(
@@ -181,6 +185,7 @@ def create_pipeline_forward_causal_lm() -> Callable:
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        labels: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         inner = getattr(self, "model", None)
@@ -196,6 +201,8 @@ def create_pipeline_forward_causal_lm() -> Callable:
             hidden = inputs_embeds if inputs_embeds is not None else input_ids
         if getattr(self, "lm_head", None) is None:
             return hidden
+        if labels is not None and getattr(self, HEAD_LOSS_ATTR, None) is not None:
+            return head_loss(self, hidden, labels)
         if isinstance(logits_to_keep, int):
             if logits_to_keep > 0:
                 hidden = hidden[:, -logits_to_keep:, :]
@@ -204,24 +211,6 @@ def create_pipeline_forward_causal_lm() -> Callable:
         return scale_logits(self.lm_head(hidden), self.config)
 
     return forward
-
-
-def scale_logits(logits: torch.Tensor, config) -> torch.Tensor:
-    """What causal-LM wrappers do to ``lm_head``'s output, read from config fields (the
-    patched forward replaces the wrapper's): divide by ``logits_scaling`` (Granite),
-    multiply by ``logit_scale`` (Cohere), soft-cap by ``final_logit_softcapping`` as
-    ``cap * tanh(logits / cap)`` (Gemma 2 and 3)."""
-    cfg = text_config(config)
-    scaling = getattr(cfg, "logits_scaling", None)
-    if scaling not in (None, 1, 1.0):
-        logits = logits / scaling
-    scale = getattr(cfg, "logit_scale", None)
-    if scale not in (None, 1, 1.0):
-        logits = logits * scale
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 @functools.cache

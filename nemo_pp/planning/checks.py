@@ -20,6 +20,7 @@ from nemo_pp._peft.lora import PeftConfig, apply_lora, matched_linear_modules
 from nemo_pp.checkpoint.checkpointer import check_checkpoint
 from nemo_pp.checkpoint.layout import CorruptCheckpointError, complete_checkpoints, resolve_restore_from
 from nemo_pp.config import instantiate
+from nemo_pp.models.lm_head import check_head_loss, takes_hidden_states
 from nemo_pp.models.module_tree import decoder_layers, text_config
 
 CP_ATTENTIONS = ("auto", "ring", "allgather")
@@ -160,6 +161,19 @@ def checkpoint_to_resume(cfg, model, dp: int) -> Path | None:
             "split evenly; resume with a data-parallel size that divides it"
         )
     return path
+
+
+def check_loss_fn(cfg, model, sizes, lora_adapts_head: bool, peft) -> None:
+    """A loss on hidden states (``FusedLinearCrossEntropy``) refused where it cannot be exact
+    (:func:`nemo_pp.models.lm_head.check_head_loss`), before any weight is read.
+
+    Raises:
+        ValueError: naming ``loss_fn`` and the fix.
+    """
+    loss_fn = instantiate(cfg.loss_fn)
+    if takes_hidden_states(loss_fn):
+        check_head_loss(model, sizes.tp, lora_adapts_head, peft.dropout if peft is not None else 0.0,
+                        cfg.distributed.pipeline.patch_causal_lm_model)
 
 
 def check_peft(cfg, model, sizes):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemo_pp.models.lm_head import HEAD_LOSS_ATTR, install_head_loss, takes_hidden_states
 from nemo_pp.models.module_tree import copy_pruned, decoder_layers, text_config
 from nemo_pp.models.stage_forward import make_stage_emit_tensor, patch_hf_model_for_pp
 from nemo_pp.planning.pipeline import PipelinePlan
@@ -39,6 +40,11 @@ class RankMemory:
             of the step; kept in the parameter dtype).
         activation_bytes: the most activation bytes it holds at once over a step.
         in_flight: ``{stage: most microbatches held at once}``.
+        recv_buffer_bytes: torch's point-to-point receive buffers, kept from the first step
+            on: ONE PER MICROBATCH for the activations a stage receives (all but the first)
+            and for the gradients it receives (all but the last), each ``[mb, S, H]`` in the
+            activation dtype (``torch.distributed.pipelining.stage``: ``_prepare_forward_infra``
+            and ``_setup_backward_recv_info`` allocate them for every microbatch index).
     """
 
     pp_rank: int
@@ -48,11 +54,13 @@ class RankMemory:
     optimizer_bytes: int
     activation_bytes: int
     in_flight: dict
+    recv_buffer_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        """Parameter + gradient + optimizer + activation bytes of this rank."""
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+        """Parameter + gradient + optimizer + activation + receive-buffer bytes of this rank."""
+        return (self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+                + self.recv_buffer_bytes)
 
 
 def _stage_module(model: nn.Module, module_fqns) -> nn.Module:
@@ -130,9 +138,12 @@ def saved_activation_bytes(part: nn.Module, inputs: torch.Tensor, loss_fn=None, 
     # no mask tensor: it would need data on the meta device; SDPA then runs causal
     masks = {"full_attention": None, "sliding_attention": None}
     with _counting_saved_tensors(part) as saved, _balanced_experts(part):
-        out = part(inputs, causal_mask_mapping=masks)
-        if loss_fn is not None:
-            out = loss_fn(out, labels)
+        if loss_fn is not None and getattr(part, HEAD_LOSS_ATTR, None) is not None:
+            out = part(inputs, causal_mask_mapping=masks, labels=labels)  # the loss, from hidden states
+        else:
+            out = part(inputs, causal_mask_mapping=masks)
+            if loss_fn is not None:
+                out = loss_fn(out, labels)
         return saved.total()  # while ``out`` keeps the graph alive
 
 
@@ -211,7 +222,8 @@ def memory_plan(
         activation_checkpointing: each decoder layer keeps only its input and recomputes
             the rest in backward (one layer's activations then exist at a time).
         loss_fn: run on the last stage's output (its fp32 upcast is part of the peak);
-            default ``MaskedCrossEntropy``.
+            default ``MaskedCrossEntropy``. A loss on hidden states (``FusedLinearCrossEntropy``)
+            runs inside the last stage, as in training, and keeps no logits.
         ep: expert-parallel ranks. A mixture of experts' expert weights are then
             ``1 / (ep * ep_shard)`` per rank (``ep * ep_shard = fsdp_shards``), like the
             other parameters, but their gradients ``1 / ep`` before the reduce-scatter
@@ -240,6 +252,8 @@ def memory_plan(
         x = (torch.zeros(mb, seq_len, dtype=torch.long, device="meta") if first
              else torch.empty(mb, seq_len, hidden, dtype=dtype, device="meta", requires_grad=True))
         labels = torch.zeros(mb, seq_len, dtype=torch.long, device="meta")
+        if last and takes_hidden_states(loss_fn):  # the stage computes its loss from hidden states
+            install_head_loss(part, loss_fn)
         act = saved_activation_bytes(part, x, loss_fn if last else None, labels)
         try:
             layers = decoder_layers(part)
@@ -266,7 +280,12 @@ def memory_plan(
         # FSDP2 keeps each stage's gradient unsharded until the step's reduce-scatter (and
         # across accumulated batches when deferring): a full copy, not a shard
         grads = full - sum(expert_grad_saving[s] for s in stages)  # an ep rank computes only its experts' gradients
-        out.append(RankMemory(rank, stages, params, grads, optimizer_states * params, peak, in_flight))
+        # one [mb, S, H] receive buffer per microbatch: activations in (not the first stage),
+        # gradients in (not the last)
+        buffer = mb * seq_len * hidden * dtype.itemsize
+        directions = sum((s != 0) + (s != plan.num_stages - 1) for s in stages)
+        recv = directions * plan.n_microbatches * buffer
+        out.append(RankMemory(rank, stages, params, grads, optimizer_states * params, peak, in_flight, recv))
     return out
 
 

@@ -363,6 +363,7 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     if d.activation_checkpointing:
         checks.check_activation_checkpointing(model)
     peft, lora_adapts_head, lora_params, adapted = checks.check_peft(cfg, model, sizes)
+    checks.check_loss_fn(cfg, model, sizes, lora_adapts_head, peft)
     # a LoRA checkpoint holds the adapted model's trainable tensors: check against the adapted copy
     resume_from = checks.checkpoint_to_resume(cfg, adapted, sizes.dp) if check_checkpoint else None
     if check_checkpoint:

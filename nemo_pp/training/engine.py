@@ -93,6 +93,8 @@ class TrainEngine:
             args = (ids,) if info.has_first_stage else ()
             target = labels if info.has_last_stage else None
             kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+            if self.ap.head_computes_loss:  # the last stage's forward computes the loss (FusedLinearCrossEntropy)
+                kwargs["labels"] = labels
             run_schedule(info.schedule, *args, train=train, target=target, losses=losses, **kwargs)
         if not losses:
             return torch.zeros((), device=self.device)

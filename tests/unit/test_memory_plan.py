@@ -138,3 +138,27 @@ def test_a_dense_then_sparse_stack_is_counted_layer_by_layer():
                                   torch.empty(2, 32, hidden, device="meta", requires_grad=True))
     kept_inputs = len(each) * 2 * 32 * hidden * 4
     assert plain.activation_bytes - ckpt.activation_bytes == sum(each) - kept_inputs - max(each)
+
+
+def test_fused_loss_keeps_no_logits_on_the_last_stage():
+    from nemo_pp.loss import FusedLinearCrossEntropy
+
+    model = empty_model(tiny_config("llama", tied=False, layers=4))
+    plan = make_pipeline_plan(model, 2, "1f1b", pp_batch_size=4)
+    plain = memory_plan(model, plan, seq_len=16)[1].activation_bytes
+    fused = memory_plan(model, plan, seq_len=16, loss_fn=FusedLinearCrossEntropy())[1].activation_bytes
+    vocab = model.config.vocab_size
+    # the head's [mb, S, V] fp32 log-softmax is gone; an [mb * S] fp32 log-sum-exp stays in its place
+    # (nll_loss also keeps its 4-byte total weight)
+    assert plain - fused - (16 * vocab * 4 - 16 * 4) in (0, 4), (plain, fused)
+
+
+@pytest.mark.parametrize("schedule,directions", [("1f1b", [1, 1]), ("interleaved_1f1b", [3, 3])])
+def test_receive_buffers_one_per_microbatch_and_direction(schedule, directions):
+    model = empty_model(tiny_config("llama", tied=False, layers=4))
+    plan = make_pipeline_plan(model, 2, schedule, pp_batch_size=4)
+    per_buffer = 1 * 16 * model.config.hidden_size * 4  # [mb, S, H] fp32
+    ranks = memory_plan(model, plan, seq_len=16)
+    assert [r.recv_buffer_bytes for r in ranks] == [d * 4 * per_buffer for d in directions]
+    assert all(r.total_bytes == r.param_bytes + r.grad_bytes + r.optimizer_bytes + r.activation_bytes
+               + r.recv_buffer_bytes for r in ranks)

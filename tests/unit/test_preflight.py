@@ -328,3 +328,20 @@ def test_the_shipped_moe_config_plans_on_the_real_upcycled_model(real_moe_model,
     assert layers == [17, 13]
     assert plan.weights.sources.keys_of("model.layers.0.mlp.experts.down_proj") == [
         f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight" for e in range(4)]
+
+
+FUSED = "loss_fn._target_=nemo_pp.loss.FusedLinearCrossEntropy"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ([LORA, "+peft.match_all_linear=true", "+peft.dropout=0.1"], r"loss_fn \(FusedLinearCrossEntropy\) with LoRA on "
+                                                                 r"the output projection needs peft.dropout: 0"),
+    (["distributed.pipeline.patch_causal_lm_model=false"], "set distributed.pipeline.patch_causal_lm_model: true"),
+])
+def test_fused_loss_refusals_name_loss_fn(cfg_file, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check(cfg_file, FUSED, *overrides)
+
+
+def test_fused_loss_plans_with_lora_on_the_head_without_dropout(cfg_file):
+    assert check(cfg_file, FUSED, LORA, "+peft.match_all_linear=true", "+peft.dropout=0.0").lora_adapts_head

@@ -14,6 +14,7 @@ from nemo_pp.distributed.pipelining.build import build_pipeline, pp_submesh
 from nemo_pp.distributed.pipelining.functional import ParallelizeFnProtocol, reset_pp_stage_shapes
 from nemo_pp.distributed.pipelining.tied import TiedEmbeddingSync
 from nemo_pp.models.auto_model import resolve_dtype
+from nemo_pp.models.lm_head import takes_hidden_states
 from nemo_pp.models.module_tree import is_tied, stage_parameters, tied_param_fqns
 from nemo_pp.models.moe import RouterLoss, moe_layer_indices, router_spec
 from nemo_pp.models.stage_forward import validate_hf_model_for_pipeline_support
@@ -301,6 +302,7 @@ class AutoPipeline:
         self._seq_len: Optional[int] = None
         self._tied: Optional[TiedEmbeddingSync] = None
         self._router_loss: Optional[RouterLoss] = None
+        self._head_loss = False
 
     def _materialise(self, model: nn.Module, plan: PipelinePlan, loss_fn, parallelize_fn, weights) -> "AutoPipeline":
         """Stages, parallelize_fn, schedule and tied-embedding sync of ``plan`` on this rank."""
@@ -313,6 +315,7 @@ class AutoPipeline:
             self._parallelize_kwargs, weights,
         )
         self._plan = plan
+        self._head_loss = takes_hidden_states(loss_fn)
         self._seq_len = plan.stage.seq_len if self._model_config is not None else None
         self._info = PipelineInfo(True, schedule, has_first, has_last, parts, stages)
         spec = router_spec(model)
@@ -356,6 +359,13 @@ class AutoPipeline:
     def pp_group(self):
         """The process group of this rank's pp axis."""
         return self._pp_mesh.get_group()
+
+    @property
+    def head_computes_loss(self) -> bool:
+        """Whether the last stage computes the loss in its forward (a ``loss_fn`` taking hidden
+        states, ``FusedLinearCrossEntropy``): then pass ``labels=`` (``[B, S] int64``, split
+        into microbatches like ``target``) to ``schedule.step`` on every rank."""
+        return self._head_loss
 
     @property
     def router_loss(self) -> Optional[RouterLoss]:

@@ -13,6 +13,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 
 from nemo_pp._torch_compat import NemoPipelineStage, load_schedule_actions, runtime_schedule_class
 from nemo_pp.distributed.pipelining.shapes import _precompute_stage_shapes
+from nemo_pp.models.lm_head import check_head_loss, install_head_loss, stage_computed_loss, takes_hidden_states
 from nemo_pp.models.loading import materialize
 from nemo_pp.models.module_tree import copy_pruned
 from nemo_pp.models.stage_forward import make_stage_emit_tensor, patch_hf_model_for_pp
@@ -134,23 +135,33 @@ def build_pipeline(
     """This rank's part of ``plan``, trusting it (nothing is validated again): stages
     (materialised and loaded from ``weights`` when ``model`` is on the meta device),
     ``parallelize_fn`` per part, the schedule, and static shapes when ``plan.stage.seq_len``
-    is set.
+    is set. A ``loss_fn`` that takes hidden states (``FusedLinearCrossEntropy``) is installed
+    on the last stage, which then returns its loss when the schedule passes ``labels=``.
 
     Returns:
         ``(schedule, model_parts, has_first_stage, has_last_stage, stages)``.
 
     Raises:
-        ValueError: the mesh's pp axis is not the plan's pp size.
+        ValueError: the mesh's pp axis is not the plan's pp size; a hidden-states ``loss_fn``
+            the model cannot feed (:func:`nemo_pp.models.lm_head.check_head_loss`).
     """
     mesh = pp_submesh(world_mesh, pp_axis_name)
     if mesh.size() != plan.pp_size:
         raise ValueError(f"the plan is for pp_size {plan.pp_size} but the mesh's '{pp_axis_name}' axis has {mesh.size()}")
     device = device if device is not None else torch.device("cpu")
+    if takes_hidden_states(loss_fn):  # on the whole model, alike on every rank, before any weight is read
+        check_head_loss(model, patch_causal_lm_model=plan.stage.patch_causal_lm_model)
     stages, parts = build_stages(model, plan, mesh.get_local_rank(), mesh.get_group(), device, weights)
     if parallelize_fn is not None:
         for part in parts:
             call_parallelize_fn(parallelize_fn, part, world_mesh, moe_mesh, pp_enabled=plan.pp_size > 1,
                                 **(parallelize_kwargs or {}))
+    if takes_hidden_states(loss_fn):
+        # the last stage computes the loss in its own forward (nemo_pp.models.lm_head)
+        for stage, part in zip(stages, parts):
+            if stage.is_last:
+                install_head_loss(part, loss_fn)
+        loss_fn = stage_computed_loss
     schedule = build_schedule(plan, stages, loss_fn, plan.scale_grads)
     config = getattr(model, "config", None)
     spec = plan.stage

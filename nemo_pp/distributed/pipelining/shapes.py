@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from nemo_pp._torch_compat import mark_schedule_uninitialized, set_static_stage_meta
+from nemo_pp.models.lm_head import HEAD_LOSS_ATTR
 
 
 def _get_hidden_and_vocab_size(model_config) -> tuple[int, int]:
@@ -57,7 +58,8 @@ def _precompute_stage_shapes(
 
     Shapes per microbatch: first stage input ``[mb, S] int64``; other inputs and
     non-last outputs ``[mb, S, H]`` (``[mb, S/tp, H]`` under sequence parallelism); last
-    output ``[mb, S, V]`` (or hidden states when the stage has no ``lm_head``). Float tensors get ``tensor_dtype`` or the stage's
+    output ``[mb, S, V]`` (hidden states when the stage has no ``lm_head``; ``[1]`` fp32 when it
+    computes a hidden-states loss). Float tensors get ``tensor_dtype`` or the stage's
     parameter dtype.
 
     Args:
@@ -79,8 +81,11 @@ def _precompute_stage_shapes(
         else:
             inputs = (torch.empty(microbatch_size, shard_len, hidden, dtype=dtype, device="meta", requires_grad=True),)
         logits = stage.is_last and _stage_emits_logits(stage)
-        outputs = (torch.empty(microbatch_size, seq_len if logits else shard_len, vocab if logits else hidden,
-                               dtype=dtype, device="meta", requires_grad=True),)
+        if logits and getattr(stage.submod, HEAD_LOSS_ATTR, None) is not None:  # the stage returns its loss
+            outputs = (torch.empty(1, dtype=torch.float32, device="meta", requires_grad=True),)
+        else:
+            outputs = (torch.empty(microbatch_size, seq_len if logits else shard_len, vocab if logits else hidden,
+                                   dtype=dtype, device="meta", requires_grad=True),)
         set_static_stage_meta(stage, inputs, outputs)
 
 
