@@ -70,6 +70,30 @@ def _detect_api() -> str:
 STAGE_META_API = _detect_api()
 
 
+def _pool_recv_buffers(infos_by_microbatch: dict, slots: int) -> None:
+    """Make microbatch ``i``'s receive buffers share the memory of microbatch ``i mod slots``'s.
+
+    torch allocates one receive buffer per microbatch and keeps them all
+    (``_prepare_forward_infra``, ``_setup_backward_recv_info``). A received activation is
+    the stage's input leaf, saved by autograd until that microbatch's backward, so a slot can
+    take the next microbatch only once the schedule has run that backward: ``slots`` must
+    exceed the microbatches a stage holds at once (the plan's ``in_flight``), as the
+    reference's ring pool for 1F1B does. Each microbatch keeps its own tensor object (its own
+    ``.grad``, which torch reads and clears per backward), sharing the slot's storage.
+    """
+    first: dict = {}
+    for mb in sorted(infos_by_microbatch):
+        for k, info in enumerate(infos_by_microbatch[mb]):
+            buf = getattr(info, "buffer", None)
+            if getattr(info, "is_root_arg", False) or buf is None:
+                continue
+            base = first.setdefault((mb % slots, k), buf)
+            if base is not buf:
+                shared = torch.empty(0, dtype=base.dtype, device=base.device)
+                shared.set_(base.untyped_storage(), base.storage_offset(), base.shape, base.stride())
+                info.buffer = shared.requires_grad_(buf.requires_grad)
+
+
 class NemoPipelineStage(PipelineStage):
     """``PipelineStage`` that keeps accumulated gradients across a re-initialisation and
     can defer FSDP gradient reduction to the last batch of an optimizer step.
@@ -88,6 +112,20 @@ class NemoPipelineStage(PipelineStage):
     """
 
     grad_sync: bool = True
+    #: ``(activation slots, gradient slots)``: the receive buffers of microbatch ``i`` share
+    #: memory with those of ``i mod slots`` (:func:`_pool_recv_buffers`); None: one per microbatch
+    recv_pool_slots: tuple[int, int] | None = None
+
+    def _prepare_forward_infra(self, *args, **kwargs):
+        out = super()._prepare_forward_infra(*args, **kwargs)
+        if self.recv_pool_slots is not None:
+            _pool_recv_buffers(self.args_recv_info, self.recv_pool_slots[0])
+        return out
+
+    def _setup_backward_recv_info(self, num_microbatches: int):
+        super()._setup_backward_recv_info(num_microbatches)
+        if self.recv_pool_slots is not None:
+            _pool_recv_buffers(self.grad_recv_info, self.recv_pool_slots[1])
 
     def _post_metadata_inference_cleanup(self) -> None:  # torch >= 2.12 hook
         mode = getattr(self, "_inference_mode", None)

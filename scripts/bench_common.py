@@ -20,8 +20,10 @@ def timed_recipe_run(nproc: int, steps: int, *overrides: str, config: str = CONF
 
     Returns:
         ``{"step_s": median seconds per optimizer step, "tokens_per_s": median (padding
-        included), "nonpad_tokens_per_s": median without padding, "loss": last}`` over steps
-        2.. (the first builds the receive buffers).
+        included), "nonpad_tokens_per_s": median without padding, "loss": last,
+        "model_tflops": median model TFLOP/s of all ranks, "mfu": the recipe's median,
+        "first_step_s": the first step (compilation, buffers), "peak_memory_bytes_by_rank"}``
+        over steps 2.. (the first builds the receive buffers).
 
     Raises:
         RuntimeError: the run failed (the end of its stderr is the message).
@@ -38,8 +40,14 @@ def timed_recipe_run(nproc: int, steps: int, *overrides: str, config: str = CONF
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
         records = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
-        train = [r for r in records if r.get("event") == "train"][1:]
+        every = [r for r in records if r.get("event") == "train"]
+        train = every[1:]
+        summary = next((r for r in records if r.get("event") == "summary"), {})
         return {
+            "first_step_s": every[0]["step_time_s"],
+            "model_tflops": statistics.median(r["tflops"] for r in train),
+            "mfu": statistics.median(r["mfu"] for r in train) if train[0].get("mfu") is not None else None,
+            "peak_memory_bytes_by_rank": summary.get("peak_memory_bytes_by_rank"),
             "step_s": statistics.median(r["step_time_s"] for r in train),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
             "nonpad_tokens_per_s": statistics.median(r["nonpad_tokens_per_s"] for r in train),

@@ -23,7 +23,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nemo_pp.config import ConfigError, parse_cli
+    from nemo_pp.config import ConfigError, instantiate, parse_cli
     from nemo_pp.distributed.pipelining.visualize import save_schedule_png
     from nemo_pp.planning.run_plan import plan_run, planning_seq_len
     from nemo_pp.planning.schema import load_recipe_config
@@ -116,14 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory plan per pp rank (seq_len {seq_len}, {local_len} per cp rank, {plan.n_microbatches} microbatches of "
           f"{plan.microbatch_size}, FSDP shards {shards}, {states} optimizer states per parameter"
           + (f", experts over ep {ep} x ep_shard {run.sizes.ep_shard}, routing balanced" if ep > 1 else "") + "), GiB:")
-    print(f"  {'rank':<5}{'stages':<10}{'params':>8}{'grads':>8}{'optim':>8}{'activ.':>8}{'act+AC':>8}"
-          f"{'total':>8}{'total+AC':>9}  microbatches held")
-    plain = memory_plan(model, plan, local_len, shards, states, activation_checkpointing=False, ep=ep)
-    ckpt = memory_plan(model, plan, local_len, shards, states, activation_checkpointing=True, ep=ep)
+    print(f"  {'rank':<5}{'stages':<10}{'params':>8}{'grads':>8}{'optim':>8}{'activ.':>8}{'act+AC':>8}{'recv':>8}"
+          f"{'total':>8}{'total+AC':>9}  microbatches held; receive buffers / activations (+AC)")
+    loss_fn = instantiate(cfg.loss_fn)
+    plain = memory_plan(model, plan, local_len, shards, states, activation_checkpointing=False, ep=ep, loss_fn=loss_fn)
+    ckpt = memory_plan(model, plan, local_len, shards, states, activation_checkpointing=True, ep=ep, loss_fn=loss_fn)
     for r, c in zip(plain, ckpt):
+        extra = r.recv_buffer_bytes - r.recv_in_activation_bytes  # beyond the held inputs
+        share = "  ".join(f"{100 * extra / max(a, 1):.0f} %" for a in (r.activation_bytes, c.activation_bytes))
         print(f"  {r.pp_rank:<5}{str(list(r.stages)):<10}{r.param_bytes / gib:>8.2f}{r.grad_bytes / gib:>8.2f}"
               f"{r.optimizer_bytes / gib:>8.2f}{r.activation_bytes / gib:>8.2f}{c.activation_bytes / gib:>8.2f}"
-              f"{r.total_bytes / gib:>8.2f}{c.total_bytes / gib:>9.2f}  {r.in_flight}")
+              f"{r.recv_buffer_bytes / gib:>8.2f}{r.total_bytes / gib:>8.2f}{c.total_bytes / gib:>9.2f}  "
+              f"{r.in_flight}; {share}")
     print("  plus the process itself: about 0.7 GiB of Python/torch/transformers on CPU (measured), the CUDA "
           "context and allocator cache on GPU")
     return 0

@@ -110,3 +110,12 @@ def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def gather_ints(value: int, device: torch.device) -> list[int]:
+    """``value`` of every rank in rank order (one all-gather; collective); ``[value]`` alone."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [int(value)]
+    out = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor(int(value), dtype=torch.int64, device=device))
+    return [int(t) for t in out]

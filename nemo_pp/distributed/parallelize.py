@@ -11,6 +11,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from nemo_pp._peft.lora import LoraParallelizer
+from nemo_pp.distributed.compile import RegionalCompile
 from nemo_pp.distributed.context_parallel import ContextParallelizer
 from nemo_pp.distributed.expert_parallel import ExpertParallel, expert_parallel_params
 from nemo_pp.distributed.tensor_parallel import tensor_parallelize
@@ -165,6 +166,7 @@ def parallelize_chain(
     activation_checkpointing: bool = False,
     reshard_after_forward: bool = True,
     mp_policy: MixedPrecisionPolicy | None = None,
+    compile_kwargs: dict | None = None,
 ):
     """The per-stage parallelize_fn of a run, in the one order that composes: LoRA adapters
     (``peft``), tensor parallelism (tp > 1), the context-parallel attention (``cp``), expert
@@ -183,6 +185,9 @@ def parallelize_chain(
         reshard_after_forward: FSDP2's; False for split-backward schedules (the reshard
             rule: ``not plan.split_backward``; docs/architecture.md, "Measured torch facts").
         mp_policy: FSDP2's mixed precision.
+        compile_kwargs: ``torch.compile``'s arguments for each decoder layer
+            (:class:`~nemo_pp.distributed.compile.RegionalCompile`, after tp/cp/ep, before
+            activation checkpointing and FSDP2); None: eager.
 
     Raises:
         ValueError: cp > 1 without ``cp``.
@@ -199,6 +204,7 @@ def parallelize_chain(
         TensorParallelizer(mesh_bundle, sequence_parallel) if sizes.tp > 1 else None,
         ContextParallelizer(cp) if sizes.cp > 1 else None,
         ExpertParallel(mesh_bundle.ep) if sizes.ep > 1 else None,
+        RegionalCompile(**compile_kwargs) if compile_kwargs is not None else None,
         rest,
     ]
     steps = [s for s in steps if s is not None]
@@ -213,4 +219,5 @@ def build_parallelize_fn(plan, mesh_bundle, cp=None):
         mesh_bundle, sizes=plan.sizes, peft=plan.peft, sequence_parallel=plan.sequence_parallel, cp=cp,
         activation_checkpointing=plan.activation_checkpointing,
         reshard_after_forward=not plan.pipeline.split_backward, mp_policy=plan.mp_policy,
+        compile_kwargs=plan.compile_kwargs,
     )

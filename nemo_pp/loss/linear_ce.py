@@ -79,9 +79,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         transform, group = ctx.transform, ctx.group
         n, v_local = hidden.shape[0], weight.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        # fp32 accumulation over chunks: a bf16 sum of many chunk products would round each time
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                       if ctx.needs_input_grad[1] else None)
+        grad_weight = None  # [V_local, H]: the first chunk's product itself, so one chunk costs no extra buffer
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             h = hidden[s:e]
@@ -97,17 +95,24 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             local = labels[s:e] - ctx.vocab_start
             inside = ((local >= 0) & (local < v_local)).nonzero().squeeze(1)
             dz[inside, local[inside]] -= 1.0
-            dz = dz * grad_loss
+            dz.mul_(grad_loss)
             if transform is not None:
                 dz = torch.autograd.grad(z, raw, dz.to(z.dtype))[0]
             dz = dz.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[s:e] = dz @ weight
-            if grad_weight is not None:
-                grad_weight += (dz.t() @ h).float()
+            if ctx.needs_input_grad[1]:
+                part = dz.t() @ h
+                if grad_weight is None:
+                    # fp32 accumulation over several chunks: a bf16 running sum would round at each one
+                    grad_weight = part.float() if e < n else part
+                else:
+                    grad_weight += part
         if grad_hidden is not None and group is not None:
             # every tp rank used the same hidden states against its own vocabulary shard
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)
+        if ctx.needs_input_grad[1] and grad_weight is None:  # no label token
+            grad_weight = torch.zeros_like(weight)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None, None, None, None, None)
 

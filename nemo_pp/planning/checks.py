@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -161,6 +163,30 @@ def checkpoint_to_resume(cfg, model, dp: int) -> Path | None:
             "split evenly; resume with a data-parallel size that divides it"
         )
     return path
+
+
+def check_compile(cfg) -> dict | None:
+    """``torch.compile``'s arguments of the ``compile:`` section, or None when it is off.
+
+    Inductor builds C++ kernels on a CPU (a C++ compiler: ``$CXX``, ``g++``, ``clang++`` or
+    ``c++`` on the PATH) and Triton kernels on CUDA (the ``triton`` package).
+
+    Raises:
+        ValueError: naming ``compile.enabled``, when inductor cannot build on this machine.
+    """
+    c = cfg.compile
+    if not c.enabled:
+        return None
+    if c.backend == "inductor":
+        cuda = cfg.dist_env.device == "cuda" or (cfg.dist_env.device == "auto" and torch.cuda.is_available())
+        if cuda and importlib.util.find_spec("triton") is None:
+            raise ValueError("compile.enabled: true with backend inductor on CUDA needs the triton package "
+                             "(pip install triton); or set compile.enabled: false")
+        names = [n for n in (os.environ.get("CXX"), "g++", "clang++", "c++") if n]
+        if not any(shutil.which(n) for n in names):
+            raise ValueError(f"compile.enabled: true with backend inductor needs a C++ compiler, and none of "
+                             f"{names} is on the PATH: install one (apt install g++) or set compile.enabled: false")
+    return dict(backend=c.backend, mode=c.mode, fullgraph=bool(c.fullgraph), dynamic=c.dynamic)
 
 
 def check_loss_fn(cfg, model, sizes, lora_adapts_head: bool, peft) -> None:

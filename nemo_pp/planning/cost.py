@@ -31,6 +31,7 @@ slowest, and 19/11 balances it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from nemo_pp.models.module_tree import text_config
@@ -108,6 +109,14 @@ def flop_costs(config, microbatch_size: int, seq_len: int, moe_layers=()) -> Pie
         layers=tuple(layer(i, t) for i, t in enumerate(types[: cfg.num_hidden_layers])),
         head=3.0 * 2 * b * s * h * cfg.vocab_size,
     )
+
+
+def with_fused_head(costs: PieceCosts, label_share: float) -> PieceCosts:
+    """``costs`` with the head of ``nemo_pp.loss.FusedLinearCrossEntropy``: the output
+    projection runs on label tokens only (a share ``label_share`` of the positions) and
+    recomputes their logits in backward, four ``2 * h * V`` products per label token instead
+    of three per position."""
+    return dataclasses.replace(costs, head=costs.head * 4.0 / 3.0 * label_share)
 
 
 def expert_all_to_all_bytes(config, microbatch_size: int, seq_len: int, ep: int, dtype_bytes: int = 2,

@@ -25,6 +25,7 @@ from nemo_pp.models.lm_head import HEAD_LOSS_ATTR, install_head_loss, takes_hidd
 from nemo_pp.models.module_tree import copy_pruned, decoder_layers, text_config
 from nemo_pp.models.stage_forward import make_stage_emit_tensor, patch_hf_model_for_pp
 from nemo_pp.planning.pipeline import PipelinePlan
+from nemo_pp.planning.schedules import is_single_stage_schedule
 from nemo_pp.planning.timeline import microbatches_in_flight
 
 
@@ -41,10 +42,14 @@ class RankMemory:
         activation_bytes: the most activation bytes it holds at once over a step.
         in_flight: ``{stage: most microbatches held at once}``.
         recv_buffer_bytes: torch's point-to-point receive buffers, kept from the first step
-            on: ONE PER MICROBATCH for the activations a stage receives (all but the first)
+            on: one per microbatch for the activations a stage receives (all but the first)
             and for the gradients it receives (all but the last), each ``[mb, S, H]`` in the
             activation dtype (``torch.distributed.pipelining.stage``: ``_prepare_forward_infra``
-            and ``_setup_backward_recv_info`` allocate them for every microbatch index).
+            and ``_setup_backward_recv_info`` allocate them for every microbatch index), or
+            the pooled slots of :func:`receive_buffer_slots`.
+        recv_in_activation_bytes: of those, the activation buffers of the microbatches held
+            at the peak: a received activation IS the stage's input, which ``activation_bytes``
+            already counts (the first layer keeps it).
     """
 
     pp_rank: int
@@ -55,12 +60,14 @@ class RankMemory:
     activation_bytes: int
     in_flight: dict
     recv_buffer_bytes: int = 0
+    recv_in_activation_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        """Parameter + gradient + optimizer + activation + receive-buffer bytes of this rank."""
+        """Parameter + gradient + optimizer + activation + receive-buffer bytes of this rank,
+        the receive buffers that are the held microbatches' inputs counted once."""
         return (self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
-                + self.recv_buffer_bytes)
+                + self.recv_buffer_bytes - self.recv_in_activation_bytes)
 
 
 def _stage_module(model: nn.Module, module_fqns) -> nn.Module:
@@ -280,12 +287,36 @@ def memory_plan(
         # FSDP2 keeps each stage's gradient unsharded until the step's reduce-scatter (and
         # across accumulated batches when deferring): a full copy, not a shard
         grads = full - sum(expert_grad_saving[s] for s in stages)  # an ep rank computes only its experts' gradients
-        # one [mb, S, H] receive buffer per microbatch: activations in (not the first stage),
-        # gradients in (not the last)
+        # [mb, S, H] receive buffers: activations in (not the first stage), gradients in (not
+        # the last), one per microbatch or per pooled slot
         buffer = mb * seq_len * hidden * dtype.itemsize
-        directions = sum((s != 0) + (s != plan.num_stages - 1) for s in stages)
-        recv = directions * plan.n_microbatches * buffer
-        out.append(RankMemory(rank, stages, params, grads, optimizer_states * params, peak, in_flight, recv))
+        slots = receive_buffer_slots(plan)
+        recv = buffer * sum((s != 0) * (slots[s][0] if slots else plan.n_microbatches)
+                            + (s != plan.num_stages - 1) * (slots[s][1] if slots else plan.n_microbatches)
+                            for s in stages)
+        shared = buffer * sum(in_flight[s] for s in stages if s != 0)
+        out.append(RankMemory(rank, stages, params, grads, optimizer_states * params, peak, in_flight, recv,
+                              shared))
+    return out
+
+
+def receive_buffer_slots(plan: PipelinePlan) -> dict[int, tuple[int, int]] | None:
+    """``{stage: (activation buffers, gradient buffers)}`` when the plan pools its receive
+    buffers (``pool_recv_buffers`` under a one-stage-per-rank schedule such as 1F1B, where
+    torch receives a microbatch right before its forward or backward): one more activation
+    buffer than the microbatches the stage holds at once (the slot of microbatch ``i`` is
+    reused by ``i + slots`` only after ``i``'s backward), two for gradients; None otherwise
+    (one buffer per microbatch, as torch allocates them)."""
+    if not plan.pool_recv_buffers or plan.csv_actions is not None or not plan.schedule:
+        return None
+    if not is_single_stage_schedule(plan.schedule):
+        return None
+    n = plan.n_microbatches
+    out = {}
+    for rank, timeline in enumerate(microbatches_in_flight(plan)):
+        for stage in plan.stages_of(rank):
+            held = max((slot.get(stage, 0) for slot in timeline), default=0)
+            out[stage] = (min(n, held + 1), min(n, 2))
     return out
 
 

@@ -91,6 +91,9 @@ class PipelinePlan:
             ``step`` (``scale_grads_in_schedule``; the recipe refuses it).
         defer_fsdp_grad_sync: FSDP2 reduce-scatters once per optimizer step, not once per
             accumulated batch (``AutoPipeline.set_grad_sync``).
+        pool_recv_buffers: under a one-stage-per-rank schedule (1F1B), the point-to-point
+            receive buffers of the microbatches share as few buffers as the microbatches a
+            stage holds allow (``nemo_pp.planning.memory.receive_buffer_slots``).
     """
 
     pp_size: int
@@ -105,6 +108,7 @@ class PipelinePlan:
     stage: StageSpec = field(default_factory=StageSpec)
     scale_grads: bool = False
     defer_fsdp_grad_sync: bool = True
+    pool_recv_buffers: bool = True
 
     @property
     def num_stages(self) -> int:
@@ -229,7 +233,7 @@ def _param_sizes(model: nn.Module) -> PieceCosts:
                       layers=tuple(sum(p.numel() for p in layer.parameters()) for layer in stack._modules.values()))
 
 
-def _moe_layers(model) -> list[int]:
+def moe_layers_of(model) -> list[int]:
     """The model's routed MoE layers ([] for a dense model): the cost model counts their active FLOPs."""
     spec = router_spec(model) if hasattr(model, "config") else None
     return moe_layer_indices(model, spec) if spec is not None else []
@@ -248,7 +252,7 @@ def _layer_counts(model, num_stages: int, split: str, layers_per_stage, microbat
         return None
     try:
         costs = piece_costs or flop_costs(config, microbatch_size, seq_len or DEFAULT_PLANNING_SEQ_LEN,
-                                          moe_layers=_moe_layers(model))
+                                          moe_layers=moe_layers_of(model))
     except AttributeError:  # not a transformers decoder config: nothing to weigh
         return None
     if len(costs.layers) != len(find_layer_stack(model)[1]):
@@ -279,6 +283,7 @@ def make_pipeline_plan(
     stage: StageSpec | None = None,
     scale_grads: bool = False,
     defer_fsdp_grad_sync: bool = True,
+    pool_recv_buffers: bool = True,
 ) -> PipelinePlan:
     """Plan the pipeline: stage count, placement, each stage's modules, microbatches.
 
@@ -311,7 +316,7 @@ def make_pipeline_plan(
             shared, so every rank plans the same split).
         max_stage_params: a cap on any stage's parameters for the balanced split (a
             memory budget: parameters, their gradients and optimizer state scale with it).
-        stage / scale_grads / defer_fsdp_grad_sync: carried into the plan unchanged (see
+        stage / scale_grads / defer_fsdp_grad_sync / pool_recv_buffers: carried into the plan unchanged (see
             :class:`PipelinePlan`); ``stage`` defaults to ``StageSpec()``.
 
     Returns:
@@ -373,5 +378,5 @@ def make_pipeline_plan(
         module_fqns=module_fqns, microbatch_size=int(pp_microbatch_size),
         batch_size=None if pp_batch_size is None else int(pp_batch_size),
         stage=stage if stage is not None else StageSpec(), scale_grads=bool(scale_grads),
-        defer_fsdp_grad_sync=bool(defer_fsdp_grad_sync),
+        defer_fsdp_grad_sync=bool(defer_fsdp_grad_sync), pool_recv_buffers=bool(pool_recv_buffers),
     )

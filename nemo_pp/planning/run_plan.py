@@ -30,10 +30,10 @@ from nemo_pp.models.moe import check_expert_parallel, check_gate_bias_update
 from nemo_pp.models.stage_forward import validate_hf_model_for_pipeline_support
 from nemo_pp.models.tp_plan import check_tensor_parallel
 from nemo_pp.planning import checks
-from nemo_pp.planning.cost import DEFAULT_PLANNING_SEQ_LEN, PieceCosts
+from nemo_pp.planning.cost import DEFAULT_PLANNING_SEQ_LEN, PieceCosts, flop_costs, with_fused_head
 from nemo_pp.planning.dims import ParallelDims, resolve_parallel_sizes
 from nemo_pp.planning.family_probe import check_model_family
-from nemo_pp.planning.pipeline import PipelinePlan, StageSpec, make_pipeline_plan
+from nemo_pp.planning.pipeline import PipelinePlan, StageSpec, make_pipeline_plan, moe_layers_of
 from nemo_pp.planning.schedules import is_single_stage_schedule
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ class RunPlan:
             :class:`~nemo_pp.models.loading.SafetensorsCheckpoint`, names already checked),
             or None when another loader builds the model or ``check_checkpoint`` was False. Not compared.
         pipeline_kwargs: the arguments the pipeline plan was made with, for :func:`replan`.
+        compile_kwargs: ``torch.compile``'s arguments for every decoder layer (the ``compile:``
+            section, checked); None: eager.
     """
 
     sizes: ParallelDims
@@ -102,6 +104,7 @@ class RunPlan:
     meta_model: nn.Module | None = field(default=None, compare=False, repr=False)
     weights: SafetensorsCheckpoint | None = field(default=None, compare=False, repr=False)
     pipeline_kwargs: dict = field(default_factory=dict, compare=False, repr=False)
+    compile_kwargs: dict | None = None
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run: ``max_steps`` or what the epochs hold.
@@ -181,6 +184,24 @@ def replan(plan: RunPlan, piece_costs: PieceCosts) -> RunPlan:
     everything else, the meta model included, is kept."""
     pipeline = make_pipeline_plan(plan.meta_model, **plan.pipeline_kwargs, piece_costs=piece_costs)
     return dataclasses.replace(plan, pipeline=pipeline)
+
+
+def replan_for_fused_loss(plan: RunPlan, label_share: float, seq_len: int) -> RunPlan | None:
+    """``plan`` re-balanced for a loss that computes only label tokens (``FusedLinearCrossEntropy``,
+    :func:`~nemo_pp.planning.cost.with_fused_head`), where the split is the FLOP model's
+    (``split: balanced``, no explicit layers, pp > 1); None where nothing changes.
+
+    Args:
+        label_share: label tokens over all tokens of the training data.
+        seq_len: tokens per sample the split is weighed at.
+    """
+    kw = plan.pipeline_kwargs
+    if (plan.sizes.pp == 1 or kw.get("split") != "balanced" or kw.get("layers_per_stage") is not None
+            or kw.get("module_fqns_per_model_part") is not None):
+        return None
+    model = plan.meta_model
+    costs = flop_costs(model.config, plan.pipeline.microbatch_size, seq_len, moe_layers=moe_layers_of(model))
+    return replan(plan, with_fused_head(costs, label_share))
 
 
 def _check_paths(cfg, model_path) -> None:
@@ -276,7 +297,7 @@ def _pipeline_kwargs(cfg, sizes: ParallelDims, microbatch_size: int, local_bs: i
         round_virtual_stages_to_pp_multiple=p.round_virtual_stages_to_pp_multiple,
         module_fqns_per_model_part=p.module_fqns_per_model_part, split=p.split, seq_len=planning_seq_len(cfg),
         max_stage_params=p.max_stage_params, scale_grads=p.scale_grads_in_schedule,
-        defer_fsdp_grad_sync=p.defer_fsdp_grad_sync,
+        defer_fsdp_grad_sync=p.defer_fsdp_grad_sync, pool_recv_buffers=p.pool_recv_buffers,
         stage=StageSpec(patch_inner_model=p.patch_inner_model, patch_causal_lm_model=p.patch_causal_lm_model,
                         sequence_shards=sizes.sequence_shards, activation_dtype=activation_dtype, seq_len=p.pp_seq_len),
     )
@@ -327,6 +348,7 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     cp_attention, pad_divisible = checks.check_context_parallel(cfg, sizes)
     _check_sequence_parallel(cfg, sizes)
     checks.check_logger_packages(cfg)
+    compile_kwargs = checks.check_compile(cfg)
     model_path = cfg.model.get("pretrained_model_name_or_path")
     _check_paths(cfg, model_path)
     local_bs, grad_acc_steps = _global_batch(cfg, sizes)
@@ -375,4 +397,5 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
         max_steps=cfg.step_scheduler.get("max_steps"), resume_from=resume_from, sequence_parallel=d.sequence_parallel,
         peft=peft, lora_adapts_head=lora_adapts_head, lora_params=lora_params, cp_attention=cp_attention,
         pad_seq_len_divisible=pad_divisible, pipeline_dtype=pipeline_dtype, meta_model=model, weights=weights, pipeline_kwargs=pipeline_kwargs,
+        compile_kwargs=compile_kwargs,
     )

@@ -31,6 +31,7 @@ __all__ = [
     "FinetuneConfig",
     "LRSchedulerConfig",
     "LoggingConfig",
+    "CompileConfig",
     "MixedPrecisionConfig",
     "PackedSequenceConfig",
     "PipelineConfig",
@@ -83,6 +84,8 @@ class PipelineConfig:
         patch_stage_backward_maybe_with_nosync: refused when true (torch already defers FSDP
             gradient sync to the step's last microbatch).
         defer_fsdp_grad_sync: FSDP2 reduce-scatters once per optimizer step, not per accumulated batch.
+        pool_recv_buffers: under 1F1B, microbatches share the receive buffers (as many as a stage
+            holds microbatches, plus one) instead of one each.
         scale_grads_in_schedule: refused when true (the recipe normalises by label tokens).
         pp_seq_len: static stage shapes set at build for this length; also the length the split is weighed at.
         dtype: cast the model to this dtype before splitting; null: ``model.torch_dtype``.
@@ -102,6 +105,7 @@ class PipelineConfig:
     patch_causal_lm_model: bool = True
     patch_stage_backward_maybe_with_nosync: bool = False
     defer_fsdp_grad_sync: bool = True
+    pool_recv_buffers: bool = True
     scale_grads_in_schedule: bool = False
     pp_seq_len: Optional[int] = setting(None, ge=1)
     dtype: Optional[str] = setting(None, choices=_DTYPES)
@@ -246,10 +250,37 @@ class LoggingConfig:
         expert_load_every_steps: a mixture of experts writes the tokens each expert received,
             per MoE layer and summed over the last N steps, with each layer's max/mean
             imbalance, to the metric sinks every N steps (an ``expert_load`` record).
+        peak_tflops: one rank's peak TFLOP/s that MFU is measured against; null: a known
+            accelerator's data-sheet peak, or on a CPU a GEMM probe at the run's thread count
+            (:mod:`nemo_pp.planning.throughput`).
     """
 
     log_every_steps: int = setting(1, ge=1)
     expert_load_every_steps: int = setting(10, ge=1)
+    peak_tflops: Optional[float] = setting(None, gt=0)
+
+
+@dataclass
+class CompileConfig:
+    """``compile``: regional ``torch.compile`` of every decoder layer (NeMo AutoModel's and
+    torchtitan's key names; :mod:`nemo_pp.distributed.compile`).
+
+    Attributes:
+        enabled: compile each decoder layer's forward.
+        backend: ``torch.compile``'s backend (``inductor``: C++ kernels on CPU, Triton on CUDA).
+        mode: ``torch.compile``'s mode (``default``, ``reduce-overhead``, ``max-autotune``,
+            ``max-autotune-no-cudagraphs``); null: default.
+        fullgraph: refuse graph breaks inside a layer.
+        dynamic: null: static first, symbolic sequence length from the second length on
+            (one recompile); true: symbolic from the start; false: one compile per length.
+    """
+
+    enabled: bool = False
+    backend: str = "inductor"
+    mode: Optional[str] = setting(None, choices=("default", "reduce-overhead", "max-autotune",
+                                                 "max-autotune-no-cudagraphs"))
+    fullgraph: bool = False
+    dynamic: Optional[bool] = None
 
 
 _CONSOLIDATED = {"final": "final", "every": "every", "True": "final", "true": "final", "False": "false", "false": "false"}
@@ -366,6 +397,7 @@ class FinetuneConfig:
     lr_scheduler: LRSchedulerConfig = setting(factory=LRSchedulerConfig)
     clip_grad_norm: ClipGradNormConfig = setting(factory=ClipGradNormConfig)
     logging: LoggingConfig = setting(factory=LoggingConfig)
+    compile: CompileConfig = setting(factory=CompileConfig)
     checkpoint: CheckpointConfig = setting(factory=CheckpointConfig)
     peft: Optional[Any] = setting(None, target=True, default_target="nemo_pp._peft.lora.PeftConfig")
     packed_sequence: PackedSequenceConfig = setting(factory=PackedSequenceConfig)

@@ -38,16 +38,26 @@ from nemo_pp.config import ConfigError, config_to_yaml, instantiate, parse_cli, 
 from nemo_pp.datasets.packed_sequence import PackedSequenceDataset
 from nemo_pp.datasets.utils import SFTCollator
 from nemo_pp.distributed.context_parallel import ContextParallel
-from nemo_pp.distributed.init import destroy_distributed, initialize_distributed, set_seed
+from nemo_pp.distributed.init import destroy_distributed, gather_ints, initialize_distributed, set_seed
 from nemo_pp.distributed.mesh import build_device_mesh
 from nemo_pp.distributed.parallelize import build_parallelize_fn
 from nemo_pp.distributed.pipelining import AutoPipeline
 from nemo_pp.errors import NonFiniteStepError, first_error_of_all_ranks
+from nemo_pp.models.lm_head import takes_hidden_states
 from nemo_pp.models.module_tree import is_tied, tied_param_fqns
-from nemo_pp.planning.run_plan import RunPlan, plan_run, profile_pipeline_costs, replan
+from nemo_pp.planning.cost import DEFAULT_PLANNING_SEQ_LEN
+from nemo_pp.planning.run_plan import (
+    RunPlan,
+    plan_run,
+    planning_seq_len,
+    profile_pipeline_costs,
+    replan,
+    replan_for_fused_loss,
+)
 from nemo_pp.planning.schema import load_recipe_config
-from nemo_pp.training.data import build_dataloader, build_dataset_main_first
+from nemo_pp.training.data import build_dataloader, build_dataset_main_first, label_token_share
 from nemo_pp.training.engine import TrainEngine
+from nemo_pp.training.flops import FlopsMeter
 from nemo_pp.training.loggers import build_metric_loggers
 from nemo_pp.training.lr_scheduler import build_lr_scheduler
 from nemo_pp.training.metrics import ExpertLoadLog, format_step, peak_memory_bytes
@@ -84,6 +94,7 @@ class FinetuneRecipe:
         """
         self._plan_and_start()
         self._setup_data()
+        self._balance_for_fused_loss()
         self._setup_model()
         self._setup_optimizers()
         self._setup_engine()
@@ -134,6 +145,7 @@ class FinetuneRecipe:
         # under cp the plan raises the padding multiple so every sequence splits into 2*cp chunks
         collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=self.plan.pad_seq_len_divisible)
         train_ds = build_dataset_main_first(cfg.dataset, "dataset", self.tokenizer, self.is_main)
+        self.label_share = label_token_share(train_ds)
         train_collate = collate
         pack = cfg.packed_sequence.packed_sequence_size
         if pack:  # rows of several samples, padded to one length (validation stays unpacked)
@@ -154,6 +166,22 @@ class FinetuneRecipe:
                 val_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
                 shuffle=False, seed=cfg.seed, collate_fn=collate, num_workers=0,
             )
+
+    def _balance_for_fused_loss(self) -> None:
+        """Under a loss computing label tokens only (``FusedLinearCrossEntropy``) the head costs
+        a share of what the plan weighed: the balanced split is planned again at the training
+        data's label-token share (every rank alike: the same data)."""
+        if not takes_hidden_states(instantiate(self.cfg.loss_fn)):
+            return
+        seq_len = self.plan.pipeline.stage.seq_len or planning_seq_len(self.cfg) or DEFAULT_PLANNING_SEQ_LEN
+        plan = replan_for_fused_loss(self.plan, self.label_share, seq_len)
+        if plan is None:
+            return
+        self.plan = plan
+        if self.is_main:
+            counts = [sum(".layers." in f".{n}" for n in names) for names in plan.pipeline.module_fqns]
+            print(f"split: balanced for the fused loss at {100 * self.label_share:.1f} % label tokens: "
+                  f"layers per stage {counts}", flush=True)
 
     def _setup_model(self) -> None:
         """This rank's stages from the plan: the plan's meta model (built once, in planning)
@@ -181,6 +209,12 @@ class FinetuneRecipe:
             ep_shard_axis_names=self.mesh.ep_shard_axis_names,
         )
         self.parts = self.ap.parts
+        mp = plan.mp_policy
+        dtype = mp.param_dtype if mp is not None and mp.param_dtype is not None else next(model.parameters()).dtype
+        self.flops = FlopsMeter.for_model(model, self.dist.device, dtype, self.plan.sizes.world_size,
+                                          cfg.logging.peak_tflops)
+        if self.is_main:
+            print(self.flops.describe(), flush=True)
         if self.is_main:
             print(self.ap.debug_summary(), flush=True)
         if plan.peft is not None and self.is_main:
@@ -301,9 +335,9 @@ class FinetuneRecipe:
             how = "written in the background" if self.cfg.checkpoint.is_async else "saved"
             tqdm.write(f"checkpoint {how}: {path} [{seconds:.1f} s blocking]")
 
-    def _log_step(self, step: int, out: dict, bar) -> dict:
-        """The step's metrics record: to the sinks, the progress bar and (every
-        ``log_every_steps``) the console; returns it."""
+    def _log_step(self, step: int, out: dict, bar, batches) -> dict:
+        """The step's metrics record (with its model TFLOP/s and MFU): to the sinks, the progress
+        bar and (every ``log_every_steps``) the console; returns it."""
         record = {
             "event": "train", "step": step, "total_steps": self.total_steps, "loss": out["loss"],
             "grad_norm": out["grad_norm"], "lr": self.lr_schedulers[0].get_last_lr()[0],
@@ -311,7 +345,7 @@ class FinetuneRecipe:
             "tokens_per_s": out["tokens"] / out["step_time_s"], "step_time_s": out["step_time_s"],
             "nonpad_tokens_per_s": out["nonpad_tokens"] / out["step_time_s"],
             "peak_memory_bytes": peak_memory_bytes(self.dist.device),
-            "skipped": out["skipped"],
+            "skipped": out["skipped"], **self.flops.step_metrics(batches, out["tokens"], out["step_time_s"]),
         }
         if out.get("aux_loss") is not None:
             record["aux_loss"] = out["aux_loss"]
@@ -336,6 +370,10 @@ class FinetuneRecipe:
             self.metrics.log(record)
             if self.is_main:
                 tqdm.write(self._expert_load.describe(record))
+
+    def _peak_memory_by_rank(self) -> list[int]:
+        """Every rank's peak memory (bytes): the last stage's differs from the first's."""
+        return gather_ints(peak_memory_bytes(self.dist.device), self.dist.device)
 
     def _export_final(self) -> Path | None:
         """The end-of-run export (``checkpoint.save_consolidated``): the Hugging Face folder,
@@ -383,7 +421,7 @@ class FinetuneRecipe:
         val_before = self._validate(step, "before training")
         bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", disable=not self.is_main,
                    dynamic_ncols=True)
-        train_tokens, train_seconds, record, saved_at, preempted = 0, 0.0, {}, None, False
+        train_tokens, train_seconds, train_flops, record, saved_at, preempted = 0, 0.0, 0.0, {}, None, False
         val_every = cfg.step_scheduler.get("val_every_steps")
         skips = SkipCounter(cfg.step_scheduler.max_consecutive_skipped_steps, self.is_main)
         with PreemptionWatcher(self.dist.device, enabled=ck_on) as watcher, self._ending_cleanly(skips):
@@ -392,7 +430,8 @@ class FinetuneRecipe:
                 step = position.step
                 train_tokens += out["tokens"]  # summed over dp ranks; pp ranks of a group share them
                 train_seconds += out["step_time_s"]
-                record = self._log_step(step, out, bar)
+                record = self._log_step(step, out, bar, batches)
+                train_flops += record["model_flops"]
                 skips.update(step, out)  # raises after too many in a row (every rank alike)
                 self.checkpointer.poll()
                 preempted = watcher.requested()
@@ -419,15 +458,17 @@ class FinetuneRecipe:
         summary = {
             "event": "summary", "steps": step, "wall_time_s": time.perf_counter() - wall_start,
             "train_tokens": train_tokens, "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
+            **self.flops.run_metrics(train_flops, train_seconds),
             "val_loss_before": val_before, "val_loss_after": val_after,
             "final_train_loss": record.get("loss"), "export_dir": str(export_dir) if export_dir else None,
-            "skipped_steps": skips.total,
+            "skipped_steps": skips.total, "peak_memory_bytes_by_rank": self._peak_memory_by_rank(),
         }
         self.metrics.log(summary)
         self.metrics.close()
         if self.is_main:
             print(
-                f"done: {step} steps in {summary['wall_time_s']:.0f} s, {summary['train_tokens_per_s']:.0f} train tok/s; "
+                f"done: {step} steps in {summary['wall_time_s']:.0f} s, {summary['train_tokens_per_s']:.0f} train tok/s"
+                f"{self.flops.describe_run(summary)}; "
                 f"val loss {_fmt(val_before)} -> {_fmt(val_after)}; exported to {export_dir}",
                 flush=True,
             )

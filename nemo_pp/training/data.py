@@ -111,3 +111,19 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool):
     if error is not None:
         raise ValueError(error)
     return dataset
+
+
+def label_token_share(dataset, max_samples: int = 2000) -> float:
+    """Label tokens (not ``-100``) over all tokens of up to ``max_samples`` items of
+    ``dataset`` spread evenly over it (items hold ``labels`` lists or tensors): what a loss
+    that computes label tokens only costs relative to one over every position."""
+    n = len(dataset)
+    if n == 0:
+        return 1.0
+    stride = max(1, n // max_samples)
+    labelled = total = 0
+    for i in range(0, n, stride):
+        labels = list(dataset[i]["labels"])
+        labelled += sum(1 for t in labels if t != -100)
+        total += len(labels)
+    return labelled / max(total, 1)

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_TRAIN_KEYS = ("loss", "aux_loss", "grad_norm", "lr", "tokens_per_s", "step_time_s")
+_TRAIN_KEYS = ("loss", "aux_loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "tflops", "tflops_per_rank",
+               "mfu")
 
 
 def scalars_of(record: dict) -> dict[str, float]:

@@ -89,11 +89,19 @@ class ExpertLoadLog:
 
 
 def format_step(record: dict) -> str:
-    """``step 3/40 | loss 1.2345 | grad_norm 2.31 | lr 1.0e-04 | 812 tok/s | 2.41 s | mem 1.2 GiB``
+    """``step 3/40 | loss 1.2345 | grad_norm 2.31 | lr 1.0e-04 | 812 tok/s | 2.41 s | 40.1 GFLOP/s/rank |
+    MFU 48.9% | mem 1.2 GiB``
     (``| aux 2.0123`` after the loss when the record has the router's ``aux_loss``)."""
     aux = f" | aux {record['aux_loss']:.4f}" if record.get("aux_loss") is not None else ""
     return (
         f"step {record['step']}/{record['total_steps']} | loss {record['loss']:.4f}{aux} | "
         f"grad_norm {record['grad_norm']:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | "
-        f"{record['step_time_s']:.2f} s | mem {record['peak_memory_bytes'] / 2**30:.2f} GiB"
+        f"{record['step_time_s']:.2f} s{_flops(record)} | mem {record['peak_memory_bytes'] / 2**30:.2f} GiB"
     )
+
+
+def _flops(record: dict) -> str:
+    if record.get("tflops_per_rank") is None:
+        return ""
+    mfu = f" | MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else ""
+    return f" | {1000 * record['tflops_per_rank']:.1f} GFLOP/s/rank{mfu}"

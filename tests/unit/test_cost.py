@@ -153,3 +153,16 @@ def test_a_dense_then_sparse_stack_is_weighed_layer_by_layer():
     every = range(moe_config.num_hidden_layers)
     assert balanced_layer_counts(flop_costs(SMOLLM2, 1, 256), 2) == [19, 11]
     assert balanced_layer_counts(flop_costs(moe_config, 1, 256, moe_layers=every), 2) == [17, 13]
+
+
+def test_the_fused_loss_head_costs_its_label_share_and_rebalances_the_split():
+    from nemo_pp.planning.cost import with_fused_head
+    from nemo_pp.training.data import label_token_share
+
+    costs = flop_costs(SMOLLM2, 1, 256)
+    assert with_fused_head(costs, 1.0).head == pytest.approx(costs.head * 4 / 3)  # the recomputed logits
+    assert with_fused_head(costs, 0.25).layers == costs.layers
+    # SQuAD's answers are about 2 % of the tokens: the head is then nearly free and the split even
+    assert balanced_layer_counts(with_fused_head(costs, 0.02), 2) == [15, 15]
+    rows = [{"labels": [-100] * 6 + [5, 6]}, {"labels": [-100, 1, 2, 3]}]
+    assert label_token_share(rows) == pytest.approx(5 / 12)

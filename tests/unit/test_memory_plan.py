@@ -153,12 +153,23 @@ def test_fused_loss_keeps_no_logits_on_the_last_stage():
     assert plain - fused - (16 * vocab * 4 - 16 * 4) in (0, 4), (plain, fused)
 
 
-@pytest.mark.parametrize("schedule,directions", [("1f1b", [1, 1]), ("interleaved_1f1b", [3, 3])])
-def test_receive_buffers_one_per_microbatch_and_direction(schedule, directions):
+@pytest.mark.parametrize("schedule,pool,buffers", [
+    ("1f1b", False, [4, 4]),  # torch's own: one per microbatch (4) and direction
+    ("1f1b", True, [2, 2]),  # pooled: rank 0 two gradient slots; rank 1 holds 1 microbatch, so 2 activation slots
+    ("interleaved_1f1b", True, [12, 12]),  # not pooled under a multi-stage schedule: 3 directions x 4
+])
+def test_receive_buffers_per_microbatch_or_pooled(schedule, pool, buffers):
+    import dataclasses
+
     model = empty_model(tiny_config("llama", tied=False, layers=4))
-    plan = make_pipeline_plan(model, 2, schedule, pp_batch_size=4)
+    plan = dataclasses.replace(make_pipeline_plan(model, 2, schedule, pp_batch_size=4), pool_recv_buffers=pool)
     per_buffer = 1 * 16 * model.config.hidden_size * 4  # [mb, S, H] fp32
     ranks = memory_plan(model, plan, seq_len=16)
-    assert [r.recv_buffer_bytes for r in ranks] == [d * 4 * per_buffer for d in directions]
+    assert [r.recv_buffer_bytes for r in ranks] == [b * per_buffer for b in buffers]
+    # a received activation is the held microbatch's input, already in activation_bytes: counted once
+    assert [r.recv_in_activation_bytes for r in ranks] == [
+        per_buffer * sum(n for stage, n in r.in_flight.items() if stage != 0) for r in ranks]
+    if schedule == "1f1b":
+        assert [r.recv_in_activation_bytes for r in ranks] == [0, per_buffer]  # rank 1 holds 1 microbatch
     assert all(r.total_bytes == r.param_bytes + r.grad_bytes + r.optimizer_bytes + r.activation_bytes
-               + r.recv_buffer_bytes for r in ranks)
+               + r.recv_buffer_bytes - r.recv_in_activation_bytes for r in ranks)

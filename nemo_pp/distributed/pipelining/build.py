@@ -17,6 +17,7 @@ from nemo_pp.models.lm_head import check_head_loss, install_head_loss, stage_com
 from nemo_pp.models.loading import materialize
 from nemo_pp.models.module_tree import copy_pruned
 from nemo_pp.models.stage_forward import make_stage_emit_tensor, patch_hf_model_for_pp
+from nemo_pp.planning.memory import receive_buffer_slots
 from nemo_pp.planning.pipeline import PipelinePlan
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,9 @@ def build_pipeline(
         for part in parts:
             call_parallelize_fn(parallelize_fn, part, world_mesh, moe_mesh, pp_enabled=plan.pp_size > 1,
                                 **(parallelize_kwargs or {}))
+    slots = receive_buffer_slots(plan)
+    for stage in stages if slots is not None else ():
+        stage.recv_pool_slots = slots[stage.stage_index]
     if takes_hidden_states(loss_fn):
         # the last stage computes the loss in its own forward (nemo_pp.models.lm_head)
         for stage, part in zip(stages, parts):
