@@ -45,6 +45,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--variants", nargs="*", default=["plain", "fused", "compile+fused"], choices=list(VARIANTS))
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--extra", nargs="*", default=[], help="more recipe overrides for every run, e.g. "
+                        "--distributed.pipeline.split uniform (the same split for every variant)")
     args = parser.parse_args()
     peaks = {1: gemm_peak_tflops(1), 2: gemm_peak_tflops(2)}
     print(f"fp32 GEMM peak: {1000 * peaks[1]:.1f} GFLOP/s at 1 thread, {1000 * peaks[2]:.1f} at 2 threads "
@@ -56,7 +58,8 @@ def main() -> int:
     for variant in args.variants:
         for layout in args.layouts:
             nproc, threads, extra = LAYOUTS[layout]
-            r = timed_recipe_run(nproc, args.steps, *extra, *VARIANTS[variant], config=CONFIG, threads=threads)
+            r = timed_recipe_run(nproc, args.steps, *extra, *VARIANTS[variant], *args.extra, config=CONFIG,
+                                 threads=threads)
             peak = peaks[threads] * nproc  # the tree's peak: every process at its thread count
             base.setdefault(layout, r["tokens_per_s"])
             mem = r["peak_memory_bytes_by_rank"][-1] / 2**30 if r["peak_memory_bytes_by_rank"] else float("nan")

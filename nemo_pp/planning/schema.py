@@ -375,7 +375,7 @@ class FinetuneConfig:
         loss_fn: ``loss_fn(logits [mb, S, V], labels [mb, S] int64) -> summed loss``.
         dataset / validation_dataset: data set ``_target_`` and kwargs (yield input_ids and aligned labels).
         dataloader / step_scheduler / lr_scheduler / clip_grad_norm: see their classes.
-        logging / checkpoint / packed_sequence / tensorboard / wandb: see their classes.
+        logging / compile / checkpoint / packed_sequence / tensorboard / wandb: see their classes.
         optimizer: a torch optimizer ``_target_`` and kwargs, one per model part.
         peft: LoRA (``nemo_pp._peft.lora.PeftConfig``); null: full fine-tuning.
     """

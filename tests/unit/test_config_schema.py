@@ -109,7 +109,7 @@ def test_defaults_are_the_recipe_defaults():
         "module_fqns_per_model_part": None, "patch_inner_model": True, "patch_causal_lm_model": True,
         "scale_grads_in_schedule": False, "pp_seq_len": None,
     }  # fmt: skip
-    new_pipeline = {"patch_stage_backward_maybe_with_nosync": False, "defer_fsdp_grad_sync": True, "dtype": None,
+    new_pipeline = {"patch_stage_backward_maybe_with_nosync": False, "defer_fsdp_grad_sync": True, "pool_recv_buffers": True, "dtype": None,
                     "split": "balanced", "max_stage_params": None}
     assert schema_defaults(FinetuneConfig) == {
         "seed": 42,
@@ -133,7 +133,8 @@ def test_defaults_are_the_recipe_defaults():
         },
         "lr_scheduler": {"lr_warmup_steps": 0, "lr_decay_style": "cosine", "min_lr": 0.0},
         "clip_grad_norm": {"max_norm": 1.0},
-        "logging": {"log_every_steps": 1, "expert_load_every_steps": 10},
+        "logging": {"log_every_steps": 1, "expert_load_every_steps": 10, "peak_tflops": None},
+        "compile": {"enabled": False, "backend": "inductor", "mode": None, "fullgraph": False, "dynamic": None},
         "checkpoint": {
             "enabled": False, "checkpoint_dir": "outputs/finetune", "model_save_format": "torch_save",
             "save_consolidated": "final", "is_async": False, "restore_from": None, "max_recent_checkpoints": None,
