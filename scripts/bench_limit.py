@@ -45,8 +45,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--variants", nargs="*", default=["plain", "fused", "compile+fused"], choices=list(VARIANTS))
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS))
-    parser.add_argument("--extra", nargs="*", default=[], help="more recipe overrides for every run, e.g. "
-                        "--distributed.pipeline.split uniform (the same split for every variant)")
+    parser.add_argument("--extra", nargs="*", default=[], help="more recipe overrides for every run, Hydra-style, e.g. "
+                        "distributed.pipeline.split=uniform (the same split for every variant)")
     args = parser.parse_args()
     peaks = {1: gemm_peak_tflops(1), 2: gemm_peak_tflops(2)}
     print(f"fp32 GEMM peak: {1000 * peaks[1]:.1f} GFLOP/s at 1 thread, {1000 * peaks[2]:.1f} at 2 threads "

@@ -32,7 +32,7 @@ from tests.helpers import (
 from tests.tiny_models import tiny_model
 
 
-def _run(rank, world, layout: Layout, attention="allgather", device="cpu"):
+def _run(rank, world, layout: Layout, attention="allgather", device="cpu", fused_loss=False):
     from nemo_pp.distributed.context_parallel import ContextParallel
     from nemo_pp.distributed.mesh import build_device_mesh
     from nemo_pp.distributed.parallelize import parallelize_chain
@@ -56,12 +56,18 @@ def _run(rank, world, layout: Layout, attention="allgather", device="cpu"):
         ref_val /= sum(int((b["labels"] != -100).sum()) for b in flat)
     expected = reference_training(ref, steps)
 
+    if fused_loss:  # each cp rank's slice of the label tokens, its logits never formed
+        from nemo_pp.loss import FusedLinearCrossEntropy
+
+        loss_fn = FusedLinearCrossEntropy(chunk_size=7)
+    else:
+        loss_fn = sum_ce
     cp = ContextParallel(mesh, attention)  # one object: the stages' attention and the engine's batch slicing, as in the recipe
     # TP at tp > 1, the CP attention, FSDP2 over dp_shard x cp (HSDP: dp_replicate too)
     parallelize = parallelize_chain(mesh, sequence_parallel=sp, cp=cp,
                                     activation_checkpointing=layout.activation_checkpointing)
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=layout.pp_schedule, pp_batch_size=4,
-                      device=device, sequence_shards=tp if sp else 1).build(model, loss_fn=sum_ce, parallelize_fn=parallelize)
+                      device=device, sequence_shards=tp if sp else 1).build(model, loss_fn=loss_fn, parallelize_fn=parallelize)
     # the CP attention really runs (and only on the stages' configs, not the unsplit model's)
     assert all(part.config._attn_implementation == f"nemo_pp_cp_{attention}" for part in ap.parts)
     assert unsplit_config._attn_implementation == "sdpa"
@@ -97,6 +103,11 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_context_parallel_layout_matches_the_unsplit_model(layout):
     run_ranks(_run, LAYOUTS[layout].world, LAYOUTS[layout], timeout=300)
+
+
+@pytest.mark.parametrize("layout", ["pp2-cp2-tied", "pp2-cp2-tp2-sp"])
+def test_context_parallel_with_the_fused_loss_matches_the_unsplit_model(layout):
+    run_ranks(_run, LAYOUTS[layout].world, LAYOUTS[layout], "allgather", "cpu", True, timeout=300)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="ring attention is torch's context_parallel: CUDA only, "

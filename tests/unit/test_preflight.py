@@ -345,3 +345,13 @@ def test_fused_loss_refusals_name_loss_fn(cfg_file, overrides, message):
 
 def test_fused_loss_plans_with_lora_on_the_head_without_dropout(cfg_file):
     assert check(cfg_file, FUSED, LORA, "+peft.match_all_linear=true", "+peft.dropout=0.0").lora_adapts_head
+
+
+def test_compile_plans_and_is_refused_where_inductor_cannot_build(cfg_file, monkeypatch):
+    assert check(cfg_file, "compile.enabled=true").compile_kwargs == {
+        "backend": "inductor", "mode": None, "fullgraph": False, "dynamic": None}
+    assert check(cfg_file).compile_kwargs is None
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no C++ compiler to be found
+    with pytest.raises(ValueError, match=r"compile.enabled: true with backend inductor needs a C\+\+ compiler"):
+        check(cfg_file, "compile.enabled=true")
