@@ -31,7 +31,7 @@ from tests.helpers import (
 
 
 def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activation_checkpointing=False, drop_stage=None,
-         ep=1, tp=1, starve=False, experts_implementation="grouped_mm", rep=1):
+         ep=1, tp=1, starve=False, experts_implementation="grouped_mm", rep=1, fused_loss=False):
     from nemo_pp.distributed.mesh import build_device_mesh
     from nemo_pp.distributed.parallelize import parallelize_chain
     from nemo_pp.distributed.pipelining import AutoPipeline
@@ -59,11 +59,17 @@ def _run(rank, world, model_type, pp, schedule, microbatch=2, fsdp=False, activa
     lr = LR / 10 if ep > 1 else LR
     expected = reference_moe_training(ref, steps, microbatch, lr=lr)
 
+    if fused_loss:  # the last stage's loss from hidden states, beside the routers' loss
+        from nemo_pp.loss import FusedLinearCrossEntropy
+
+        loss_fn = FusedLinearCrossEntropy(chunk_size=5)
+    else:
+        loss_fn = sum_ce
     split = canonical_schedule_name(schedule) in SPLIT_BACKWARD_SCHEDULES
     chain = parallelize_chain(mesh, activation_checkpointing=activation_checkpointing, reshard_after_forward=not split) \
         if fsdp or activation_checkpointing or ep > 1 or tp > 1 else None
     ap = AutoPipeline(world_mesh=mesh.world, pp_schedule=schedule, pp_batch_size=4, pp_microbatch_size=microbatch,
-                      split="uniform", device=torch.device("cpu")).build(model, loss_fn=sum_ce, parallelize_fn=chain)
+                      split="uniform", device=torch.device("cpu")).build(model, loss_fn=loss_fn, parallelize_fn=chain)
     assert ap.router_loss is not None and ap.router_loss.aux_loss
     if ep > 1:  # each rank holds its E / ep experts of every layer, as DTensor shards of the whole
         import torch.distributed as dist
@@ -166,6 +172,12 @@ def test_expert_parallel_ep2_matches_reference(model_type):
 def test_pp2_x_ep2_with_activation_checkpointing_matches_reference():
     """pp 2 x ep 2 on 4 ranks, 1F1B, the layers recomputed in backward (the all-to-alls run again)."""
     run_ranks(_run, 4, "mixtral", 2, "1f1b", 2, False, True, None, 2, timeout=240)
+
+
+def test_pp2_x_ep2_with_the_fused_loss_matches_reference():
+    """The fused loss on the last stage of an MoE model under expert parallelism: LM loss,
+    router loss, routing and weights as the unsplit model's."""
+    run_ranks(_run, 4, "qwen3_moe", 2, "1f1b", 2, False, False, None, 2, 1, False, "grouped_mm", 1, True, timeout=240)
 
 
 def test_ep2_x_ep_shard2_fsdp2_over_the_shared_experts_matches_reference():
