@@ -186,21 +186,29 @@ def replan(plan: RunPlan, piece_costs: PieceCosts) -> RunPlan:
     return dataclasses.replace(plan, pipeline=pipeline)
 
 
-def replan_for_fused_loss(plan: RunPlan, label_share: float, seq_len: int) -> RunPlan | None:
+def replan_for_fused_loss(plan: RunPlan, label_share: float, seq_len: int,
+                          profiled: PieceCosts | None = None) -> RunPlan | None:
     """``plan`` re-balanced for a loss that computes only label tokens (``FusedLinearCrossEntropy``,
-    :func:`~nemo_pp.planning.cost.with_fused_head`), where the split is the FLOP model's
-    (``split: balanced``, no explicit layers, pp > 1); None where nothing changes.
+    :func:`~nemo_pp.planning.cost.with_fused_head`) where the split is automatic (pp > 1, no
+    explicit layers): ``split: balanced`` from the FLOP model, ``split: profile`` from the
+    ``profiled`` piece times (the head timed with a plain loss, scaled alike); None where
+    nothing changes.
 
     Args:
         label_share: label tokens over all tokens of the training data.
         seq_len: tokens per sample the split is weighed at.
+        profiled: the times ``split: profile`` measured (:func:`profile_pipeline_costs`).
     """
     kw = plan.pipeline_kwargs
-    if (plan.sizes.pp == 1 or kw.get("split") != "balanced" or kw.get("layers_per_stage") is not None
-            or kw.get("module_fqns_per_model_part") is not None):
+    if plan.sizes.pp == 1 or kw.get("layers_per_stage") is not None or kw.get("module_fqns_per_model_part") is not None:
         return None
-    model = plan.meta_model
-    costs = flop_costs(model.config, plan.pipeline.microbatch_size, seq_len, moe_layers=moe_layers_of(model))
+    if kw.get("split") == "profile" and profiled is not None:
+        costs = profiled
+    elif kw.get("split") == "balanced":
+        model = plan.meta_model
+        costs = flop_costs(model.config, plan.pipeline.microbatch_size, seq_len, moe_layers=moe_layers_of(model))
+    else:
+        return None
     return replan(plan, with_fused_head(costs, label_share))
 
 

@@ -114,7 +114,7 @@ class FinetuneRecipe:
         set_seed(cfg.seed)
         self.is_main = self.dist.is_main
         if cfg.distributed.pipeline.split == "profile" and self.plan.sizes.pp > 1:
-            costs = profile_pipeline_costs(cfg, self.plan, self.dist.device, self.is_main)
+            costs = self.profiled_costs = profile_pipeline_costs(cfg, self.plan, self.dist.device, self.is_main)
             self.plan = replan(self.plan, costs)
             if self.is_main:
                 print(f"split: profile: fwd+bwd per microbatch: embedding {costs.embedding:.3f} s, layer "
@@ -169,18 +169,18 @@ class FinetuneRecipe:
 
     def _balance_for_fused_loss(self) -> None:
         """Under a loss computing label tokens only (``FusedLinearCrossEntropy``) the head costs
-        a share of what the plan weighed: the balanced split is planned again at the training
-        data's label-token share (every rank alike: the same data)."""
+        a share of what the plan weighed: the automatic split (``balanced`` or ``profile``) is
+        planned again at the training data's label-token share (every rank alike: the same data)."""
         if not takes_hidden_states(instantiate(self.cfg.loss_fn)):
             return
         seq_len = self.plan.pipeline.stage.seq_len or planning_seq_len(self.cfg) or DEFAULT_PLANNING_SEQ_LEN
-        plan = replan_for_fused_loss(self.plan, self.label_share, seq_len)
+        plan = replan_for_fused_loss(self.plan, self.label_share, seq_len, getattr(self, "profiled_costs", None))
         if plan is None:
             return
         self.plan = plan
         if self.is_main:
             counts = [sum(".layers." in f".{n}" for n in names) for names in plan.pipeline.module_fqns]
-            print(f"split: balanced for the fused loss at {100 * self.label_share:.1f} % label tokens: "
+            print(f"split: {self.cfg.distributed.pipeline.split} for the fused loss at {100 * self.label_share:.1f} % label tokens: "
                   f"layers per stage {counts}", flush=True)
 
     def _setup_model(self) -> None:
