@@ -40,6 +40,15 @@ __all__ = ["ChunkedCrossEntropy", "FusedLinearCrossEntropy", "linear_cross_entro
 DEFAULT_CHUNK_SIZE = 1024
 
 
+def _check_arguments(reduction: str, **chunks: int) -> None:
+    """Raise ``ValueError`` naming ``loss_fn.<key>`` for an unknown reduction or a chunk below 1."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"loss_fn.reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    for key, value in chunks.items():
+        if value < 1:
+            raise ValueError(f"loss_fn.{key} must be at least 1, got {value}")
+
+
 def _transformed(z: torch.Tensor, transform: Callable | None) -> torch.Tensor:
     return z if transform is None else transform(z)
 
@@ -193,12 +202,9 @@ class FusedLinearCrossEntropy:
 
     def __init__(self, ignore_index: int = IGNORE_INDEX, logit_softcapping: float = 0, reduction: str = "sum",
                  chunk_size: int = DEFAULT_CHUNK_SIZE, impl: str = "auto"):
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"loss_fn.reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        _check_arguments(reduction, chunk_size=chunk_size)
         if impl not in ("auto", "torch", "cce"):
             raise ValueError(f"loss_fn.impl must be 'auto', 'torch' or 'cce', got {impl!r}")
-        if chunk_size < 1:
-            raise ValueError(f"loss_fn.chunk_size must be at least 1, got {chunk_size}")
         self.ignore_index = ignore_index
         self.logit_softcapping = logit_softcapping
         self.reduction = reduction
@@ -339,10 +345,7 @@ class ChunkedCrossEntropy:
     """
 
     def __init__(self, chunk_len: int = 32, ignore_index: int = IGNORE_INDEX, reduction: str = "sum"):
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"loss_fn.reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        if chunk_len < 1:
-            raise ValueError(f"loss_fn.chunk_len must be at least 1, got {chunk_len}")
+        _check_arguments(reduction, chunk_len=chunk_len)
         self.chunk_len = chunk_len
         self.ignore_index = ignore_index
         self.reduction = reduction

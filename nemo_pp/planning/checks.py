@@ -189,17 +189,19 @@ def check_compile(cfg) -> dict | None:
     return dict(backend=c.backend, mode=c.mode, fullgraph=bool(c.fullgraph), dynamic=c.dynamic)
 
 
-def check_loss_fn(cfg, model, sizes, lora_adapts_head: bool, peft) -> None:
-    """A loss on hidden states (``FusedLinearCrossEntropy``) refused where it cannot be exact
+def check_loss_fn(cfg, model, sizes, lora_adapts_head: bool, peft) -> bool:
+    """Whether ``loss_fn`` takes hidden states (``FusedLinearCrossEntropy``: the last stage then
+    computes it); such a loss is refused where it cannot be exact
     (:func:`nemo_pp.models.lm_head.check_head_loss`), before any weight is read.
 
     Raises:
         ValueError: naming ``loss_fn`` and the fix.
     """
-    loss_fn = instantiate(cfg.loss_fn)
-    if takes_hidden_states(loss_fn):
-        check_head_loss(model, sizes.tp, lora_adapts_head, peft.dropout if peft is not None else 0.0,
-                        cfg.distributed.pipeline.patch_causal_lm_model)
+    if not takes_hidden_states(instantiate(cfg.loss_fn)):
+        return False
+    check_head_loss(model, sizes.tp, lora_adapts_head, peft.dropout if peft is not None else 0.0,
+                    cfg.distributed.pipeline.patch_causal_lm_model)
+    return True
 
 
 def check_peft(cfg, model, sizes):

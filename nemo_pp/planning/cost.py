@@ -293,10 +293,14 @@ def profile_costs(config, microbatch_size: int, seq_len: int, repeats: int = 3, 
     return PieceCosts(embedding=seconds(embedding), layers=(seconds(layer),) * layers, head=seconds(head))
 
 
+def layers_per_stage(plan) -> list[int]:
+    """Decoder layers each stage of ``plan`` holds (its module FQNs say)."""
+    return [sum(".layers." in f".{name}" and name.rsplit(".", 1)[-1].isdigit() for name in names)
+            for names in plan.module_fqns]
+
+
 def stage_costs_of_plan(plan, costs: PieceCosts) -> list[float]:
-    """Cost of every stage of ``plan`` (its module FQNs say how many layers each holds)."""
-    counts = [sum(".layers." in f".{name}" and name.rsplit(".", 1)[-1].isdigit() for name in names)
-              for names in plan.module_fqns]
-    return costs.stage_costs(counts)
+    """Cost of every stage of ``plan``."""
+    return costs.stage_costs(layers_per_stage(plan))
 
 

@@ -81,6 +81,8 @@ class RunPlan:
         pipeline_kwargs: the arguments the pipeline plan was made with, for :func:`replan`.
         compile_kwargs: ``torch.compile``'s arguments for every decoder layer (the ``compile:``
             section, checked); None: eager.
+        head_computes_loss: ``loss_fn`` takes hidden states (``FusedLinearCrossEntropy``,
+            checked): the last stage computes it, and :func:`replan_for_fused_loss` applies.
     """
 
     sizes: ParallelDims
@@ -105,6 +107,7 @@ class RunPlan:
     weights: SafetensorsCheckpoint | None = field(default=None, compare=False, repr=False)
     pipeline_kwargs: dict = field(default_factory=dict, compare=False, repr=False)
     compile_kwargs: dict | None = None
+    head_computes_loss: bool = False
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run: ``max_steps`` or what the epochs hold.
@@ -186,17 +189,15 @@ def replan(plan: RunPlan, piece_costs: PieceCosts) -> RunPlan:
     return dataclasses.replace(plan, pipeline=pipeline)
 
 
-def replan_for_fused_loss(plan: RunPlan, label_share: float, seq_len: int,
-                          profiled: PieceCosts | None = None) -> RunPlan | None:
+def replan_for_fused_loss(plan: RunPlan, label_share: float, profiled: PieceCosts | None = None) -> RunPlan | None:
     """``plan`` re-balanced for a loss that computes only label tokens (``FusedLinearCrossEntropy``,
     :func:`~nemo_pp.planning.cost.with_fused_head`) where the split is automatic (pp > 1, no
-    explicit layers): ``split: balanced`` from the FLOP model, ``split: profile`` from the
-    ``profiled`` piece times (the head timed with a plain loss, scaled alike); None where
-    nothing changes.
+    explicit layers): ``split: balanced`` from the FLOP model at the plan's sequence length,
+    ``split: profile`` from the ``profiled`` piece times (the head timed with a plain loss,
+    scaled alike); None where nothing changes.
 
     Args:
         label_share: label tokens over all tokens of the training data.
-        seq_len: tokens per sample the split is weighed at.
         profiled: the times ``split: profile`` measured (:func:`profile_pipeline_costs`).
     """
     kw = plan.pipeline_kwargs
@@ -206,7 +207,8 @@ def replan_for_fused_loss(plan: RunPlan, label_share: float, seq_len: int,
         costs = profiled
     elif kw.get("split") == "balanced":
         model = plan.meta_model
-        costs = flop_costs(model.config, plan.pipeline.microbatch_size, seq_len, moe_layers=moe_layers_of(model))
+        costs = flop_costs(model.config, plan.pipeline.microbatch_size, kw.get("seq_len") or DEFAULT_PLANNING_SEQ_LEN,
+                           moe_layers=moe_layers_of(model))
     else:
         return None
     return replan(plan, with_fused_head(costs, label_share))
@@ -393,7 +395,7 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     if d.activation_checkpointing:
         checks.check_activation_checkpointing(model)
     peft, lora_adapts_head, lora_params, adapted = checks.check_peft(cfg, model, sizes)
-    checks.check_loss_fn(cfg, model, sizes, lora_adapts_head, peft)
+    head_computes_loss = checks.check_loss_fn(cfg, model, sizes, lora_adapts_head, peft)
     # a LoRA checkpoint holds the adapted model's trainable tensors: check against the adapted copy
     resume_from = checks.checkpoint_to_resume(cfg, adapted, sizes.dp) if check_checkpoint else None
     if check_checkpoint:
@@ -405,5 +407,5 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
         max_steps=cfg.step_scheduler.get("max_steps"), resume_from=resume_from, sequence_parallel=d.sequence_parallel,
         peft=peft, lora_adapts_head=lora_adapts_head, lora_params=lora_params, cp_attention=cp_attention,
         pad_seq_len_divisible=pad_divisible, pipeline_dtype=pipeline_dtype, meta_model=model, weights=weights, pipeline_kwargs=pipeline_kwargs,
-        compile_kwargs=compile_kwargs,
+        compile_kwargs=compile_kwargs, head_computes_loss=head_computes_loss,
     )

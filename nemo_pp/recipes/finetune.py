@@ -43,17 +43,9 @@ from nemo_pp.distributed.mesh import build_device_mesh
 from nemo_pp.distributed.parallelize import build_parallelize_fn
 from nemo_pp.distributed.pipelining import AutoPipeline
 from nemo_pp.errors import NonFiniteStepError, first_error_of_all_ranks
-from nemo_pp.models.lm_head import takes_hidden_states
 from nemo_pp.models.module_tree import is_tied, tied_param_fqns
-from nemo_pp.planning.cost import DEFAULT_PLANNING_SEQ_LEN
-from nemo_pp.planning.run_plan import (
-    RunPlan,
-    plan_run,
-    planning_seq_len,
-    profile_pipeline_costs,
-    replan,
-    replan_for_fused_loss,
-)
+from nemo_pp.planning.cost import layers_per_stage
+from nemo_pp.planning.run_plan import RunPlan, plan_run, profile_pipeline_costs, replan, replan_for_fused_loss
 from nemo_pp.planning.schema import load_recipe_config
 from nemo_pp.training.data import build_dataloader, build_dataset_main_first, label_token_share
 from nemo_pp.training.engine import TrainEngine
@@ -83,6 +75,7 @@ class FinetuneRecipe:
     def __init__(self, cfg):
         self.cfg = cfg
         self._expert_load = None  # a mixture of experts' ExpertLoadLog, made at its first step
+        self.profiled_costs = None  # split: profile's piece times
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "FinetuneRecipe":
@@ -145,7 +138,8 @@ class FinetuneRecipe:
         # under cp the plan raises the padding multiple so every sequence splits into 2*cp chunks
         collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=self.plan.pad_seq_len_divisible)
         train_ds = build_dataset_main_first(cfg.dataset, "dataset", self.tokenizer, self.is_main)
-        self.label_share = label_token_share(train_ds)
+        # what a loss on label tokens only costs (the split is re-balanced for it)
+        self.label_share = label_token_share(train_ds) if self.plan.head_computes_loss else None
         train_collate = collate
         pack = cfg.packed_sequence.packed_sequence_size
         if pack:  # rows of several samples, padded to one length (validation stays unpacked)
@@ -171,17 +165,14 @@ class FinetuneRecipe:
         """Under a loss computing label tokens only (``FusedLinearCrossEntropy``) the head costs
         a share of what the plan weighed: the automatic split (``balanced`` or ``profile``) is
         planned again at the training data's label-token share (every rank alike: the same data)."""
-        if not takes_hidden_states(instantiate(self.cfg.loss_fn)):
+        if not self.plan.head_computes_loss:
             return
-        seq_len = self.plan.pipeline.stage.seq_len or planning_seq_len(self.cfg) or DEFAULT_PLANNING_SEQ_LEN
-        plan = replan_for_fused_loss(self.plan, self.label_share, seq_len, getattr(self, "profiled_costs", None))
-        if plan is None:
-            return
-        self.plan = plan
-        if self.is_main:
-            counts = [sum(".layers." in f".{n}" for n in names) for names in plan.pipeline.module_fqns]
-            print(f"split: {self.cfg.distributed.pipeline.split} for the fused loss at {100 * self.label_share:.1f} % label tokens: "
-                  f"layers per stage {counts}", flush=True)
+        plan = replan_for_fused_loss(self.plan, self.label_share, self.profiled_costs)
+        if plan is not None:
+            self.plan = plan
+            if self.is_main:
+                print(f"split: {self.cfg.distributed.pipeline.split} for the fused loss at {100 * self.label_share:.1f} % "
+                      f"label tokens: layers per stage {layers_per_stage(plan.pipeline)}", flush=True)
 
     def _setup_model(self) -> None:
         """This rank's stages from the plan: the plan's meta model (built once, in planning)

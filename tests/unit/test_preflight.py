@@ -358,18 +358,19 @@ def test_compile_plans_and_is_refused_where_inductor_cannot_build(cfg_file, monk
 
 
 def test_the_fused_loss_rebalances_only_an_automatic_split(cfg_file):
-    from nemo_pp.planning.cost import PieceCosts
+    from nemo_pp.planning.cost import PieceCosts, layers_per_stage
     from nemo_pp.planning.run_plan import replan_for_fused_loss
 
     def layers(plan):
-        return [sum(".layers." in f".{n}" for n in names) for names in plan.pipeline.module_fqns]
+        return layers_per_stage(plan.pipeline)
 
     plan = check(cfg_file, "distributed.pp_size=2")
-    assert replan_for_fused_loss(plan, 1.0, 64) is not None
+    assert plan.head_computes_loss is False and check(cfg_file, FUSED).head_computes_loss is True
+    assert replan_for_fused_loss(plan, 1.0) is not None
     heavy_last = PieceCosts(embedding=0.0, layers=(1.0,) * 4, head=6.0)  # a head of 6 layers...
     profiled = check(cfg_file, "distributed.pp_size=2", "distributed.pipeline.split=profile")
-    assert layers(replan_for_fused_loss(profiled, 1.0, 64, heavy_last)) == [3, 1]
-    assert layers(replan_for_fused_loss(profiled, 0.01, 64, heavy_last)) == [2, 2]  # ...computed on 1 % of the tokens
+    assert layers(replan_for_fused_loss(profiled, 1.0, heavy_last)) == [3, 1]
+    assert layers(replan_for_fused_loss(profiled, 0.01, heavy_last)) == [2, 2]  # ...computed on 1 % of the tokens
     assert replan_for_fused_loss(check(cfg_file, "distributed.pp_size=2", "distributed.pipeline.split=uniform"),
-                                 0.01, 64) is None
-    assert replan_for_fused_loss(check(cfg_file, "distributed.pp_size=1"), 0.01, 64) is None
+                                 0.01) is None
+    assert replan_for_fused_loss(check(cfg_file, "distributed.pp_size=1"), 0.01) is None
