@@ -278,10 +278,19 @@ def _step_takes_return_outputs(schedule_class: type) -> bool:
     return "return_outputs" in inspect.signature(schedule_class.step).parameters
 
 
-def run_schedule(schedule, *args, train: bool = True, **kwargs):
+def run_schedule(schedule, *args, train: bool = True, chunk_dims: dict[str, int] | None = None, **kwargs):
     """``schedule.step`` (or ``.eval``) without keeping the last stage's outputs: torch
     otherwise holds every microbatch's logits until the step ends (``return_outputs``,
-    torch >= 2.12; older torch keeps them)."""
+    torch >= 2.12; older torch keeps them).
+
+    ``chunk_dims``: the axis along which a tensor keyword argument is split into
+    microbatches where it is not 0 (Qwen2-VL's ``position_ids: [3, B, S]`` -> 1). Set per
+    call as the schedule's kwargs chunk spec (a private attribute: torch takes the spec only
+    at construction, for every later step)."""
+    from torch.distributed.pipelining.microbatch import TensorChunkSpec
+
+    schedule._kwargs_chunk_spec = None if not chunk_dims else {
+        k: TensorChunkSpec(chunk_dims.get(k, 0)) for k in kwargs if k not in ("target", "losses")}
     if _step_takes_return_outputs(type(schedule)):
         kwargs["return_outputs"] = False
     return (schedule.step if train else schedule.eval)(*args, **kwargs)

@@ -406,3 +406,71 @@ def reference_moe_training(model, steps, microbatch_size: int, lr: float = LR) -
         opt.step()
         opt.zero_grad()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# vision-language batches: per-sample images, batch-major for the pipeline, flat for HF
+
+
+def _image_of(model_type: str, g: torch.Generator, k: int) -> dict:
+    """One image's processor-like tensors; Qwen2-VL's grid alternates between 4x4 and 2x4 patches."""
+    if model_type == "qwen2_vl":
+        h, w = (4, 4) if k % 2 == 0 else (2, 4)
+        return {"pixel_values": torch.randn(h * w, 24, generator=g), "image_grid_thw": torch.tensor([[1, h, w]]),
+                "tokens": h * w // 4}
+    image = {"pixel_values": torch.randn(1, 3, 16, 16, generator=g), "tokens": 16 if model_type == "llava" else 4}
+    if model_type == "idefics3":
+        image["pixel_attention_mask"] = torch.ones(1, 16, 16, dtype=torch.bool)
+    return image
+
+
+def vlm_batch(model_type: str, image_counts: list[int], seq_len: int, seed: int) -> tuple[dict, dict]:
+    """``(batch, hf_inputs)``: a batch of ``len(image_counts)`` samples, sample b holding
+    ``image_counts[b]`` images at random places among random text tokens, as nemo_pp's VLM
+    collator lays it out (images batch-major) and as Hugging Face's forward takes it (flat)."""
+    from nemo_pp.models.vlm import FAMILIES, batch_images
+    from tests.tiny_models import VLM_IMAGE_TOKEN
+
+    g = torch.Generator().manual_seed(seed)
+    rows, samples, flat = [], [], {}
+    for b, n in enumerate(image_counts):
+        images = [_image_of(model_type, g, b + k) for k in range(n)]
+        ids = torch.randint(3, 140, (seq_len,), generator=g)
+        start = int(torch.randint(0, 4, (1,), generator=g))
+        for image in images:
+            ids[start: start + image["tokens"]] = VLM_IMAGE_TOKEN
+            start += image["tokens"] + 2
+        assert start <= seq_len, "the images do not fit the sequence"
+        rows.append(ids)
+        sample = {}
+        for key in ("pixel_values", "image_grid_thw", "pixel_attention_mask"):
+            parts = [image[key] for image in images if key in image]
+            if parts:
+                sample[key] = torch.cat(parts)
+                flat.setdefault(key, []).append(sample[key])
+        samples.append(sample)
+    input_ids = torch.stack(rows)
+    labels = torch.randint(0, 150, input_ids.shape, generator=g)
+    labels[(input_ids == VLM_IMAGE_TOKEN) | (torch.rand(input_ids.shape, generator=g) < 0.3)] = -100
+    batch = {"input_ids": input_ids, "labels": labels, **batch_images(FAMILIES[model_type], samples)}
+    hf = {"input_ids": input_ids, **{k: torch.cat(v) for k, v in flat.items()}}
+    if model_type == "idefics3" and "pixel_values" in hf:
+        hf = {**hf, "pixel_values": hf["pixel_values"][None], "pixel_attention_mask": hf["pixel_attention_mask"][None]}
+    if model_type == "qwen2_vl":
+        hf["mm_token_type_ids"] = (input_ids == VLM_IMAGE_TOKEN).int()
+    if model_type == "gemma3":
+        batch["token_type_ids"] = hf["token_type_ids"] = (input_ids == VLM_IMAGE_TOKEN).long()
+    return batch, hf
+
+
+def vlm_reference(model, batches: list[tuple[dict, dict]], backward: bool = True):
+    """Loss (sum / label tokens) and gradients of the unsplit vision-language model."""
+    tokens = sum(int((b["labels"] != -100).sum()) for b, _ in batches)
+    total = 0.0
+    for batch, hf in batches:
+        loss = sum_ce(model(**hf).logits, batch["labels"])
+        if backward:
+            (loss / tokens).backward()
+        total += float(loss.detach())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
+    return total / tokens, grads, tokens

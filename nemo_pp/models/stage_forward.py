@@ -24,6 +24,7 @@ from torch import nn
 from nemo_pp.models.lm_head import HEAD_LOSS_ATTR, head_loss, scale_logits
 from nemo_pp.models.module_tree import FINAL_NORM_NAMES, iter_decoder_layers, text_config
 from nemo_pp.models.moe import check_router_aux_loss
+from nemo_pp.models.vlm import patch_multimodal_model, vision_family
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +136,17 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel", sequence_
                     "stage may take input_ids"
                 )
         hidden = inputs_embeds
+        for key in _OUTPUT_FLAGS:  # a family's multimodal forward passes these on; layers take none
+            kwargs.pop(key, None)
         # under sequence parallelism a rank holds S/tp positions; masks and rotary need all S
         whole = hidden if sequence_shards == 1 else hidden[:, :1].expand(-1, hidden.shape[1] * sequence_shards, -1)
         if position_ids is None:
             position_ids = torch.arange(whole.shape[1], device=hidden.device).unsqueeze(0)
+        rope_positions, position_ids = _split_multimodal_positions(position_ids)
         if causal_mask_mapping is None:
             causal_mask_mapping = _build_mask_mapping(self.config, whole, attention_mask, position_ids)
         layer_types = getattr(self.config, "layer_types", None)
-        rotary = _rotary_embeddings(getattr(self, "rotary_emb", None), whole, position_ids, layer_types)
+        rotary = _rotary_embeddings(getattr(self, "rotary_emb", None), whole, rope_positions, layer_types)
         for idx, layer in iter_decoder_layers(getattr(self, "layers", None)):
             attn_type = layer_types[idx] if layer_types else "full_attention"
             out = layer(
@@ -162,6 +166,22 @@ def create_pipeline_forward_inner(model_class_name: str = "AutoModel", sequence_
         return hidden
 
     return forward
+
+
+#: keyword arguments of a Hugging Face forward that only choose what it returns
+_OUTPUT_FLAGS = ("return_dict", "output_attentions", "output_hidden_states")
+
+
+def _split_multimodal_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(rotary positions, text positions)``: the same 2-D ``[mb, S]`` tensor twice for a
+    text model; for Qwen2-VL's 3-D ``[3, mb, S]`` rotary positions, no text positions (the
+    mask is causal over the sequence), and for ``[4, mb, S]`` the first row is the text
+    positions (``Qwen2VLTextModel.forward``'s convention for packed rows)."""
+    if position_ids.ndim != 3:
+        return position_ids, position_ids
+    if position_ids.shape[0] == 4:
+        return position_ids[1:], position_ids[0]
+    return position_ids, None
 
 
 def _final_norm(decoder: nn.Module) -> nn.Module | None:
@@ -280,6 +300,11 @@ def patch_hf_model_for_pp(model: nn.Module, patch_inner_model: bool = True, patc
       soft-capping, run), fed a ``ModelOutput`` by the patched decoder; stages without
       ``lm_head`` have nothing of the wrapper to run and pass hidden states on.
     """
+    if patch_inner_model and patch_multimodal_model(
+            model, lambda name: create_pipeline_forward_inner(name, sequence_shards), _return_model_output):
+        if patch_causal_lm_model or getattr(model, "lm_head", None) is None:
+            model.forward = types.MethodType(create_pipeline_forward_causal_lm(), model)
+        return
     # A wrapper stays a wrapper when pruning removed its decoder (a stage of lm_head alone).
     is_wrapper = "model" in model._modules
     inner = model._modules.get("model")
@@ -318,6 +343,9 @@ def validate_hf_model_for_pipeline_support(
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model; pipelining supports decoder-only causal LMs")
+    if config is not None and (family := vision_family(config)) is not None:
+        _validate_vision_language(model, family, patch_inner_model, num_stages)
+        return
     inner = getattr(model, "model", model)
     if not isinstance(model, PreTrainedModel) or getattr(inner, "layers", None) is None:
         raise ValueError(
@@ -331,4 +359,22 @@ def validate_hf_model_for_pipeline_support(
             f"run a stage of a {num_stages}-stage split (it slices self.layers); set it to true"
         )
     if getattr(text_config(config), "output_router_logits", False):
+        check_router_aux_loss(model)
+
+
+def _validate_vision_language(model: nn.Module, family, patch_inner_model: bool, num_stages: int) -> None:
+    """A vision-language model's stages run the family's own multimodal forward on the
+    first stage (:mod:`nemo_pp.models.vlm`); it needs the patched decoder."""
+    inner = model._modules.get("model")
+    if inner is None or getattr(getattr(inner, family.language_model, None), "layers", None) is None:
+        raise ValueError(
+            f"{type(model).__name__} ({family.name}) has no decoder layers at 'model.{family.language_model}.layers'; "
+            "its transformers version lays the model out differently from the one nemo_pp supports"
+        )
+    if not patch_inner_model:
+        raise ValueError(
+            f"distributed.pipeline.patch_inner_model: false is not supported for {family.name}: its stages need "
+            "nemo_pp's stage forwards of the multimodal model and the decoder; set it to true"
+        )
+    if getattr(text_config(model.config), "output_router_logits", False):
         check_router_aux_loss(model)

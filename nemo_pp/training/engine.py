@@ -29,6 +29,7 @@ import torch.distributed as dist
 from nemo_pp._torch_compat import run_schedule
 from nemo_pp.distributed.grads import align_grad_placements, clip_grads_with_norm, divide_grads
 from nemo_pp.loss import IGNORE_INDEX
+from nemo_pp.models.vlm import pipeline_inputs
 
 
 def _label_tokens(batch: dict) -> int:
@@ -93,9 +94,13 @@ class TrainEngine:
             args = (ids,) if info.has_first_stage else ()
             target = labels if info.has_last_stage else None
             kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+            # a vision-language batch: images to the first stage, 3-D rotary positions to all
+            images, chunk_dims = pipeline_inputs(self.parts[0], batch, info.has_first_stage, self.device)
+            kwargs.update(images)
             if self.ap.head_computes_loss:  # the last stage's forward computes the loss (FusedLinearCrossEntropy)
                 kwargs["labels"] = labels
-            run_schedule(info.schedule, *args, train=train, target=target, losses=losses, **kwargs)
+            run_schedule(info.schedule, *args, train=train, target=target, losses=losses, chunk_dims=chunk_dims,
+                         **kwargs)
         if not losses:
             return torch.zeros((), device=self.device)
         return torch.stack([l.detach().float() for l in losses]).sum()
