@@ -5,8 +5,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # Lazy, so `import nemo_pp.config` does not pull in transformers.
-    if name == "NeMoAutoModelForCausalLM":
-        from nemo_pp.models import NeMoAutoModelForCausalLM
+    if name in ("NeMoAutoModelForCausalLM", "NeMoAutoModelForImageTextToText"):
+        import nemo_pp.models
 
-        return NeMoAutoModelForCausalLM
+        return getattr(nemo_pp.models, name)
     raise AttributeError(f"module 'nemo_pp' has no attribute {name!r}")

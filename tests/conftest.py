@@ -53,6 +53,34 @@ def tiny_assets(real_assets, tmp_path_factory):
     return folder, squad
 
 
+@pytest.fixture(scope="session")
+def digits_data(real_assets):
+    """The digits image task folder (``python -m nemo_pp.assets --only vlm``); skipped or failed
+    when missing, as :func:`real_assets`."""
+    from nemo_pp.assets import digits_dir, is_complete
+
+    folder = digits_dir()
+    if not is_complete(folder):
+        msg = "digits missing: run python -m nemo_pp.assets --only vlm"
+        if os.environ.get("NEMO_PP_REQUIRE_ASSETS") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm_assets(tiny_assets, digits_data, tmp_path_factory):
+    """A tiny LLaVA around the tiny Llama of ``tiny_assets`` (the digits asset's build: a fresh
+    CLIP tower, SmolLM2's tokenizer with ``<image>``, its processor) and the digits folder."""
+    from nemo_pp.assets.digits_vlm import build_llava
+
+    model, processor = build_llava(tiny_assets[0])
+    folder = tmp_path_factory.mktemp("tiny_llava")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, digits_data
+
+
 @pytest.fixture(scope="module")
 def tiny_moe_assets(tiny_assets, tmp_path_factory):
     """The tiny Llama of ``tiny_assets`` sparsely upcycled to a Mixtral (4 experts, top 2,

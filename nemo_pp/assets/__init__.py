@@ -19,7 +19,10 @@ Layout (``NEMO_PP_HOME``, default ``~/.cache/nemo_pp``)::
     models/SmolLM2-135M-Instruct-4x-top2-upcycled/
                                    the same model sparsely upcycled to a 4-expert
                                    mixture (MixtralForCausalLM), built from the above
+    models/SmolLM2-135M-Instruct-LLaVA-digits/
+                                   a LLaVA around it (fresh vision tower; digits_vlm.py)
     data/squad/                    train.jsonl, validation.jsonl
+    data/digits/                   scikit-learn's handwritten digits as image QA rows
 
 Each prepared folder holds a ``.complete`` marker, written after everything else and
 after a check that the result loads; a folder is built in a hidden temporary sibling
@@ -34,6 +37,7 @@ Usage::
 """
 
 from nemo_pp.assets.cli import main
+from nemo_pp.assets.digits_vlm import digits_dir, prepare_digits, prepare_smollm2_llava, smollm2_llava_dir
 from nemo_pp.assets.download import fetch_from_simple_index, pip_download
 from nemo_pp.assets.paths import (
     HOME_ENV,
@@ -70,6 +74,10 @@ from nemo_pp.assets.squad import (
 )
 
 __all__ = [
+    "digits_dir",
+    "prepare_digits",
+    "prepare_smollm2_llava",
+    "smollm2_llava_dir",
     "BIGBENCH_SDIST_GLOB",
     "BIGBENCH_SPEC",
     "CHATML_TEMPLATE",

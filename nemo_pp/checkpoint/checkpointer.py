@@ -101,6 +101,17 @@ def _unaliased(state: dict) -> dict:
     return out
 
 
+def _never_stepped(missing: Sequence[str], saved) -> set[str]:
+    """The ``state.<fqn>`` prefixes of parameters the saved optimizer never stepped: every
+    entry of theirs is missing while the checkpoint holds other parameters' entries (torch's
+    optimizers create a parameter's state at its first gradient; a parameter no forward
+    uses has none when saved, but gets a fresh one when state is created to load into)."""
+    if not saved:
+        return set()
+    saved_prefixes = {k.rpartition(".")[0] for k in saved}
+    return {k.rpartition(".")[0] for k in missing} - saved_prefixes
+
+
 class Checkpointer:
     """Saves and loads this rank's share of a training checkpoint (collective calls).
 
@@ -352,6 +363,12 @@ class Checkpointer:
             )
         optim_meta = read_metadata(folder / "optim")
         missing = sorted(k for k in _merge(optims) if k not in optim_meta.state_dict_metadata)
+        unstepped = _never_stepped(missing, optim_meta.state_dict_metadata)
+        if unstepped:  # parameters no forward used (LLaVA's last vision norm): fresh state, as before the save
+            for o in optims:
+                for key in [k for k in o if k.rpartition(".")[0] in unstepped]:
+                    del o[key]
+            missing = [k for k in missing if k.rpartition(".")[0] not in unstepped]
         error = first_error_of_all_ranks(
             f"the optimizer state in {folder / 'optim'} lacks {len(missing)} entries of this optimizer "
             f"(e.g. {', '.join(missing[:3])}): it was written with another optimizer or model; resume with the "

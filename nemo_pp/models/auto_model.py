@@ -37,6 +37,16 @@ def check_model_path(path: str, key: str = "model.pretrained_model_name_or_path"
         raise FileNotFoundError(f"{key}: {missing_asset_message(path)}")
 
 
+def auto_model_class(config):
+    """transformers' auto class for ``config``: ``AutoModelForImageTextToText`` for a
+    vision-language config (one with a ``vision_config``), else ``AutoModelForCausalLM``."""
+    import transformers
+
+    if getattr(config, "vision_config", None) is not None:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
 #: from_pretrained kwargs that say where the files come from (also the config's)
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
 #: from_pretrained kwargs that only steer how weights are read
@@ -49,7 +59,8 @@ class NeMoAutoModelForCausalLM:
 
     ``from_pretrained(pretrained_model_name_or_path, torch_dtype=None, **kwargs)`` accepts
     the NeMo spellings ``torch_dtype: bfloat16`` and passes everything else to
-    ``transformers.AutoModelForCausalLM.from_pretrained``.
+    ``transformers.AutoModelForCausalLM.from_pretrained`` (``AutoModelForImageTextToText``
+    for a vision-language checkpoint: :func:`auto_model_class`).
     """
 
     @staticmethod
@@ -76,7 +87,7 @@ class NeMoAutoModelForCausalLM:
     @staticmethod
     def _from_pretrained(pretrained_model_name_or_path: str, *args, torch_dtype=None, dtype=None,
                          load_weights: bool = True, **kwargs):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         check_model_path(pretrained_model_name_or_path)
         resolved = resolve_dtype(dtype if dtype is not None else torch_dtype) or torch.float32
@@ -95,7 +106,9 @@ class NeMoAutoModelForCausalLM:
             model = empty_model(config, resolved, attn_implementation=attn, **kwargs)  # positional model_args only matter to a load
             model.name_or_path = str(pretrained_model_name_or_path)
             return model
-        return AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, dtype=resolved, **kwargs)
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path,
+                                            **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+        return auto_model_class(config).from_pretrained(pretrained_model_name_or_path, *args, dtype=resolved, **kwargs)
 
     @staticmethod
     def from_config(config, *args, torch_dtype=None, dtype=None, **kwargs):
@@ -111,10 +124,8 @@ class NeMoAutoModelForCausalLM:
         Raises:
             ValueError: an unknown dtype name.
         """
-        from transformers import AutoModelForCausalLM
-
         resolved = resolve_dtype(dtype if dtype is not None else torch_dtype) or torch.float32
-        return AutoModelForCausalLM.from_config(config, *args, dtype=resolved, **kwargs)
+        return auto_model_class(config).from_config(config, *args, dtype=resolved, **kwargs)
 
 
 def loads_per_stage(model_node) -> bool:
@@ -129,6 +140,12 @@ def loads_per_stage(model_node) -> bool:
     if not isinstance(target, str):
         return False
     try:
-        return get_object(rewrite_target(target)) is NeMoAutoModelForCausalLM.from_pretrained
+        return get_object(rewrite_target(target)) in (NeMoAutoModelForCausalLM.from_pretrained,
+                                                       NeMoAutoModelForImageTextToText.from_pretrained)
     except Exception:  # an unimportable target is reported by validate_targets, not here
         return False
+
+
+class NeMoAutoModelForImageTextToText(NeMoAutoModelForCausalLM):
+    """NeMo AutoModel's vision-language entry point: the same loader (the auto class follows
+    the checkpoint's config), under the reference's name."""

@@ -26,21 +26,22 @@ SINGLE_FILE = "model.safetensors"
 
 
 def empty_model(config, dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
-    """The causal LM of ``config`` with meta-device parameters and real buffers.
+    """The causal LM (or vision-language model) of ``config`` with meta-device parameters and real buffers.
 
     Args:
         config: a transformers config (``AutoConfig.from_pretrained(path)``).
         dtype: parameter dtype (None: float32).
-        **kwargs: passed to ``AutoModelForCausalLM.from_config`` (``attn_implementation``).
+        **kwargs: passed to the auto class's ``from_config`` (``attn_implementation``).
 
     Returns:
         the model; tied weights are tied (``tie_weights``), as a loaded model's are.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+
+    from nemo_pp.models.auto_model import auto_model_class
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **kwargs)
+        model = auto_model_class(config).from_config(config, dtype=dtype or torch.float32, **kwargs)
     model.tie_weights()  # init_empty_weights re-creates parameters, which unties them
     return model
 

@@ -102,11 +102,12 @@ _IDEFICS3 = VisionLanguageFamily("Idefics3 / SmolVLM", "text_model", ("vision_mo
 FAMILIES = {
     "llava": _LLAVA,
     "qwen2_vl": _QWEN2_VL,
-    "qwen2_5_vl": _QWEN2_VL,
     "gemma3": _GEMMA3,
     "idefics3": _IDEFICS3,
-    "smolvlm": _IDEFICS3,
 }
+
+#: the language models' ``model_type`` of the families above, as proven (their text configs)
+PROVEN_TEXT_MODEL_TYPES = frozenset({"llama", "qwen2_vl_text", "gemma3_text"})
 
 
 def is_vision_language(config) -> bool:

@@ -375,3 +375,55 @@ def check_free_space(cfg, model, pp: int = 1) -> int:
             "larger disk, or skip this check with checkpoint.check_free_space=false",
         )
     return need
+
+
+def _takes_images(node) -> bool | None:
+    """Whether data set config ``node``'s ``_target_`` is an image + text data set (its
+    ``image_text`` attribute); None when there is no such node or its target cannot be read."""
+    from hydra.utils import get_object
+
+    from nemo_pp.config.targets import rewrite_target
+
+    target = node.get("_target_") if node is not None and hasattr(node, "get") else None
+    if not isinstance(target, str):
+        return None
+    try:
+        return bool(getattr(get_object(rewrite_target(target)), "image_text", False))
+    except Exception:  # an unimportable target is reported by validate_targets
+        return None
+
+
+def check_vision_language(cfg, model, sizes) -> None:
+    """Refuse what a vision-language run cannot do, before any weight or row is read: a
+    vision-language model with a text-only data set and the reverse, and the axes its
+    stages are not proven under (tp, cp, packed sequences).
+
+    Raises:
+        ValueError: naming the key and the fix.
+    """
+    from nemo_pp.models.vlm import is_vision_language, vision_family
+
+    vlm = is_vision_language(model.config)
+    for key in ("dataset", "validation_dataset"):
+        images = _takes_images(cfg.get(key))
+        if images is None:
+            continue
+        if vlm and not images:
+            raise ValueError(
+                f"{key}._target_: {cfg[key]['_target_']} is a text-only data set but the model is the vision-language "
+                f"{type(model).__name__}; use nemo_pp.datasets.vlm.datasets.make_vlm_dataset (image + conversation "
+                "rows), or a text model")
+        if images and not vlm:
+            raise ValueError(
+                f"{key}._target_: {cfg[key]['_target_']} is an image data set but the model "
+                f"({type(model).__name__}) has no vision encoder; use a vision-language model or a text data set")
+    if not vlm:
+        return
+    family = vision_family(model.config)
+    for size, key in ((sizes.tp, "distributed.tp_size"), (sizes.cp, "distributed.cp_size")):
+        if size > 1:
+            raise ValueError(f"{key}={size} is not supported for vision-language models ({family.name}) yet: their "
+                             "stages are proven at tp 1 and cp 1; set it to 1 and use pp / dp")
+    if cfg.packed_sequence.packed_sequence_size:
+        raise ValueError("packed_sequence.packed_sequence_size is not supported for vision-language models: rows "
+                         "carry their own images; set it to 0")

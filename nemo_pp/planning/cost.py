@@ -22,7 +22,8 @@ layer forward). Written out for grouped-query attention and gated (SwiGLU) MLPs:
 * under expert parallelism, the bytes each MoE layer's all-to-alls send
   (:func:`expert_all_to_all_bytes`), beside the FLOPs: a planning input, not a FLOP;
 * embedding: a lookup, no FLOPs (its backward is a memory-bound scatter-add: timed on
-  this CPU it costs about half a SmolLM2 layer; see docs/architecture.md).
+  this CPU it costs about half a SmolLM2 layer; see docs/architecture.md); a
+  vision-language model's vision encoder and projector run there too (:func:`vision_flops`).
 
 The vocabulary term is why the uniform split is unbalanced: SmolLM2's head (vocab 49152,
 hidden 576) costs about 7.7 decoder layers, so 15/15 layers leaves the last stage the
@@ -105,10 +106,40 @@ def flop_costs(config, microbatch_size: int, seq_len: int, moe_layers=()) -> Pie
         return 3.0 * (proj + attention + mlp)
 
     return PieceCosts(
-        embedding=0.0,
+        embedding=vision_flops(config, b),
         layers=tuple(layer(i, t) for i, t in enumerate(types[: cfg.num_hidden_layers])),
         head=3.0 * 2 * b * s * h * cfg.vocab_size,
     )
+
+
+#: patches per image assumed for a dynamic-resolution vision encoder (Qwen2-VL has no fixed
+#: image size): a 448 x 448 image in 14-pixel patches
+DYNAMIC_RESOLUTION_PATCHES = 1024
+
+
+def vision_flops(config, images: int) -> float:
+    """Forward + backward FLOPs of a vision-language model's vision encoder and projector for
+    ``images`` images (the first stage's piece besides the embedding; 0 for a text model).
+
+    A ViT layer over ``p`` patches of width ``h`` with an MLP of width ``I``: projections
+    ``2p * 4h^2``, attention ``4p^2 h`` (bidirectional), MLP ``2p * 2hI`` (two projections;
+    ``mlp_ratio * h`` where the config gives a ratio); times 3 for the backward, as for the
+    decoder. ``p = (image_size / patch_size)^2`` (+1 class token for CLIP), or
+    :data:`DYNAMIC_RESOLUTION_PATCHES` where the config has no image size. The projector: two
+    products from the encoder width to the decoder's hidden size per image token. One image
+    per sample is assumed (the split is weighed before any data is read).
+    """
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return 0.0
+    h = getattr(vision, "embed_dim", None) or vision.hidden_size
+    layers = getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", 0)
+    inter = getattr(vision, "intermediate_size", None) or int(getattr(vision, "mlp_ratio", 4) * h)
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    p = (size // patch) ** 2 + (vision.model_type == "clip_vision_model") if size and patch else DYNAMIC_RESOLUTION_PATCHES
+    per_layer = 2 * p * 4 * h * h + 4 * p * p * h + 2 * p * 2 * h * inter
+    projector = 2 * p * (h * text_config(config).hidden_size + text_config(config).hidden_size ** 2)
+    return 3.0 * images * (layers * per_layer + projector)
 
 
 def with_fused_head(costs: PieceCosts, label_share: float) -> PieceCosts:

@@ -27,6 +27,7 @@ from torch import nn
 from nemo_pp.models.module_tree import copy_pruned, text_config
 from nemo_pp.models.moe import router_spec
 from nemo_pp.models.stage_forward import make_stage_emit_tensor, patch_hf_model_for_pp
+from nemo_pp.models.vlm import PROVEN_TEXT_MODEL_TYPES, vision_family
 from nemo_pp.planning.pipeline import make_pipeline_plan
 
 __all__ = ["PROVEN_MODEL_TYPES", "ProbeResult", "check_model_family", "probe_model_family", "tiny_config"]
@@ -173,6 +174,12 @@ def check_model_family(model: nn.Module) -> list[ProbeResult]:
             the size of the mismatch named), or the probe could not run.
     """
     model_type = getattr(text_config(model.config), "model_type", None)
+    if vision_family(model.config) is not None:  # proven in tests/distributed/test_vlm.py, or refused there
+        if model_type not in PROVEN_TEXT_MODEL_TYPES:
+            raise ValueError(
+                f"model type '{model.config.model_type}' with a '{model_type}' language model is not supported under the "
+                f"pipeline: its vision-language stages are proven with {sorted(PROVEN_TEXT_MODEL_TYPES)} language models")
+        return []
     if model_type in PROVEN_MODEL_TYPES:
         return []
     results = probe_model_family(type(model), model.config)

@@ -154,6 +154,27 @@ def saved_activation_bytes(part: nn.Module, inputs: torch.Tensor, loss_fn=None, 
         return saved.total()  # while ``out`` keeps the graph alive
 
 
+def vision_activation_bytes(part: nn.Module, images: int) -> int:
+    """Bytes autograd keeps after the vision encoder and projector of a vision-language
+    model's first stage run on ``images`` meta images (one per sample is what the plan
+    assumes); 0 for a text model and for families whose encoder forward depends on the
+    images' values (Qwen2-VL's patch grids, Idefics3's padding-image filter), which the meta
+    device cannot run: for those the plan counts the decoder's activations only."""
+    from nemo_pp.models.vlm import multimodal_model, vision_family
+
+    inner = multimodal_model(part)
+    if inner is None or not hasattr(inner, "get_image_features"):
+        return 0
+    family, vision = vision_family(part.config), part.config.vision_config
+    if family.per_patch or family.image_meta or not getattr(vision, "image_size", None):
+        return 0
+    pixels = torch.empty(images, getattr(vision, "num_channels", 3), vision.image_size, vision.image_size,
+                         device="meta", requires_grad=False)
+    with _counting_saved_tensors(part) as saved:
+        out = inner.get_image_features(pixel_values=pixels)
+        return saved.total() if out is not None else 0
+
+
 class _SavedBytes:
     """The tensors autograd saved, by the tensor owning their memory. Each is held by a
     weak reference to the object autograd keeps, so what a discarded branch saved (the
@@ -262,6 +283,8 @@ def memory_plan(
         if last and takes_hidden_states(loss_fn):  # the stage computes its loss from hidden states
             install_head_loss(part, loss_fn)
         act = saved_activation_bytes(part, x, loss_fn if last else None, labels)
+        if first:
+            act += vision_activation_bytes(part, mb)
         try:
             layers = decoder_layers(part)
         except ValueError:  # a stage without decoder layers (lm_head alone)

@@ -386,6 +386,7 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     validate_hf_model_for_pipeline_support(model, p.patch_inner_model, p.patch_causal_lm_model, pipeline.num_stages)
     if p.patch_inner_model or p.patch_causal_lm_model:  # the patched forwards: exact, or refused
         check_model_family(model)
+    checks.check_vision_language(cfg, model, sizes)
     check_tensor_parallel(model, sizes.tp, sizes.ep)
     checks.check_router_loss(model, sizes)
     check_expert_parallel(model, sizes.ep)

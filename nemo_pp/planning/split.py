@@ -14,22 +14,10 @@ from typing import Sequence
 from torch import nn
 
 from nemo_pp.models.module_tree import find_layer_stack, is_tied, outer_modules, tied_param_fqns
+from nemo_pp.models.vlm import MULTIMODAL_SUFFIXES
 
 #: Stage-0 modules of multimodal models (vision / audio towers and projectors).
-MULTIMODAL_ENCODER_NAMES = (
-    "vision_tower",
-    "visual",
-    "image_encoder",
-    "vision_encoder",
-    "audio_tower",
-    "audio_encoder",
-    "audio_model",
-    "mm_projector",
-    "multi_modal_projector",
-    "multimodal_projector",
-    "vision_projector",
-    "audio_projector",
-)
+MULTIMODAL_ENCODER_NAMES = MULTIMODAL_SUFFIXES
 
 
 def stage_ids_this_rank(pp_rank: int, pp_size: int, num_stages: int, style: str = "loop") -> tuple[int, ...]:
@@ -145,7 +133,9 @@ def generate_hf_model_fqn_per_model_part(
     """Module FQNs of each stage for a Hugging Face decoder (layers spread evenly,
     the remainder going to the earliest stages).
 
-    Stage 0 gets ``{prefix}embed_tokens`` (and multimodal encoders, ``extra_module_fqns``),
+    Stage 0 gets ``{prefix}embed_tokens`` (and the multimodal encoders of
+    :data:`~nemo_pp.models.vlm.MULTIMODAL_SUFFIXES`, beside the decoder: ``model.vision_tower``
+    for ``fqn_prefix="model.language_model."``; and ``extra_module_fqns``),
     the last stage ``{prefix}norm`` and ``lm_head_fqn``; every stage gets
     ``{prefix}rotary_emb`` when asked. 32 layers over 2 stages:
     ``[[embed_tokens, layers.0..15, rotary_emb], [layers.16..31, norm, lm_head, rotary_emb]]``.
@@ -161,7 +151,7 @@ def generate_hf_model_fqn_per_model_part(
             if include_embeddings:
                 names.append(f"{fqn_prefix}embed_tokens")
             if include_multimodal_encoders:
-                names += [f"{fqn_prefix}{m}" for m in MULTIMODAL_ENCODER_NAMES]
+                names += [f"{_encoder_prefix(fqn_prefix)}{m}" for m in MULTIMODAL_ENCODER_NAMES]
             names += list(extra_module_fqns or ())
         names += [f"{fqn_prefix}layers.{i}" for i in range(start, start + n)]
         start += n
@@ -173,6 +163,15 @@ def generate_hf_model_fqn_per_model_part(
             names.append(f"{fqn_prefix}rotary_emb")
         out.append(names)
     return out
+
+
+def _encoder_prefix(fqn_prefix: str) -> str:
+    """Where a multimodal model keeps its encoders: beside its decoder, so
+    ``model.language_model.`` (or ``model.text_model.``) -> ``model.``; other prefixes unchanged."""
+    for decoder in ("language_model.", "text_model."):
+        if fqn_prefix.endswith(decoder):
+            return fqn_prefix[: -len(decoder)]
+    return fqn_prefix
 
 
 #: Names the FQN generator lists that a given model may lack (dropped, not an error).
@@ -244,6 +243,14 @@ def validate_stage_modules(model: nn.Module, module_names_per_stage: list[list[s
                         "must live on exactly one stage (distributed.pipeline.module_fqns_per_model_part)"
                     )
                 owner.setdefault(n, stage)
+    multimodal = getattr(getattr(model, "config", None), "vision_config", None) is not None
+    for n, stage in owner.items():
+        if stage != 0 and multimodal and any(part in MULTIMODAL_SUFFIXES for part in n.split(".")):
+            raise ValueError(
+                f"distributed.pipeline.module_fqns_per_model_part[{stage}] holds '{n}', a multimodal encoder: encoders "
+                "and projectors run with the token embedding on the first stage (their features are merged into the "
+                "embeddings there); move it to module_fqns_per_model_part[0]"
+            )
     stage_of = {f"{n}.{p}": stage for stage, names in enumerate(cleaned) for n in names
                 for p, _ in model.get_submodule(n).named_parameters(remove_duplicate=False)}
     all_params = list(model.named_parameters(remove_duplicate=False))

@@ -28,7 +28,6 @@ from pathlib import Path
 import datasets
 import transformers
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from nemo_pp.checkpoint.checkpointer import Checkpointer, CheckpointWriteError
 from nemo_pp.checkpoint.finite import NonFiniteWeightsError, check_finite_weights
@@ -47,7 +46,7 @@ from nemo_pp.models.module_tree import is_tied, tied_param_fqns
 from nemo_pp.planning.cost import layers_per_stage
 from nemo_pp.planning.run_plan import RunPlan, plan_run, profile_pipeline_costs, replan, replan_for_fused_loss
 from nemo_pp.planning.schema import load_recipe_config
-from nemo_pp.training.data import build_dataloader, build_dataset_main_first, label_token_share
+from nemo_pp.training.data import build_dataloader, build_dataset_main_first, data_tools, label_token_share
 from nemo_pp.training.engine import TrainEngine
 from nemo_pp.training.flops import FlopsMeter
 from nemo_pp.training.loggers import build_metric_loggers
@@ -133,11 +132,12 @@ class FinetuneRecipe:
         if not self.is_main:
             datasets.disable_progress_bars()
             transformers.utils.logging.disable_progress_bar()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.plan.model_path)
+        # under cp the plan raises the padding multiple so every sequence splits into 2*cp chunks;
+        # a vision-language model's processor renders its rows and its collator keeps images batch-major
+        self.tokenizer, self.processor, collate = data_tools(self.plan.model_path, self.plan.meta_model.config,
+                                                             self.plan.pad_seq_len_divisible)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        # under cp the plan raises the padding multiple so every sequence splits into 2*cp chunks
-        collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=self.plan.pad_seq_len_divisible)
-        train_ds = build_dataset_main_first(cfg.dataset, "dataset", self.tokenizer, self.is_main)
+        train_ds = build_dataset_main_first(cfg.dataset, "dataset", self.tokenizer, self.is_main, self.processor)
         # what a loss on label tokens only costs (the split is re-balanced for it)
         self.label_share = label_token_share(train_ds) if self.plan.head_computes_loss else None
         train_collate = collate
@@ -155,7 +155,8 @@ class FinetuneRecipe:
         )
         self.val_loader = None
         if cfg.get("validation_dataset") is not None:
-            val_ds = build_dataset_main_first(cfg.validation_dataset, "validation_dataset", self.tokenizer, self.is_main)
+            val_ds = build_dataset_main_first(cfg.validation_dataset, "validation_dataset", self.tokenizer, self.is_main,
+                                              self.processor)
             self.val_loader = build_dataloader(
                 val_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
                 shuffle=False, seed=cfg.seed, collate_fn=collate, num_workers=0,
@@ -276,7 +277,7 @@ class FinetuneRecipe:
         """A Hugging Face model folder (LoRA adapters merged into their weights; collective)."""
         tied = self.tied and not self.plan.lora_adapts_head  # an adapted head no longer equals the embedding
         return save_consolidated_hf(
-            folder, self.parts, self.model_config, self.tokenizer, tied=tied,
+            folder, self.parts, self.model_config, self.processor or self.tokenizer, tied=tied,
             tied_head_fqn=self.tied_fqns[1] if tied else None,
             pp_rank=self.mesh.pp_rank, pp_size=self.plan.sizes.pp, is_writer=self.mesh.writes_stage_files,
         )

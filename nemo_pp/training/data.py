@@ -65,7 +65,39 @@ def build_dataloader(dataset, batch_size: int, dp_size: int, dp_rank: int, shuff
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers, drop_last=True)
 
 
-def build_dataset_main_first(node, key: str, tokenizer, is_main: bool):
+def data_tools(model_path: str, model_config, pad_seq_len_divisible: int | None):
+    """``(tokenizer, processor, collate_fn)`` for a model folder: the tokenizer and
+    :class:`~nemo_pp.datasets.utils.SFTCollator` for a text model; for a vision-language model
+    (a config with a ``vision_config``) its ``AutoProcessor``, the processor's tokenizer and
+    :class:`~nemo_pp.datasets.vlm.VLMCollator` (images batch-major). ``processor`` is None for a
+    text model.
+
+    Raises:
+        ValueError: a vision-language model folder without a processor.
+    """
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from nemo_pp.datasets.utils import SFTCollator
+    from nemo_pp.datasets.vlm import VLMCollator
+    from nemo_pp.models.vlm import is_vision_language
+
+    processor = None
+    if is_vision_language(model_config):
+        try:
+            processor = AutoProcessor.from_pretrained(model_path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"model.pretrained_model_name_or_path: {model_path} is a vision-language model without a "
+                             f"processor (its image processor and tokenizer): {exc}") from exc
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if processor is not None:
+        return tokenizer, processor, VLMCollator(model_config.model_type, pad_id, pad_seq_len_divisible)
+    return tokenizer, None, SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=pad_seq_len_divisible)
+
+
+def build_dataset_main_first(node, key: str, tokenizer, is_main: bool, processor=None):
     """Instantiate the data set of config ``node`` on the main rank first, then elsewhere.
 
     The main rank tokenizes and fills ``datasets``' cache; the others then read it. An
@@ -74,7 +106,8 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool):
     so no rank is left waiting on a closed connection. An empty data set is such an error.
 
     Args:
-        node: the config node (``cfg.dataset``), instantiated with ``tokenizer=tokenizer``.
+        node: the config node (``cfg.dataset``), instantiated with ``tokenizer=tokenizer``
+            (and ``processor=processor`` when one is given: a vision-language data set).
         key: its config key, for messages (``"dataset"``).
         is_main: True on global rank 0. Collective over the default process group.
 
@@ -88,7 +121,7 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool):
 
     def attempt():
         try:
-            dataset = instantiate(node, tokenizer=tokenizer)
+            dataset = instantiate(node, tokenizer=tokenizer, **({"processor": processor} if processor else {}))
             if len(dataset) == 0:
                 raise ValueError(
                     f"{key} is empty: check {key}.split, {key}.path_or_dataset and {key}.limit_dataset_samples"
