@@ -71,14 +71,14 @@ def digit_rows(images: list[str], targets: list[int]) -> list[dict]:
 
 def prepare_digits(force: bool = False) -> Path:
     """Write the digits task (1,618 train / 179 validation rows); returns its folder."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
     final = digits_dir()
     if is_complete(final) and not force:
         print(f"[assets] digits: present at {final}")
         return final
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
     start = time.time()
     digits = load_digits()
     tmp = _fresh_tmp_dir(final)
@@ -108,8 +108,15 @@ def build_llava(language_model_dir: Path, seed: int = 0):
         ValueError: the language model's embeddings are not tied (the build grows the tie).
     """
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig,
-                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(language_model_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})

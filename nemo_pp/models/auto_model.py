@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from nemo_pp.models.loading import auto_model_class
+
 #: every dtype spelling nemo_pp accepts (also with a ``torch.`` prefix), the one table
 #: behind ``model.torch_dtype``, ``distributed.pipeline.dtype`` and ``distributed.mp_policy``
 DTYPES = {
@@ -35,16 +37,6 @@ def check_model_path(path: str, key: str = "model.pretrained_model_name_or_path"
 
     if missing_local_path(path):
         raise FileNotFoundError(f"{key}: {missing_asset_message(path)}")
-
-
-def auto_model_class(config):
-    """transformers' auto class for ``config``: ``AutoModelForImageTextToText`` for a
-    vision-language config (one with a ``vision_config``), else ``AutoModelForCausalLM``."""
-    import transformers
-
-    if getattr(config, "vision_config", None) is not None:
-        return transformers.AutoModelForImageTextToText
-    return transformers.AutoModelForCausalLM
 
 
 #: from_pretrained kwargs that say where the files come from (also the config's)

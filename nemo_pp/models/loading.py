@@ -25,6 +25,16 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+def auto_model_class(config):
+    """transformers' auto class for ``config``: ``AutoModelForImageTextToText`` for a
+    vision-language config (one with a ``vision_config``), else ``AutoModelForCausalLM``."""
+    import transformers
+
+    if getattr(config, "vision_config", None) is not None:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
 def empty_model(config, dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
     """The causal LM (or vision-language model) of ``config`` with meta-device parameters and real buffers.
 
@@ -37,8 +47,6 @@ def empty_model(config, dtype: torch.dtype | None = None, **kwargs) -> nn.Module
         the model; tied weights are tied (``tie_weights``), as a loaded model's are.
     """
     from accelerate import init_empty_weights
-
-    from nemo_pp.models.auto_model import auto_model_class
 
     with init_empty_weights(include_buffers=False):
         model = auto_model_class(config).from_config(config, dtype=dtype or torch.float32, **kwargs)

@@ -4,7 +4,6 @@ import io
 import json
 import os
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -78,14 +77,12 @@ def test_prepare_is_a_noop_when_marked_complete(home, capsys):
     from nemo_pp.assets.user_data import chat_dir, instructions_dir, shakespeare_dir
 
     for d in (assets.smollm2_dir(), assets.smollm2_moe_dir(), assets.squad_dir(), instructions_dir(), chat_dir(),
-              shakespeare_dir()):
+              shakespeare_dir(), assets.digits_dir(), assets.smollm2_llava_dir()):
         d.mkdir(parents=True)
         (d / assets.MARKER).write_text("{}")
-    t0 = time.perf_counter()
     assert assets.prepare_smollm2() == assets.smollm2_dir()
     assert assets.prepare_squad() == assets.squad_dir()
     assert assets.main([]) == 0
-    assert time.perf_counter() - t0 < 1.0
     assert not assets.downloads_dir().exists()  # nothing was fetched
     assert "ready" in capsys.readouterr().out
 

@@ -6,7 +6,6 @@ stage is a fact about the model, which planning needs too); this module keeps th
 reference's import path (``...distributed.pipelining.hf_utils.patch_hf_model_for_pp``).
 """
 
-from nemo_pp.models.vlm import MULTIMODAL_SUFFIXES  # noqa: F401  (NeMo's name)
 from nemo_pp.models.stage_forward import (  # noqa: F401  (NeMo's names)
     create_pipeline_forward_causal_lm,
     create_pipeline_forward_inner,
@@ -14,6 +13,7 @@ from nemo_pp.models.stage_forward import (  # noqa: F401  (NeMo's names)
     patch_hf_model_for_pp,
     validate_hf_model_for_pipeline_support,
 )
+from nemo_pp.models.vlm import MULTIMODAL_SUFFIXES  # noqa: F401  (NeMo's name)
 
 __all__ = [
     "MULTIMODAL_SUFFIXES",
