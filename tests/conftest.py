@@ -22,19 +22,24 @@ def real_assets():
     return model, data
 
 
-@pytest.fixture(scope="session")
-def real_moe_model(real_assets):
-    """The sparsely upcycled SmolLM2 folder (``python -m nemo_pp.assets --only moe_model``);
-    skipped or failed when missing, as :func:`real_assets`."""
-    from nemo_pp.assets import is_complete, smollm2_moe_dir
+def _prepared(folder, msg: str):
+    """``folder`` when its asset is complete; else skipped, or failed under NEMO_PP_REQUIRE_ASSETS=1."""
+    from nemo_pp.assets import is_complete
 
-    folder = smollm2_moe_dir()
     if not is_complete(folder):
-        msg = "upcycled model missing: run python -m nemo_pp.assets --only moe_model"
         if os.environ.get("NEMO_PP_REQUIRE_ASSETS") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
     return folder
+
+
+@pytest.fixture(scope="session")
+def real_moe_model(real_assets):
+    """The sparsely upcycled SmolLM2 folder (``python -m nemo_pp.assets --only moe_model``);
+    skipped or failed when missing, as :func:`real_assets`."""
+    from nemo_pp.assets import smollm2_moe_dir
+
+    return _prepared(smollm2_moe_dir(), "upcycled model missing: run python -m nemo_pp.assets --only moe_model")
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +62,9 @@ def tiny_assets(real_assets, tmp_path_factory):
 def digits_data(real_assets):
     """The digits image task folder (``python -m nemo_pp.assets --only vlm``); skipped or failed
     when missing, as :func:`real_assets`."""
-    from nemo_pp.assets import digits_dir, is_complete
+    from nemo_pp.assets import digits_dir
 
-    folder = digits_dir()
-    if not is_complete(folder):
-        msg = "digits missing: run python -m nemo_pp.assets --only vlm"
-        if os.environ.get("NEMO_PP_REQUIRE_ASSETS") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return folder
+    return _prepared(digits_dir(), "digits missing: run python -m nemo_pp.assets --only vlm")
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,19 @@ def _locate(target: str) -> Any:
     return obj
 
 
+def node_target_object(node: Any) -> Any:
+    """The object config node ``node``'s ``_target_`` names (NeMo AutoModel's spellings
+    rewritten), imported without calling it; None when there is no node, no string target, or
+    it cannot be imported (``validate_targets`` reports that, with its suggestion)."""
+    target = node.get("_target_") if node is not None and hasattr(node, "get") else None
+    if not isinstance(target, str):
+        return None
+    try:
+        return _locate(rewrite_target(target))
+    except Exception:  # reported by validate_targets, not here
+        return None
+
+
 def targets_differ(old: Any, new: Any) -> bool:
     """True when both are `_target_` mappings naming different callables (after NeMo rewriting)."""
     if not (isinstance(old, dict) and isinstance(new, dict) and "_target_" in old and "_target_" in new):

@@ -124,18 +124,10 @@ def loads_per_stage(model_node) -> bool:
     """True when config node ``model`` builds with :meth:`NeMoAutoModelForCausalLM.from_pretrained`
     (any spelling of its ``_target_``, NeMo AutoModel's included): then the recipe builds
     the model on the meta device and each rank loads only its own stages."""
-    from hydra.utils import get_object
+    from nemo_pp.config.targets import node_target_object
 
-    from nemo_pp.config.targets import rewrite_target
-
-    target = model_node.get("_target_") if hasattr(model_node, "get") else None
-    if not isinstance(target, str):
-        return False
-    try:
-        return get_object(rewrite_target(target)) in (NeMoAutoModelForCausalLM.from_pretrained,
-                                                       NeMoAutoModelForImageTextToText.from_pretrained)
-    except Exception:  # an unimportable target is reported by validate_targets, not here
-        return False
+    return node_target_object(model_node) in (NeMoAutoModelForCausalLM.from_pretrained,
+                                              NeMoAutoModelForImageTextToText.from_pretrained)
 
 
 class NeMoAutoModelForImageTextToText(NeMoAutoModelForCausalLM):

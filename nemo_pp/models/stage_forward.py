@@ -335,7 +335,6 @@ def validate_hf_model_for_pipeline_support(
     multiplier, logit scaling and soft-capping, sliding windows, per-type rotary) are
     applied; the families proven are listed in ``tests/distributed/test_family_matrix.py``.
     """
-    from transformers import PreTrainedModel
 
     if not (patch_inner_model or patch_causal_lm_model):
         return
@@ -344,8 +343,16 @@ def validate_hf_model_for_pipeline_support(
     if config is not None and getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model; pipelining supports decoder-only causal LMs")
     if config is not None and (family := vision_family(config)) is not None:
-        _validate_vision_language(model, family, patch_inner_model, num_stages)
-        return
+        _validate_vision_language(model, family, patch_inner_model)
+    else:
+        _validate_decoder(model, patch_inner_model, num_stages, key)
+    if getattr(text_config(config), "output_router_logits", False):
+        check_router_aux_loss(model)
+
+
+def _validate_decoder(model: nn.Module, patch_inner_model: bool, num_stages: int, key: str) -> None:
+    from transformers import PreTrainedModel
+
     inner = getattr(model, "model", model)
     if not isinstance(model, PreTrainedModel) or getattr(inner, "layers", None) is None:
         raise ValueError(
@@ -358,11 +365,9 @@ def validate_hf_model_for_pipeline_support(
             f"distributed.pipeline.patch_inner_model: false keeps {type(inner).__name__}'s own forward, which cannot "
             f"run a stage of a {num_stages}-stage split (it slices self.layers); set it to true"
         )
-    if getattr(text_config(config), "output_router_logits", False):
-        check_router_aux_loss(model)
 
 
-def _validate_vision_language(model: nn.Module, family, patch_inner_model: bool, num_stages: int) -> None:
+def _validate_vision_language(model: nn.Module, family, patch_inner_model: bool) -> None:
     """A vision-language model's stages run the family's own multimodal forward on the
     first stage (:mod:`nemo_pp.models.vlm`); it needs the patched decoder."""
     inner = model._modules.get("model")
@@ -376,5 +381,3 @@ def _validate_vision_language(model: nn.Module, family, patch_inner_model: bool,
             f"distributed.pipeline.patch_inner_model: false is not supported for {family.name}: its stages need "
             "nemo_pp's stage forwards of the multimodal model and the decoder; set it to true"
         )
-    if getattr(text_config(model.config), "output_router_logits", False):
-        check_router_aux_loss(model)

@@ -71,7 +71,6 @@ class VisionLanguageFamily:
     Attributes:
         name: the family, as errors name it.
         language_model: the decoder's attribute on the multimodal model.
-        encoders: attributes of the multimodal model that run on the first stage only.
         per_patch: ``pixel_values`` rows are patches (Qwen2-VL: ``[patches, C*T*P*P]``,
             with ``image_grid_thw: [images, 3]``), not whole images.
         image_meta: per-image tensors besides ``pixel_values`` (``image_grid_thw``,
@@ -83,20 +82,18 @@ class VisionLanguageFamily:
 
     name: str
     language_model: str
-    encoders: tuple[str, ...]
     per_patch: bool = False
     image_meta: tuple[str, ...] = ()
     mrope: bool = False
     image_block_mask: bool = False
 
 
-_LLAVA = VisionLanguageFamily("LLaVA", "language_model", ("vision_tower", "multi_modal_projector"))
-_QWEN2_VL = VisionLanguageFamily("Qwen2-VL", "language_model", ("visual",), per_patch=True,
-                                 image_meta=("image_grid_thw",), mrope=True)
-_GEMMA3 = VisionLanguageFamily("Gemma 3", "language_model", ("vision_tower", "multi_modal_projector"),
-                               image_block_mask=True)
-_IDEFICS3 = VisionLanguageFamily("Idefics3 / SmolVLM", "text_model", ("vision_model", "connector"),
-                                 image_meta=("pixel_attention_mask",))
+# the encoders' placement on the first stage comes from the module tree (MULTIMODAL_SUFFIXES)
+_LLAVA = VisionLanguageFamily("LLaVA", "language_model")
+_QWEN2_VL = VisionLanguageFamily("Qwen2-VL", "language_model", per_patch=True, image_meta=("image_grid_thw",),
+                                 mrope=True)
+_GEMMA3 = VisionLanguageFamily("Gemma 3", "language_model", image_block_mask=True)
+_IDEFICS3 = VisionLanguageFamily("Idefics3 / SmolVLM", "text_model", image_meta=("pixel_attention_mask",))
 
 #: config ``model_type`` -> family, for the families proven in tests/distributed/test_vlm.py
 FAMILIES = {
@@ -144,7 +141,7 @@ def multimodal_model(model: nn.Module) -> nn.Module | None:
 
 
 # ------------------------------------------------------------------ images per microbatch
-def _image_token_count(config) -> int | None:
+def _image_token_id(config) -> int | None:
     return getattr(config, "image_token_id", getattr(config, "image_token_index", None))
 
 
@@ -206,18 +203,19 @@ def unbatch_images(family: VisionLanguageFamily, num_images: torch.Tensor | None
     if pixel_values is None or num_images is None or int(num_images.sum()) == 0:
         return {}
     counts = num_images.tolist()
-    out: dict[str, torch.Tensor] = {}
-    if family.per_patch:
+    out = {key: _unpad(meta[key], counts) for key in family.image_meta}
+    if family.per_patch:  # a sample's rows are its images' patches: t * h * w per image
         grids = meta["image_grid_thw"]
-        patches = [int(grids[b, :n].prod(-1).sum()) for b, n in enumerate(counts)]
-        out["pixel_values"] = torch.cat([pixel_values[b, :p] for b, p in enumerate(patches)])
-    else:
-        out["pixel_values"] = torch.cat([pixel_values[b, :n] for b, n in enumerate(counts)])
-    for key in family.image_meta:
-        out[key] = torch.cat([meta[key][b, :n] for b, n in enumerate(counts)])
+        counts = [int(grids[b, :n].prod(-1).sum()) for b, n in enumerate(counts)]
+    out["pixel_values"] = _unpad(pixel_values, counts)
     if family is _IDEFICS3:  # Idefics3 takes [batch, images, C, H, W] and drops all-zero images itself
         out = {k: v.unsqueeze(0) for k, v in out.items()}
     return out
+
+
+def _unpad(rows: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """The first ``lengths[b]`` entries of each row ``b`` of ``[B, L, ...]``, concatenated."""
+    return torch.cat([rows[b, :n] for b, n in enumerate(lengths)])
 
 
 def multimodal_position_ids(model: nn.Module, batch: dict) -> torch.Tensor | None:
@@ -236,13 +234,12 @@ def multimodal_position_ids(model: nn.Module, batch: dict) -> torch.Tensor | Non
     if not family.mrope:
         return None
     ids = batch["input_ids"]
-    image_token = _image_token_count(model.config)
+    image_token = _image_token_id(model.config)
     token_types = (ids == image_token).to(torch.int32)
-    flat = unbatch_images(family, batch.get("num_images"), batch.get("pixel_values"),
-                          **{k: batch[k] for k in family.image_meta if k in batch})
-    grid = flat.get("image_grid_thw")
-    if grid is None:
+    counts = batch.get("num_images")
+    if counts is None or int(counts.sum()) == 0:
         return torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, ids.shape[0], -1).contiguous()
+    grid = _unpad(batch["image_grid_thw"], counts.tolist())
     positions, _ = inner.get_rope_index(ids, mm_token_type_ids=token_types, image_grid_thw=grid)
     return positions
 

@@ -380,17 +380,10 @@ def check_free_space(cfg, model, pp: int = 1) -> int:
 def _takes_images(node) -> bool | None:
     """Whether data set config ``node``'s ``_target_`` is an image + text data set (its
     ``image_text`` attribute); None when there is no such node or its target cannot be read."""
-    from hydra.utils import get_object
+    from nemo_pp.config.targets import node_target_object
 
-    from nemo_pp.config.targets import rewrite_target
-
-    target = node.get("_target_") if node is not None and hasattr(node, "get") else None
-    if not isinstance(target, str):
-        return None
-    try:
-        return bool(getattr(get_object(rewrite_target(target)), "image_text", False))
-    except Exception:  # an unimportable target is reported by validate_targets
-        return None
+    target = node_target_object(node)
+    return None if target is None else bool(getattr(target, "image_text", False))
 
 
 def check_vision_language(cfg, model, sizes) -> None:
