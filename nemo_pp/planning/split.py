@@ -14,7 +14,7 @@ from typing import Sequence
 from torch import nn
 
 from nemo_pp.models.module_tree import find_layer_stack, is_tied, outer_modules, tied_param_fqns
-from nemo_pp.models.vlm import MULTIMODAL_SUFFIXES
+from nemo_pp.models.vlm import MULTIMODAL_SUFFIXES, is_vision_language
 
 #: Stage-0 modules of multimodal models (vision / audio towers and projectors).
 MULTIMODAL_ENCODER_NAMES = MULTIMODAL_SUFFIXES
@@ -243,7 +243,7 @@ def validate_stage_modules(model: nn.Module, module_names_per_stage: list[list[s
                         "must live on exactly one stage (distributed.pipeline.module_fqns_per_model_part)"
                     )
                 owner.setdefault(n, stage)
-    multimodal = getattr(getattr(model, "config", None), "vision_config", None) is not None
+    multimodal = is_vision_language(getattr(model, "config", None))
     for n, stage in owner.items():
         if stage != 0 and multimodal and any(part in MULTIMODAL_SUFFIXES for part in n.split(".")):
             raise ValueError(
