@@ -7,6 +7,7 @@
     nemo-pp cp smollm2_135m_squad_pp2 my.yaml
     nemo-pp check-model --config my.yaml # is this model family exact under the pipeline?
     nemo-pp verify outputs/run/hf_model  # a checkpoint or an exported folder against its checksums
+    nemo-pp plan --config my.yaml --nodes 8 --gpus-per-node 8 --device H100 [--yaml best.yaml]
 
 ``--config`` takes a YAML path, or the name of a shipped config (``nemo_pp/configs``, with
 or without ``.yaml``). ``finetune`` execs ``python -m torch.distributed.run`` (torchrun)
@@ -68,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", "-c", required=True, help="a YAML path or a shipped config name")
     verify = sub.add_parser("verify", help="check a checkpoint or an exported folder against its recorded checksums")
     verify.add_argument("folder", help="a checkpoint (epoch_E_step_S) or an exported hf_model / hf_adapter folder")
+    plan = sub.add_parser("plan", help="search the parallel layouts of a config; unknown arguments are overrides")
+    plan.add_argument("--config", "-c", required=True, help="a YAML path or a shipped config name")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes of the cluster (default 1)")
+    plan.add_argument("--gpus-per-node", type=int, default=None,
+                      help="ranks per node (default: 8 for a named GPU, this machine's cores for --device probe)")
+    plan.add_argument("--device", default="probe",
+                      help="H100, H200, A100, B200, L40S, or probe (this machine's CPU or CUDA device; default)")
+    plan.add_argument("--memory-gib", type=float, default=None, help="memory per rank, GiB (default: the device's)")
+    plan.add_argument("--peak-tflops", type=float, default=None, help="dense peak per rank (default: the device's)")
+    plan.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the config's)")
+    plan.add_argument("--top", type=int, default=10, help="layouts to print (default 10)")
+    plan.add_argument("--yaml", default=None, help="write the config with the best layout applied to this file")
     cp = sub.add_parser("cp", help="copy a shipped config to edit it")
     cp.add_argument("name", help="a shipped config name")
     cp.add_argument("dest", help="destination file or folder")
@@ -133,18 +146,74 @@ def verify_folder(folder: str) -> int:
     return 0
 
 
+def plan_command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """``nemo-pp plan``: the layout search (:func:`nemo_pp.planning.search.plan_layouts`);
+    prints the best layouts, the command line of the best, and writes it as YAML when asked.
+    0 when a layout fits, 2 when none does."""
+    import dataclasses
+
+    from nemo_pp.config import parse_cli
+    from nemo_pp.planning.devices import GIB, device_spec, probe_device
+    from nemo_pp.planning.search import plan_layouts
+
+    config = str(resolve_config(args.config))
+    path, parsed = parse_cli(["--config", config, *overrides])
+    probing = args.device.lower() == "probe"
+    per_node = args.gpus_per_node or (os.cpu_count() or 1 if probing else 8)
+    if probing:
+        import torch
+
+        device = probe_device("cuda" if torch.cuda.is_available() else "cpu", ranks_per_node=per_node)
+    else:
+        device = device_spec(args.device)
+    if args.memory_gib is not None:
+        device = dataclasses.replace(device, memory_bytes=int(args.memory_gib * GIB))
+    if args.peak_tflops is not None:
+        device = dataclasses.replace(device, peak_tflops=args.peak_tflops)
+    print(f"planning {config} for {args.nodes} x {per_node} ranks of {device.name} ({device.source})", flush=True)
+    result = plan_layouts(path, parsed, args.nodes, per_node, device, top=args.top, seq_len=args.seq_len)
+    print(result.summary())
+    best = result.best
+    if best is None:
+        print("nemo-pp plan: no layout fits in memory; add nodes, shorten the sequence (--seq-len) or lower "
+              "step_scheduler.global_batch_size", file=sys.stderr)
+        return 2
+    print(result.table())
+    launch = ["nemo-pp", "finetune", "--config", args.config, f"--nproc-per-node={per_node}"]
+    if args.nodes > 1:
+        launch += [f"--nnodes={args.nodes}", "--rdzv-endpoint=<first node>:29500"]
+    print("\nbest layout, as a command line (" + best.layout.describe() + "):\n  "
+          + " ".join(launch + list(overrides) + best.layout.overrides(result.global_batch_size)))
+    if args.yaml:
+        from omegaconf import OmegaConf
+
+        from nemo_pp.config.cli import normalize_overrides
+        from nemo_pp.config.loader import load_yaml
+        from nemo_pp.config.overrides import apply_overrides
+        from nemo_pp.config.save import write_text_atomic
+
+        raw = load_yaml(config)  # interpolations kept: the file stays the user's, with the layout applied
+        tokens = [*overrides, *best.layout.overrides(result.global_batch_size)]
+        apply_overrides(raw, ["++" + str(o).lstrip("+") for o in normalize_overrides(tokens)])
+        write_text_atomic(args.yaml, f"# nemo-pp plan: {best.layout.describe()}\n" + OmegaConf.to_yaml(raw))
+        print(f"wrote {args.yaml}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nemo-pp`` console script: ``finetune``, ``list``, ``cp``, ``check-model`` or ``verify``.
 
-    ``finetune`` replaces this process with torchrun (``os.execv``) and does not return.
+    ``finetune`` replaces this process with torchrun (``os.execv``) and does not return;
+    ``plan`` searches the layouts (:func:`plan_command`).
 
     Args:
         argv: the arguments after the program name; ``sys.argv[1:]`` when None.
 
     Returns:
         The exit status: 0, or 2 (message on stderr) for a config that is not found, a
-        ``cp`` destination that exists, a model family whose parity probe fails, or a
-        folder whose files do not match their checksums.
+        ``cp`` destination that exists, a model family whose parity probe fails, a
+        folder whose files do not match their checksums, a plan where no layout fits or a
+        config or device the plan refuses.
 
     Raises:
         SystemExit: argparse's usage errors, and extra arguments given to ``list`` or ``cp``.
@@ -157,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.execv(cmd[0], cmd)  # torchrun takes over this process (signals, exit code)
         if args.command == "check-model":
             return check_model(args.config, rest)
+        if args.command == "plan":
+            return plan_command(args, rest)
         if args.command == "verify" and not rest:
             return verify_folder(args.folder)
         if rest:
@@ -175,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.copyfile(src, dest)
             print(f"copied {src.name} to {dest}")
             return 0
-    except (FileNotFoundError, FileExistsError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # ConfigError is a ValueError
         print(f"nemo-pp: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -38,7 +38,10 @@ def timed_recipe_run(nproc: int, steps: int, *overrides: str, config: str = CONF
             env["OMP_NUM_THREADS"] = str(threads)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+            lines = proc.stderr.strip().splitlines()
+            errors = [line for line in lines if line.startswith("[rank")] or [  # the recipe's own message
+                line for line in lines if "Error" in line and not line.startswith(" ")]
+            raise RuntimeError((errors or lines or [f"exit {proc.returncode}"])[-1])
         records = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
         every = [r for r in records if r.get("event") == "train"]
         train = every[1:]

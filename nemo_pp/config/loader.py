@@ -16,7 +16,22 @@ from nemo_pp.config.keys import to_plain
 from nemo_pp.config.overrides import apply_overrides
 from nemo_pp.config.targets import targets_differ
 
-__all__ = ["load_config", "load_yaml", "merge_defaults"]
+__all__ = ["SHIPPED_CONFIGS_RESOLVER", "load_config", "load_yaml", "merge_defaults"]
+
+#: ``${nemo_pp_configs:}``: the folder of the installed package's shipped configs, so a shipped
+#: config can name a shipped model config folder (``${nemo_pp_configs:}/models/llama-3.1-70b``)
+#: wherever the package is installed
+SHIPPED_CONFIGS_RESOLVER = "nemo_pp_configs"
+
+
+def _shipped_configs_folder() -> str:
+    from importlib import resources
+
+    return str(resources.files("nemo_pp.configs"))
+
+
+if not OmegaConf.has_resolver(SHIPPED_CONFIGS_RESOLVER):
+    OmegaConf.register_new_resolver(SHIPPED_CONFIGS_RESOLVER, _shipped_configs_folder)
 
 
 def load_yaml(config_path: str | os.PathLike) -> DictConfig:

@@ -325,7 +325,8 @@ def build_meta_model(cfg, model_path: str) -> tuple[nn.Module, bool]:
     return empty_model(AutoConfig.from_pretrained(str(model_path))), False
 
 
-def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: PieceCosts | None = None) -> RunPlan:
+def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: PieceCosts | None = None,
+             meta_model: nn.Module | None = None) -> RunPlan:
     """Validate ``cfg`` against ``world_size`` and plan the run; raise with the config key and the fix.
 
     Pure: it communicates nothing and does not change the meta model it plans from.
@@ -339,6 +340,8 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
         piece_costs: measured piece costs for ``split: profile`` (see
             :func:`profile_pipeline_costs` and :func:`replan`); without them that split
             uses the FLOP model.
+        meta_model: the meta-device model of this config's ``model:`` section, built
+            before (:func:`build_meta_model`): a layout search plans many layouts of one model.
 
     Raises:
         ValueError: parallel sizes vs world size, batch arithmetic, schedule constraints,
@@ -371,7 +374,10 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     checks.check_grad_sync_options(p.patch_stage_backward_maybe_with_nosync)
     mp_policy, activation_dtype = _precision(cfg, sizes)
 
-    model, meta_build = build_meta_model(cfg, model_path)
+    if meta_model is None:
+        model, meta_build = build_meta_model(cfg, model_path)
+    else:
+        model, meta_build = meta_model, loads_per_stage(cfg.model)
     if (pipeline_dtype := resolve_dtype(p.dtype, "distributed.pipeline.dtype")) is not None:
         model = model.to(pipeline_dtype)  # meta tensors: what the builder casts to, before splitting
     text_cfg = text_config(model.config)

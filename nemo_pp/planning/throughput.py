@@ -22,7 +22,7 @@ import torch
 
 from nemo_pp.planning.cost import flop_costs
 
-__all__ = ["PEAK_TFLOPS", "device_peak_tflops", "measure_gemm_tflops", "model_flops", "mfu"]
+__all__ = ["PEAK_TFLOPS", "device_peak_tflops", "measure_gemm_shape_tflops", "measure_gemm_tflops", "model_flops", "mfu"]
 
 #: dense (no 2:4 sparsity) peak TFLOP/s by device-name fragment and compute dtype, from
 #: NVIDIA's data sheets (H100/H200 SXM, A100 SXM, B200, L40S; "fp32" is the non-tensor-core
@@ -57,9 +57,16 @@ def measure_gemm_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, re
     best of ``repeats`` after a warm-up, at the current ``torch.get_num_threads()``: on a CPU
     the practical peak training GEMMs reach (about 0.1 s at 1024 on one core here).
     """
+    return measure_gemm_shape_tflops(size, size, size, dtype, repeats, device)
+
+
+def measure_gemm_shape_tflops(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, repeats: int = 5,
+                              device: torch.device | str = "cpu") -> float:
+    """TFLOP/s of one ``[m, k] @ [k, n]`` matrix product (``2 m k n`` FLOPs), the best of
+    ``repeats`` after a warm-up, at the current thread count."""
     device = torch.device(device)
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up: thread pool, kernel choice
     best = float("inf")
@@ -69,7 +76,7 @@ def measure_gemm_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, re
         a @ b
         sync()
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e12
+    return 2 * m * k * n / best / 1e12
 
 
 def device_peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None = None) -> tuple[float | None, str]:

@@ -7,10 +7,14 @@ modelled time) and the microbatches each stage holds in the memory plan
 (:func:`microbatches_in_flight`). An action runs once its rank is free and its inputs
 exist: a forward needs the previous stage's forward of the same microbatch, a (full or
 input) backward its own forward and the next stage's backward, a weight backward its
-input backward. Communication time is not modelled.
+input backward. Communication is a delay on the edges between ranks where one is given
+(:func:`simulated_step_seconds`' ``transfer_seconds``); the rest of the step-time model is
+:mod:`nemo_pp.planning.step_time`.
 """
 
 from __future__ import annotations
+
+import functools
 
 from torch.distributed.pipelining.schedules import get_schedule_class
 
@@ -122,10 +126,19 @@ def schedule_actions(schedule: PipelinePlan | str, pp_size: int | None = None, n
         if plan.csv_actions is not None:
             return simulate([list(row) for row in plan.csv_actions])
         return schedule_actions(plan.schedule, plan.pp_size, plan.n_microbatches, plan.stages_per_rank)
-    name = canonical_schedule_name(schedule)
+    grid = _named_schedule_grid(canonical_schedule_name(schedule), pp_size, n_microbatches, stages_per_rank)
+    return [list(row) for row in grid]
+
+
+@functools.lru_cache(maxsize=1024)
+def _named_schedule_grid(name: str, pp_size: int, n_microbatches: int, stages_per_rank: int) -> tuple:
+    """:func:`simulate` of a named schedule's action lists, cached: torch builds them through a
+    mocked schedule (tens of milliseconds each) and a layout search asks for the same ones often."""
     if name in ("GPipe", "1F1B"):
-        return simulate(single_stage_action_lists(name, pp_size, n_microbatches))
-    return simulate(schedule_action_lists(get_schedule_class(name), pp_size, n_microbatches, stages_per_rank))
+        grid = simulate(single_stage_action_lists(name, pp_size, n_microbatches))
+    else:
+        grid = simulate(schedule_action_lists(get_schedule_class(name), pp_size, n_microbatches, stages_per_rank))
+    return tuple(tuple(row) for row in grid)
 
 
 def bubble_fraction(actions: list[list]) -> float:
@@ -138,35 +151,50 @@ def bubble_fraction(actions: list[list]) -> float:
     return sum(a is None for r in actions for a in r) / max(1, slots)
 
 
-def simulated_step_seconds(plan: PipelinePlan, stage_seconds: list[float]) -> float:
+def simulated_step_seconds(plan: PipelinePlan, stage_seconds: list[float], transfer_seconds: float = 0.0) -> float:
     """Duration in seconds of one ``schedule.step`` (all microbatches) when stage ``s`` takes
     ``stage_seconds[s]`` per microbatch forward + backward: a forward is a third of that, a
     full backward two thirds, an input or a weight backward a third each. For 1F1B this gives
     ``(m + p - 1) x`` the slowest stage when stages are equal (Narayanan et al., 2021).
 
+    Args:
+        transfer_seconds: the point-to-point time of one activation (or its gradient) between
+            stages on different pp ranks: an action waits that long for an input another rank
+            made (torch's sends are asynchronous, so the sender does not wait).
+
     Raises:
         ValueError: the plan's action lists deadlock.
     """
-    rows = [[a for a in row if a is not None] for row in schedule_actions(plan)]
+    rows = _action_rows(plan)
+    owner = {s: r for r, ids in enumerate(plan.stage_ids) for s in ids}
     done: dict[tuple, float] = {}
     free = [0.0] * len(rows)
     pos = [0] * len(rows)
     while any(p < len(r) for p, r in zip(pos, rows)):
         progressed = False
         for rank, row in enumerate(rows):
-            if pos[rank] >= len(row):
-                continue
-            action = row[pos[rank]]
-            needs = _needs(action, len(stage_seconds))
-            if any(n not in done for n in needs):
-                continue
-            start = max([free[rank]] + [done[n] for n in needs])
-            free[rank] = done[_done_key(action)] = start + _SHARE[_kind(action)] * stage_seconds[action.stage_index]
-            pos[rank] += 1
-            progressed = True
+            while pos[rank] < len(row):
+                key, kind, needs = row[pos[rank]]
+                if any(n not in done for n in needs):
+                    break
+                start = free[rank]
+                for n in needs:
+                    start = max(start, done[n] + (transfer_seconds if owner[n[0]] != rank else 0.0))
+                free[rank] = done[key] = start + _SHARE[kind] * stage_seconds[key[0]]
+                pos[rank] += 1
+                progressed = True
         if not progressed:
             raise ValueError("schedule deadlocks: no rank can run its next action")
     return max(free)
+
+
+@functools.lru_cache(maxsize=1024)
+def _action_rows(plan: PipelinePlan) -> tuple:
+    """Per rank, ``(done key, kind, needs)`` of its compute actions in order (cached: a search
+    times many layouts of the same schedule)."""
+    num_stages = plan.num_stages
+    return tuple(tuple((_done_key(a), _kind(a), tuple(_needs(a, num_stages))) for a in row if a is not None)
+                 for row in schedule_actions(plan))
 
 
 def microbatches_in_flight(plan: PipelinePlan) -> list[list[dict]]:

@@ -1,5 +1,6 @@
 """The package without a clone: the wheel installed into a fresh venv runs the shipped main
-config by name from an empty directory (``nemo-pp finetune``), and ``nemo-pp cp`` copies it."""
+config by name from an empty directory (``nemo-pp finetune``), ``nemo-pp cp`` copies it, and
+``nemo-pp plan`` plans it and the shipped 70B config."""
 
 from __future__ import annotations
 
@@ -55,6 +56,17 @@ def test_wheel_in_a_fresh_venv_runs_a_shipped_config_by_name(real_assets, tmp_pa
     records = [json.loads(line) for line in (work / "outputs" / "smollm2_135m_squad_pp2" / "metrics.jsonl")
                .read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
+
+    # the layout search from the wheel: the shipped config, and the shipped 70B config (its model a
+    # config folder inside the package) over 8 nodes of 8 H100s, written as a YAML the recipe plans
+    small = _run([nemo_pp, "plan", "--config", "smollm2_135m_squad_pp2", "--gpus-per-node", "2", "--device", "H100",
+                  "--top", "3"], work).stdout
+    assert "best layout, as a command line" in small and "nemo-pp finetune --config smollm2_135m_squad_pp2" in small
+    large = _run([nemo_pp, "plan", "--config", "llama3_1_70b_squad", "--nodes", "8", "--gpus-per-node", "8",
+                  "--device", "H100", "--top", "3", "--yaml", "best70b.yaml"], work).stdout
+    assert "64 ranks (8 per node) of H100" in large and (work / "best70b.yaml").is_file()
+    _run([py, "-c", "from nemo_pp.planning.schema import load_recipe_config; from nemo_pp.planning.run_plan import "
+          "plan_run; print(plan_run(load_recipe_config('best70b.yaml'), 64, check_checkpoint=False).describe())"], work)
 
 
 def _has_setuptools() -> bool:
