@@ -170,7 +170,8 @@ def plan_command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         device = dataclasses.replace(device, memory_bytes=int(args.memory_gib * GIB))
     if args.peak_tflops is not None:
         device = dataclasses.replace(device, peak_tflops=args.peak_tflops)
-    print(f"planning {config} for {args.nodes} x {per_node} ranks of {device.name} ({device.source})", flush=True)
+    print(f"planning {config} for {args.nodes} x {per_node} ranks of {device.name} ({device.source})"
+          + ("; timing the model's pieces on this machine first (a minute or two)" if device.cores else ""), flush=True)
     result = plan_layouts(path, parsed, args.nodes, per_node, device, top=args.top, seq_len=args.seq_len)
     print(result.summary())
     best = result.best

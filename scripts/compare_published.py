@@ -84,7 +84,7 @@ def compare(run: Published, data_dir: str) -> dict:
         "--dataset.path_or_dataset", data_dir, "--dataset.seq_length", str(run.seq_len),
         "--step_scheduler.global_batch_size", str(run.global_batch), "--dataloader.batch_size",
         str(run.global_batch // (run.gpus // (run.pp * run.tp * run.cp)))])
-    result = plan_layouts(path, overrides, run.gpus // 8, 8, KNOWN_DEVICES["H100"], top=1)
+    result = plan_layouts(path, overrides, run.gpus // 8, 8, KNOWN_DEVICES["H100"], top=1, exhaustive=True)
     ranked = result.search_space
     match = next(((i, c) for i, c in enumerate(ranked, 1) if _matches(c.layout, run)), None)
     return {"run": run, "result": result, "best": ranked[0] if ranked else None, "match": match}

@@ -72,15 +72,15 @@ def fit_warning(plan, cfg, seq_len: int, limit_bytes: int, reserved_bytes: int, 
         ckpt = dataclasses.replace(layout, activation_checkpointing=True)
         if _fits(memory, ckpt, seq_len, limit_bytes, reserved_bytes)[0]:
             return f"{head}; it fits with --distributed.activation_checkpointing true"
-    gbs = layout.local_batch_size * layout.dp * layout.grad_acc_steps
+    gbs = layout.local_batch_size * layout.sizes.dp * layout.grad_acc_steps
     axes = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep", "schedule", "num_stages", "microbatch_size",
             "activation_checkpointing")
     best = None
-    for other in enumerate_layouts(cfg, plan.meta_model, layout.world_size, gpus_per_node, seq_len, gbs):
+    for other in enumerate_layouts(cfg, plan.meta_model, layout.sizes.world_size, gpus_per_node, seq_len, gbs):
         changed = sum(getattr(other, a) != getattr(layout, a) for a in axes)
         if (best is None or changed < best[0]) and _fits(memory, other, seq_len, limit_bytes, reserved_bytes)[0]:
             best = (changed, other)
     if best is None:
-        return f"{head}; no layout of {layout.world_size} ranks fits: add ranks or shorten the sequences"
+        return f"{head}; no layout of {layout.sizes.world_size} ranks fits: add ranks or shorten the sequences"
     return (f"{head}; the nearest layout that fits is {best[1].describe()}: "
             + " ".join(best[1].overrides(gbs)) + " (nemo-pp plan ranks them by step time)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nemo_pp.planning.dims import ParallelDims
+
 __all__ = ["Layout"]
 
 
@@ -44,14 +46,9 @@ class Layout:
     pad_seq_len_divisible: int | None = None
 
     @property
-    def dp(self) -> int:
-        """Data-parallel ranks: dp_replicate x dp_shard."""
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def world_size(self) -> int:
-        """pp x dp x cp x tp."""
-        return self.pp * self.dp * self.cp * self.tp
+    def sizes(self) -> ParallelDims:
+        """The mesh axis sizes as the plan holds them (``dp``, ``world_size``, ``fsdp_enabled``, ...)."""
+        return ParallelDims(self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp, self.sequence_parallel, self.ep)
 
     @property
     def stages_per_rank(self) -> int:
@@ -65,7 +62,7 @@ class Layout:
 
     def describe(self) -> str:
         """``pp 4 (1F1B, v 1) x dp 2 (replicate 1) x cp 1 x tp 2 +SP x ep 1, mb 1 x 8, acc 1, AC``."""
-        dp = f"dp {self.dp}" + (f" (replicate {self.dp_replicate})" if self.dp_replicate > 1 else "")
+        dp = f"dp {self.sizes.dp}" + (f" (replicate {self.dp_replicate})" if self.dp_replicate > 1 else "")
         return (f"pp {self.pp} ({self.schedule}, v {self.stages_per_rank}) x {dp} x cp {self.cp} x tp {self.tp}"
                 + (" +SP" if self.sequence_parallel else "") + (f" x ep {self.ep}" if self.ep > 1 else "")
                 + f", mb {self.microbatch_size} x {self.n_microbatches}, acc {self.grad_acc_steps}"
@@ -76,7 +73,7 @@ class Layout:
         flattened), for a run of ``world_size`` processes and ``global_batch_size`` samples
         per optimizer step."""
         pairs = {
-            "distributed.pp_size": self.pp, "distributed.dp_size": self.dp,
+            "distributed.pp_size": self.pp, "distributed.dp_size": self.sizes.dp,
             "distributed.dp_replicate_size": self.dp_replicate, "distributed.cp_size": self.cp,
             "distributed.tp_size": self.tp, "distributed.ep_size": self.ep,
             "distributed.sequence_parallel": str(self.sequence_parallel).lower(),

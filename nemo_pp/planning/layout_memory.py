@@ -16,7 +16,9 @@ What it adds for the layouts ``memory_plan`` is not asked about (stated, not mea
 * FSDP2's unsharded working set: with ``reshard_after_forward`` (every schedule but the
   split-backward ones) two layers' full parameters at a time (the one running and the one
   prefetched); without it the whole stage's;
-* the process itself (:attr:`~nemo_pp.planning.devices.DeviceSpec.reserved_bytes`).
+* the process itself (:attr:`~nemo_pp.planning.devices.DeviceSpec.reserved_bytes`);
+* one backward per optimizer step (one microbatch, no accumulation): FSDP2 reduce-scatters
+  each layer's gradients during it, so a rank keeps their shards and one layer's whole ones.
 """
 
 from __future__ import annotations
@@ -211,7 +213,7 @@ class ModelMemory:
             stage_expert.append(experts / tp)
             recompute.append(max(acts) if layout.activation_checkpointing and acts else 0)
             largest.append(max((self.layer_bytes[i] for i in idx), default=0) / tp)
-        shards = layout.dp_shard * layout.cp if layout.dp * layout.cp > 1 else 1
+        shards = layout.dp_shard * layout.cp if layout.sizes.fsdp_enabled else 1
         buffer = mb * local * self.hidden * self.dtype.itemsize // (tp if sp else 1)
         slots = _receive_slots(plan)
         out = []
@@ -224,6 +226,9 @@ class ModelMemory:
             params = full / shards
             experts = sum(stage_expert[s] for s in stages)
             grads = full - (experts - experts / layout.ep)  # an ep rank computes only its experts' gradients
+            if shards > 1 and layout.n_microbatches * layout.grad_acc_steps == 1:
+                # one backward per step: FSDP2 reduce-scatters each layer's gradients as it goes
+                grads = grads / shards + max(largest[s] for s in stages)
             recv = buffer * sum((s != 0) * (slots[s][0] if slots else plan.n_microbatches)
                                 + (s != plan.num_stages - 1) * (slots[s][1] if slots else plan.n_microbatches)
                                 for s in stages)

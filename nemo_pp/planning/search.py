@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -32,8 +31,6 @@ from nemo_pp.planning.devices import GIB, DeviceSpec
 from nemo_pp.planning.layout import Layout
 from nemo_pp.planning.layout_memory import LayoutMemory, ModelMemory, schedule_plan
 from nemo_pp.planning.step_time import ModelShape, StepTime, predict_step_time
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["Candidate", "PlanResult", "enumerate_layouts", "plan_layouts"]
 

@@ -230,7 +230,7 @@ def predict_step_time(shape: ModelShape, device: DeviceSpec, layout: Layout, seq
     fsdp_link = device.link(_spans_nodes(tp, fsdp_n, G), gather=True)
     ep_link = device.link(_spans_nodes(tp, layout.ep, G))
     rep_link = device.link(_spans_nodes(layout.dp_shard * cp * tp, layout.dp_replicate, G))
-    pp_link = device.link(_spans_nodes(layout.dp * cp * tp, layout.pp, G))
+    pp_link = device.link(_spans_nodes(layout.sizes.dp * cp * tp, layout.pp, G))
     recompute = layout.activation_checkpointing
 
     tp_per_layer = _all_reduce(activation, tp, *tp_link) * (4 + 2 * recompute)
@@ -282,7 +282,7 @@ def predict_step_time(shape: ModelShape, device: DeviceSpec, layout: Layout, seq
         one_step = simulated_step_seconds(plan, stage_seconds, transfer_seconds=p2p)
     acc = layout.grad_acc_steps
     # ranks of a CPU node share its cores and memory bandwidth: by how many are busy on average
-    node_ranks = min(layout.world_size, G)
+    node_ranks = min(layout.sizes.world_size, G)
     busy_ranks = node_ranks / layout.pp * layout.n_microbatches * sum(stage_seconds) / max(one_step, 1e-12)
     schedule = one_step * acc * (1.0 if bound_only else device.sharing_factor(busy_ranks))
     per_mb = layout.n_microbatches * acc

@@ -53,7 +53,7 @@ def test_every_layout_the_search_returns_is_planned_by_the_recipe(tiny_cfg):
     result = plan_layouts(path, overrides, nodes=1, gpus_per_node=4, device=BIG, top=40, exhaustive=True)
     assert result.refused == []  # the enumeration's arithmetic agrees with plan_run on every layout it ranked
     assert len(result.candidates) == 40
-    axes = {(c.layout.pp, c.layout.dp, c.layout.cp, c.layout.tp) for c in result.search_space}
+    axes = {(c.layout.pp, c.layout.sizes.dp, c.layout.cp, c.layout.tp) for c in result.search_space}
     assert {(4, 1, 1, 1), (1, 4, 1, 1), (1, 1, 4, 1), (2, 1, 1, 2), (2, 2, 1, 1), (1, 2, 2, 1)} <= axes
     assert {c.layout.schedule for c in result.search_space} >= {"1F1B", "Interleaved1F1B", "ZBVZeroBubble"}
     times = [c.step.total_s for c in result.candidates]
