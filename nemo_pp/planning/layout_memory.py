@@ -212,7 +212,9 @@ class ModelMemory:
             stage_params.append(params / tp)
             stage_expert.append(experts / tp)
             recompute.append(max(acts) if layout.activation_checkpointing and acts else 0)
-            largest.append(max((self.layer_bytes[i] for i in idx), default=0) / tp)
+            # what FSDP2 all-gathers of a layer: its dense part, and only this ep rank's experts
+            largest.append(max((self.layer_bytes[i] - self.layer_expert_bytes[i] * (1 - 1 / layout.ep)
+                                for i in idx), default=0) / tp)
         shards = layout.dp_shard * layout.cp if layout.sizes.fsdp_enabled else 1
         buffer = mb * local * self.hidden * self.dtype.itemsize // (tp if sp else 1)
         slots = _receive_slots(plan)
