@@ -214,3 +214,10 @@ def test_fit_warning_names_the_largest_microbatch_that_fits(tiny_cfg):
     warning = fit_warning(run, cfg, 1024, (need(2) + need(4)) // 2, 0, 2)
     assert "more than the" in warning and "pp_microbatch_size 2" in warning
     assert "no layout of 2 ranks fits" in fit_warning(run, cfg, 1024, need(1) // 100, 0, 2)
+
+
+def test_fit_warning_never_raises():
+    """The recipe runs it on the main rank alone: an exception there would leave the other ranks waiting."""
+    from nemo_pp.planning.fit import fit_warning
+
+    assert fit_warning(object(), None, 1024, GIB, 0, 2) is None
