@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_pp.models.auto_model import resolve_dtype
     from nemo_pp.models.loading import empty_model
     from nemo_pp.models.module_tree import stage_parameters
-    from nemo_pp.planning.memory import memory_plan
+    from nemo_pp.planning.memory import memory_plan, optimizer_states
 
     model = empty_model(AutoConfig.from_pretrained(run.model_path), resolve_dtype(cfg.model.get("torch_dtype")))
     plan = run.pipeline
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             f"stage {i}: {t:.3f}" for i, t in enumerate(seconds)))
         print(f"predicted seconds per schedule step {step:.2f}, per optimizer step {step * run.grad_acc_steps:.2f} "
               f"(at {seq_len} tokens; batches padded shorter run faster)")
-    states = 1 if "SGD" in str(cfg.optimizer.get("_target_")) else 2  # AdamW/Adam: exp_avg and exp_avg_sq
+    states = optimizer_states(cfg)
     shards = run.sizes.dp_shard * run.sizes.cp if run.sizes.dp * run.sizes.cp > 1 else 1
     # under cp each rank holds S/cp tokens of every sequence (plus the gathered keys and
     # values of the layer running, not counted here)

@@ -265,6 +265,21 @@ def balanced_layer_counts(
     return counts
 
 
+def one_layer_config(config):
+    """A copy of a decoder config (its ``get_text_config()``) cut to one decoder layer, the kind
+    most of its layers are (a dense-then-sparse stack such as DeepSeek-V3's keeps a sparse one):
+    what the probes time, one layer standing for all."""
+    import copy
+
+    cfg = copy.deepcopy(text_config(config))
+    cfg.num_hidden_layers = 1
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:1]
+    if getattr(cfg, "first_k_dense_replace", None):
+        cfg.first_k_dense_replace = 0
+    return cfg
+
+
 def profile_costs(config, microbatch_size: int, seq_len: int, repeats: int = 3, device=None) -> PieceCosts:
     """:class:`PieceCosts` in seconds, timed on ``device`` (default CPU, with the current
     thread count): forward + backward of one microbatch through the embedding, one decoder
@@ -273,7 +288,6 @@ def profile_costs(config, microbatch_size: int, seq_len: int, repeats: int = 3, 
     The FLOP model's blind spots show here: on CPU the embedding's scatter-add backward
     and the loss's softmax over the vocabulary are memory-bound.
     """
-    import copy
     import time
 
     import torch
@@ -281,11 +295,8 @@ def profile_costs(config, microbatch_size: int, seq_len: int, repeats: int = 3, 
 
     from nemo_pp.loss.masked_ce import MaskedCrossEntropy
 
-    cfg = copy.deepcopy(text_config(config))
-    layers = cfg.num_hidden_layers
-    cfg.num_hidden_layers = 1
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[:1]
+    layers = text_config(config).num_hidden_layers
+    cfg = one_layer_config(config)
     device = torch.device(device or "cpu")
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device)
     inner, b, s = model.model, microbatch_size, seq_len

@@ -11,15 +11,12 @@ CPU the limit is host memory shared by the node's ranks.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 from nemo_pp.planning.devices import GIB
 from nemo_pp.planning.layout import Layout
 from nemo_pp.planning.layout_memory import ModelMemory
 
-__all__ = ["fit_warning", "layout_of_plan"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["fit_warning", "layout_of_plan", "preflight_fit_warning"]
 
 
 def layout_of_plan(plan) -> Layout | None:
@@ -42,22 +39,23 @@ def _fits(memory: ModelMemory, layout: Layout, seq_len: int, limit: int, reserve
     return need <= limit, need
 
 
+def preflight_fit_warning(plan, cfg, device, ranks_per_node: int) -> str | None:
+    """:func:`fit_warning` for the run the recipe is starting on ``device``: one rank's memory
+    (:func:`~nemo_pp.planning.devices.rank_memory_limit`) at the plan's sequence length. Every
+    rank computes it (the same meta-device numbers), so anything it raises stops all alike."""
+    from nemo_pp.planning.cost import DEFAULT_PLANNING_SEQ_LEN
+    from nemo_pp.planning.devices import rank_memory_limit
+    from nemo_pp.planning.run_plan import planning_seq_len
+
+    limit, reserved = rank_memory_limit(device, ranks_per_node)
+    seq_len = planning_seq_len(cfg) or DEFAULT_PLANNING_SEQ_LEN
+    return fit_warning(plan, cfg, seq_len, limit, reserved, ranks_per_node)
+
+
 def fit_warning(plan, cfg, seq_len: int, limit_bytes: int, reserved_bytes: int, gpus_per_node: int) -> str | None:
     """The warning to print when ``plan``'s fullest rank needs more than ``limit_bytes``, or None
-    (also when the memory model cannot weigh this model: an estimate never stops a run the plan
-    accepted, and the recipe runs this on the main rank only, so it must not raise).
-
-    Args: as :func:`_fit_warning`.
-    """
-    try:
-        return _fit_warning(plan, cfg, seq_len, limit_bytes, reserved_bytes, gpus_per_node)
-    except Exception as exc:  # noqa: BLE001 - see the docstring
-        logger.info("memory fit check skipped: %s: %s", type(exc).__name__, exc)
-        return None
-
-
-def _fit_warning(plan, cfg, seq_len: int, limit_bytes: int, reserved_bytes: int, gpus_per_node: int) -> str | None:
-    """:func:`fit_warning`'s work.
+    (also for a CSV schedule and for a model the memory model does not weigh,
+    :meth:`ModelMemory.supports`).
 
     Args:
         plan: the run's :class:`~nemo_pp.planning.run_plan.RunPlan`.
@@ -67,14 +65,14 @@ def _fit_warning(plan, cfg, seq_len: int, limit_bytes: int, reserved_bytes: int,
         reserved_bytes: what the process needs beyond its tensors.
         gpus_per_node: ranks per node.
     """
-    from nemo_pp.config import instantiate
     from nemo_pp.planning.search import enumerate_layouts
 
-    layout = layout_of_plan(plan)
-    if layout is None or plan.meta_model is None:
+    if plan.meta_model is None or not ModelMemory.supports(plan.meta_model):
         return None
-    states = 1 if "SGD" in str(cfg.optimizer.get("_target_")) else 2
-    memory = ModelMemory(plan.meta_model, instantiate(cfg.loss_fn), states, seq_len, cfg.distributed.pipeline.split)
+    layout = layout_of_plan(plan)
+    if layout is None:
+        return None
+    memory = ModelMemory.for_config(plan.meta_model, cfg, seq_len)
     fits, need = _fits(memory, layout, seq_len, limit_bytes, reserved_bytes)
     if fits:
         return None

@@ -142,6 +142,22 @@ class ModelMemory:
         self._counts: dict = {}
         self._parts = None
 
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Whether the pieces of ``model`` can be weighed: text decoders, not yet the vision
+        towers of a vision-language model (their stage forward needs images)."""
+        from nemo_pp.models.vlm import is_vision_language
+
+        return not is_vision_language(model.config)
+
+    @classmethod
+    def for_config(cls, model: nn.Module, cfg, seq_len: int) -> ModelMemory:
+        """The pieces of ``model`` under the recipe config's loss, optimizer and split."""
+        from nemo_pp.config import instantiate
+        from nemo_pp.planning.memory import optimizer_states
+
+        return cls(model, instantiate(cfg.loss_fn), optimizer_states(cfg), seq_len, cfg.distributed.pipeline.split)
+
     @property
     def num_layers(self) -> int:
         """Decoder layers of the model."""

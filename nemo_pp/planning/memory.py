@@ -227,6 +227,12 @@ def _owner_bytes(t: torch.Tensor) -> int:
 
 
 
+def optimizer_states(cfg) -> int:
+    """Optimizer tensors per parameter of the recipe config's ``optimizer:``: 1 for SGD (its
+    momentum), else 2 (Adam / AdamW: ``exp_avg`` and ``exp_avg_sq``)."""
+    return 1 if "SGD" in str(cfg.optimizer.get("_target_")) else 2
+
+
 def memory_plan(
     model: nn.Module,
     plan: PipelinePlan,

@@ -242,7 +242,6 @@ def plan_layouts(config_path: str, overrides: list[str], nodes: int, gpus_per_no
             sequence beyond the model's positions, or a vision-language model (not searched yet).
         ConfigError: the config itself is invalid.
     """
-    from nemo_pp.config import instantiate
     from nemo_pp.config.cli import normalize_overrides
     from nemo_pp.models.auto_model import resolve_dtype
     from nemo_pp.planning.run_plan import build_meta_model, plan_run, planning_seq_len
@@ -266,16 +265,13 @@ def plan_layouts(config_path: str, overrides: list[str], nodes: int, gpus_per_no
     from nemo_pp.planning.checks import check_sequence_lengths
 
     check_sequence_lengths(cfg, text_config(model.config))  # wrong for every layout: said once, up front
-    from nemo_pp.models.vlm import is_vision_language
-
-    if is_vision_language(model.config):
+    if not ModelMemory.supports(model):
         raise ValueError("nemo-pp plan: vision-language models are not searched yet (the memory model weighs "
                          "text decoders); choose their layout by hand (pp only: tp and cp are refused for them)")
     dtype = next(model.parameters()).dtype
     if device.cores is None and dtype.itemsize == 4 and device.name in PEAK_TFLOPS:  # fp32 matmuls run as tf32
         device = dataclasses.replace(device, peak_tflops=PEAK_TFLOPS[device.name]["tf32"])
-    states = 1 if "SGD" in str(cfg.optimizer.get("_target_")) else 2
-    memory = ModelMemory(model, instantiate(cfg.loss_fn), states, seq_len, cfg.distributed.pipeline.split)
+    memory = ModelMemory.for_config(model, cfg, seq_len)
     shape = ModelShape(memory)
     layouts = list(enumerate_layouts(cfg, model, world, gpus_per_node, seq_len, gbs))
     if calibrate_device and device.cores is not None:

@@ -185,6 +185,8 @@ def _layer_compute(shape: ModelShape, device: DeviceSpec, layout: Layout, seq_le
     a search asks for the same shapes thousands of times)."""
     key = (id(device), seq_len, layout.microbatch_size, layout.tp, layout.cp, layout.ep,
            layout.activation_checkpointing)
+    if shape._layer_cache.get("device") is not device:  # another device's numbers (ids can be reused)
+        shape._layer_cache = {"device": device}
     if key not in shape._layer_cache:
         mb = layout.microbatch_size
         tokens = mb * seq_len // layout.cp
@@ -336,7 +338,9 @@ def calibrate(device: DeviceSpec, shape: ModelShape, token_counts, tps=(1,), eps
     """
     import dataclasses
 
-    from nemo_pp.planning.cost import profile_costs
+    from transformers import AutoModelForCausalLM
+
+    from nemo_pp.planning.cost import one_layer_config, profile_costs
     from nemo_pp.planning.throughput import measure_gemm_shape_tflops
 
     if device.cores is None:
@@ -359,42 +363,32 @@ def calibrate(device: DeviceSpec, shape: ModelShape, token_counts, tps=(1,), eps
                 if key not in shares:
                     shares[key] = min(1.0, measure_gemm_shape_tflops(*key, repeats=2) / device.peak_tflops)
     seq = shape.memory.seq_len
-    pieces = dict(device.piece_seconds)
+    model = AutoModelForCausalLM.from_config(one_layer_config(shape.config), dtype=shape.memory.dtype)
+    pieces, whole = dict(device.piece_seconds), {}
     for tokens in counts:
         mb, s = max(1, tokens // seq), min(tokens, seq)
-        whole, embedding = _whole_model_seconds(shape, mb, s)
+        whole[tokens], embedding = _whole_model_seconds(model, shape.memory.loss_fn, mb, s)
         layer = profile_costs(shape.memory.model.config, mb, s, repeats=2).layers[0]
-        pieces[mb * s] = (embedding, layer, max(0.0, whole - layer - embedding))
+        pieces[mb * s] = (embedding, layer, max(0.0, whole[tokens] - layer - embedding))
     contention = device.contention
     if not known and (device.cores or 1) > 1:
         middle = counts[len(counts) // 2]
-        alone = _whole_model_seconds(shape, max(1, middle // seq), min(middle, seq))[0]
         together = _concurrent_seconds(shape, max(1, middle // seq), min(middle, seq), device.cores)
-        contention = max(1.0, together / alone)
+        contention = max(1.0, together / whole[middle])
     return dataclasses.replace(device, gemm_shares=shares, piece_seconds=pieces, contention=contention,
                                optimizer_seconds_per_param=device.optimizer_seconds_per_param
-                               or _optimizer_seconds_per_param(shape),
+                               or _optimizer_seconds_per_param(model),
                                source=device.source + ("" if known else "; this model's pieces timed"))
 
 
-def _whole_model_seconds(shape: ModelShape, microbatch_size: int, seq_len: int) -> tuple[float, float]:
-    """Forward + backward seconds of the model cut to one decoder layer, and of its embedding
-    alone, on one ``[microbatch_size, seq_len]`` microbatch."""
-    import copy
+def _whole_model_seconds(model, loss_fn, microbatch_size: int, seq_len: int) -> tuple[float, float]:
+    """Forward + backward seconds of ``model`` (the one-layer copy, :func:`~nemo_pp.planning.cost.one_layer_config`)
+    and of its embedding alone, on one random ``[microbatch_size, seq_len]`` microbatch."""
     import time
 
     import torch
-    from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(shape.config)
-    config.num_hidden_layers = 1
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:1]
-    if getattr(config, "first_k_dense_replace", None):  # a dense-then-sparse stack: time a sparse layer
-        config.first_k_dense_replace = 0
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=shape.memory.dtype)
-    ids = torch.randint(0, config.vocab_size, (microbatch_size, seq_len))
+    ids = torch.randint(0, model.config.vocab_size, (microbatch_size, seq_len))
 
     def seconds(step) -> float:  # the median of three after a warm-up (the allocator's first pages)
         times = []
@@ -406,7 +400,7 @@ def _whole_model_seconds(shape: ModelShape, microbatch_size: int, seq_len: int) 
         return sorted(times[1:])[1]
 
     def whole():
-        shape.memory.loss_fn(model(input_ids=ids).logits, ids).backward()
+        loss_fn(model(input_ids=ids).logits, ids).backward()
 
     def embedding():
         hidden = model.get_input_embeddings()(ids)
@@ -422,16 +416,15 @@ def concurrent_probe_main() -> None:
     import sys
 
     import torch
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from nemo_pp.loss.masked_ce import MaskedCrossEntropy
 
     torch.set_num_threads(1)
     job = json.load(sys.stdin)
     config = AutoConfig.for_model(**job["config"])
-    memory = type("Memory", (), {"loss_fn": MaskedCrossEntropy(), "dtype": getattr(torch, job["dtype"])})
-    shape = type("Shape", (), {"config": config, "memory": memory})
-    print(_whole_model_seconds(shape, job["mb"], job["seq"])[0])
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, job["dtype"]))
+    print(_whole_model_seconds(model, MaskedCrossEntropy(), job["mb"], job["seq"])[0])
 
 
 def _concurrent_seconds(shape: ModelShape, microbatch_size: int, seq_len: int, processes: int) -> float:
@@ -441,8 +434,10 @@ def _concurrent_seconds(shape: ModelShape, microbatch_size: int, seq_len: int, p
     import subprocess
     import sys
 
-    job = json.dumps({"config": shape.config.to_dict(), "dtype": str(shape.memory.dtype).removeprefix("torch."),
-                      "mb": microbatch_size, "seq": seq_len})
+    from nemo_pp.planning.cost import one_layer_config
+
+    job = json.dumps({"config": one_layer_config(shape.config).to_dict(),
+                      "dtype": str(shape.memory.dtype).removeprefix("torch."), "mb": microbatch_size, "seq": seq_len})
     code = "from nemo_pp.planning.step_time import concurrent_probe_main; concurrent_probe_main()"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(processes)]
@@ -450,21 +445,14 @@ def _concurrent_seconds(shape: ModelShape, microbatch_size: int, seq_len: int, p
     return sum(times) / len(times)
 
 
-def _optimizer_seconds_per_param(shape: ModelShape) -> float:
+def _optimizer_seconds_per_param(model) -> float:
     """Seconds of one AdamW step per parameter (torch's default implementation for the device),
-    timed over a one-layer copy of the model: its embedding-sized and layer-sized tensors."""
-    import copy
+    timed over ``model`` (the one-layer copy: its embedding-sized and layer-sized tensors)."""
     import time
 
     import torch
-    from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(shape.config)
-    config.num_hidden_layers = 1
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:1]
-    model = AutoModelForCausalLM.from_config(config, dtype=shape.memory.dtype)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     for p in params:
         p.grad = torch.ones_like(p)
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -474,4 +462,6 @@ def _optimizer_seconds_per_param(shape: ModelShape) -> float:
         start = time.perf_counter()
         opt.step()
         best = min(best, time.perf_counter() - start)
+    for p in params:
+        p.grad = None
     return best / sum(p.numel() for p in params)

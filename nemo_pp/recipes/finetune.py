@@ -43,17 +43,9 @@ from nemo_pp.distributed.parallelize import build_parallelize_fn
 from nemo_pp.distributed.pipelining import AutoPipeline
 from nemo_pp.errors import NonFiniteStepError, first_error_of_all_ranks
 from nemo_pp.models.module_tree import is_tied, tied_param_fqns
-from nemo_pp.planning.cost import DEFAULT_PLANNING_SEQ_LEN, layers_per_stage
-from nemo_pp.planning.devices import rank_memory_limit
-from nemo_pp.planning.fit import fit_warning
-from nemo_pp.planning.run_plan import (
-    RunPlan,
-    plan_run,
-    planning_seq_len,
-    profile_pipeline_costs,
-    replan,
-    replan_for_fused_loss,
-)
+from nemo_pp.planning.cost import layers_per_stage
+from nemo_pp.planning.fit import preflight_fit_warning
+from nemo_pp.planning.run_plan import RunPlan, plan_run, profile_pipeline_costs, replan, replan_for_fused_loss
 from nemo_pp.planning.schema import load_recipe_config
 from nemo_pp.training.data import build_dataloader, build_dataset_main_first, data_tools, label_token_share
 from nemo_pp.training.engine import TrainEngine
@@ -120,8 +112,10 @@ class FinetuneRecipe:
             if self.is_main:
                 print(f"split: profile: fwd+bwd per microbatch: embedding {costs.embedding:.3f} s, layer "
                       f"{costs.layers[0]:.3f} s, head + loss {costs.head:.3f} s", flush=True)
-        if self.is_main:
-            self._warn_if_too_big()
+        # before any weight is read: will this layout fit? (every rank weighs it; the main one says so)
+        warning = preflight_fit_warning(self.plan, cfg, self.dist.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        if warning and self.is_main:
+            logger.warning(warning)
         self.out_dir = Path(cfg.checkpoint.checkpoint_dir)
         self.config_yaml = config_to_yaml(cfg)  # resolved once: saved here and into every checkpoint
         error = None
@@ -135,16 +129,6 @@ class FinetuneRecipe:
         if self.is_main:
             print(f"Resolved config (saved to {self.out_dir / 'config.yaml'}):\n{self.config_yaml}", flush=True)
             print(self.plan.describe(), flush=True)
-
-    def _warn_if_too_big(self) -> None:
-        """Say before any weight is read when the memory plan predicts this layout will not
-        fit, with the largest microbatch or the nearest layout that would (``nemo_pp.planning.fit``)."""
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        limit, reserved = rank_memory_limit(self.dist.device, local)
-        seq_len = planning_seq_len(self.cfg) or DEFAULT_PLANNING_SEQ_LEN
-        warning = fit_warning(self.plan, self.cfg, seq_len, limit, reserved, local)
-        if warning:
-            logger.warning(warning)
 
     def _setup_data(self) -> None:
         """Tokenizer, training and validation loaders: each dp rank its own shard, the pp,

@@ -216,8 +216,13 @@ def test_fit_warning_names_the_largest_microbatch_that_fits(tiny_cfg):
     assert "no layout of 2 ranks fits" in fit_warning(run, cfg, 1024, need(1) // 100, 0, 2)
 
 
-def test_fit_warning_never_raises():
-    """The recipe runs it on the main rank alone: an exception there would leave the other ranks waiting."""
-    from nemo_pp.planning.fit import fit_warning
+def test_fit_warning_skips_what_the_memory_model_does_not_weigh(tiny_cfg):
+    """A vision-language model's towers need images: no estimate, and no error that would stop the run."""
+    from types import SimpleNamespace
 
-    assert fit_warning(object(), None, 1024, GIB, 0, 2) is None
+    from nemo_pp.planning.fit import fit_warning
+    from tests.tiny_models import tiny_vlm
+
+    vlm = tiny_vlm("llava")
+    assert not ModelMemory.supports(vlm) and ModelMemory.supports(_meta(tiny_cfg).meta_model)
+    assert fit_warning(SimpleNamespace(meta_model=vlm), None, 1024, 1, 0, 2) is None
