@@ -12,11 +12,57 @@ kwargs to each stage's forward), so no extra tensor crosses the stage boundaries
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+def greedy_packs(items: Iterable[T], length: Callable[[T], int], size: int) -> Iterator[list[T]]:
+    """Group ``items`` in order into packs of at most ``size`` tokens, lazily (the rule of
+    :class:`PackedSequenceDataset` and of a streamed data set's packs).
+
+    An item joins the current pack while it fits; otherwise the pack is yielded and the
+    item starts the next one. An item longer than ``size`` counts as ``size`` tokens
+    (:func:`pack_row` cuts it). So a pack is yielded only once the item after it has been
+    read: the item that then starts the next pack. The last pack is yielded when
+    ``items`` ends.
+
+    Args:
+        items: anything; ``length(item)`` its tokens.
+        size: tokens per pack (>= 1).
+
+    Yields:
+        lists of consecutive items, none empty.
+    """
+    current: list[T] = []
+    used = 0
+    for item in items:
+        n = min(length(item), size)
+        if current and used + n > size:
+            yield current
+            current, used = [], 0
+        current.append(item)
+        used += n
+    if current:
+        yield current
+
+
+def pack_row(samples: Sequence[dict], size: int) -> dict[str, list[int]]:
+    """One packed row of ``samples`` (``{"input_ids", "labels"}`` lists of ints), each cut
+    to ``size`` tokens: ``{"input_ids", "labels", "position_ids"}`` of their concatenation,
+    the positions restarting at 0 for every sample."""
+    ids, labels, positions = [], [], []
+    for item in samples:
+        n = min(len(item["input_ids"]), size)
+        ids += list(item["input_ids"][:n])
+        labels += list(item["labels"][:n])
+        positions += list(range(n))
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 def _lengths(dataset) -> list[int]:
@@ -52,18 +98,9 @@ class PackedSequenceDataset(torch.utils.data.Dataset):
             raise ValueError("packed_sequence.split_across_pack: true is not supported (the second part of a sample "
                              "could not attend to its first); set it to false")
         self.dataset, self.size = dataset, packed_sequence_size
-        self.packs: list[list[int]] = []
-        current, used, cut = [], 0, 0
-        for i, n in enumerate(_lengths(dataset)):
-            n = min(n, packed_sequence_size)
-            cut += n == packed_sequence_size
-            if current and used + n > packed_sequence_size:
-                self.packs.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += n
-        if current:
-            self.packs.append(current)
+        lengths = _lengths(dataset)
+        self.packs: list[list[int]] = list(greedy_packs(range(len(lengths)), lengths.__getitem__, packed_sequence_size))
+        cut = sum(n >= packed_sequence_size for n in lengths)
         if not self.packs:
             raise ValueError("packed_sequence: the data set is empty")
         if cut:
@@ -74,11 +111,4 @@ class PackedSequenceDataset(torch.utils.data.Dataset):
         return len(self.packs)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        ids, labels, positions = [], [], []
-        for i in self.packs[int(idx)]:
-            item = self.dataset[i]
-            n = min(len(item["input_ids"]), self.size)
-            ids += list(item["input_ids"][:n])
-            labels += list(item["labels"][:n])
-            positions += list(range(n))
-        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+        return pack_row([self.dataset[i] for i in self.packs[int(idx)]], self.size)

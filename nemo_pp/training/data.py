@@ -122,7 +122,8 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool, processor
     def attempt():
         try:
             dataset = instantiate(node, tokenizer=tokenizer, **({"processor": processor} if processor else {}))
-            if len(dataset) == 0:
+            # a stream's emptiness is checked where it is opened (StreamSource reads its first row)
+            if getattr(dataset, "stream", None) is None and len(dataset) == 0:
                 raise ValueError(
                     f"{key} is empty: check {key}.split, {key}.path_or_dataset and {key}.limit_dataset_samples"
                 )
@@ -148,8 +149,13 @@ def build_dataset_main_first(node, key: str, tokenizer, is_main: bool, processor
 
 def label_token_share(dataset, max_samples: int = 2000) -> float:
     """Label tokens (not ``-100``) over all tokens of up to ``max_samples`` items of
-    ``dataset`` spread evenly over it (items hold ``labels`` lists or tensors): what a loss
-    that computes label tokens only costs relative to one over every position."""
+    ``dataset`` spread evenly over it (items hold ``labels`` lists or tensors; a streamed
+    data set: its first ``max_samples``): what a loss that computes label tokens only costs
+    relative to one over every position."""
+    stream = getattr(dataset, "stream", None)
+    if stream is not None:
+        labels = [list(s["labels"]) for s in stream.first(max_samples)]
+        return sum(1 for row in labels for t in row if t != -100) / max(sum(len(row) for row in labels), 1)
     n = len(dataset)
     if n == 0:
         return 1.0
@@ -160,3 +166,87 @@ def label_token_share(dataset, max_samples: int = 2000) -> float:
         labelled += sum(1 for t in labels if t != -100)
         total += len(labels)
     return labelled / max(total, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# a streamed training set (dataset.streaming: true)
+
+
+def build_stream_loader(source, batch_size: int, dp_size: int, dp_rank: int, collate_fn,
+                        packed_sequence_size: int = 0) -> DataLoader:
+    """A ``DataLoader`` over this data-parallel rank's endless share of a streamed data set
+    (:class:`~nemo_pp.datasets.streaming.RankStream`; packed rows when
+    ``packed_sequence_size`` > 0). No workers: the stream's position after each batch is
+    what a checkpoint saves, and a worker would have read ahead of it.
+
+    Args:
+        source: the data set's :class:`~nemo_pp.datasets.streaming.StreamSource` (its ``stream``).
+        batch_size: items per batch (samples, or packed rows).
+    """
+    from nemo_pp.datasets.streaming import RankStream
+
+    return DataLoader(RankStream(source, dp_size, dp_rank, packed_sequence_size), batch_size=batch_size,
+                      collate_fn=collate_fn, num_workers=0, drop_last=True)
+
+
+def is_stream_loader(loader) -> bool:
+    """True for a loader of :func:`build_stream_loader`."""
+    from nemo_pp.datasets.streaming import RankStream
+
+    return isinstance(getattr(loader, "dataset", None), RankStream)
+
+
+def stream_step_groups(loader, grad_acc_steps: int, first_step: int, total_steps: int):
+    """Yield ``(batches, (step, epoch, samples_in_epoch))`` per optimizer step of a stream
+    loader, from step ``first_step + 1`` to ``total_steps``: ``grad_acc_steps`` batches and
+    the stream's position after them (``epoch``: the pass over the source; the rows of it the
+    data-parallel group consumed)."""
+    stream, batches = loader.dataset, iter(loader)
+    for step in range(first_step + 1, total_steps + 1):
+        group = [next(batches) for _ in range(grad_acc_steps)]
+        yield group, (step, stream.position.epoch, stream.global_samples())
+
+
+def stream_checkpoint_state(loader) -> dict:
+    """What a checkpoint's trainer state records of a stream loader (``{}`` for another
+    loader): every data-parallel rank's position, gathered over the default process group
+    (collective: every rank calls it at the same step).
+
+    Returns:
+        ``{STREAM_STATE_KEY: {"dp_size", "packed_sequence_size", "ranks": [{"epoch", "rows"}
+        per dp rank]}}`` (JSON-able).
+    """
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from nemo_pp.planning.checks import STREAM_STATE_KEY
+
+    if not is_stream_loader(loader):
+        return {}
+    stream = loader.dataset
+    mine = (stream.rank, dataclasses.asdict(stream.position))
+    everyone = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    by_rank = dict(everyone)  # the pp, cp and tp ranks of one dp rank hold the same position
+    return {STREAM_STATE_KEY: {"dp_size": stream.dp, "packed_sequence_size": stream.pack,
+                               "ranks": [by_rank[r] for r in range(stream.dp)]}}
+
+
+def restore_stream(loader, trainer_state: dict) -> None:
+    """Position a stream loader where ``trainer_state`` (a checkpoint's) left it; nothing for
+    another loader. Unpacked, the global ``samples_in_epoch`` gives every rank's row at any dp
+    size; packed, this dp rank's saved position (the plan refused another dp size or row
+    length: :func:`~nemo_pp.planning.checks.check_stream_resume`)."""
+    from nemo_pp.datasets.streaming import StreamPosition
+    from nemo_pp.planning.checks import STREAM_STATE_KEY
+
+    if not is_stream_loader(loader):
+        return
+    stream = loader.dataset
+    if stream.pack:
+        stream.restore(StreamPosition(**trainer_state[STREAM_STATE_KEY]["ranks"][stream.rank]))
+    else:
+        stream.restore(StreamPosition(int(trainer_state["epoch"]), int(trainer_state["samples_in_epoch"]) // stream.dp))

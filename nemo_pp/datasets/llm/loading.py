@@ -28,8 +28,8 @@ def _builder(files: Sequence[Path], key: str) -> str:
 
 
 def load_rows(path_or_dataset_id: str | Sequence[str], split: str = "train", key: str = "dataset.path_or_dataset_id",
-              name: str | None = None, text_sample_by: str = "line"):
-    """Load one split as a ``datasets.Dataset``.
+              name: str | None = None, text_sample_by: str = "line", streaming: bool = False):
+    """Load one split as a ``datasets.Dataset`` (a ``datasets.IterableDataset`` when streaming).
 
     Args:
         path_or_dataset_id: a file, a list of files, a folder, or a hub id.
@@ -45,11 +45,15 @@ def load_rows(path_or_dataset_id: str | Sequence[str], split: str = "train", key
         text_sample_by: what one row of a ``.txt`` file is: ``line``, ``paragraph``
             (lines up to a blank line) or ``document`` (the whole file); the ``datasets``
             text builder's ``sample_by``.
+        streaming: read the rows lazily (``load_dataset(..., streaming=True)``): nothing is
+            read or cached here; the split may not be sliced and its emptiness is not checked
+            (:class:`~nemo_pp.datasets.streaming.StreamSource` reads its first row).
 
     Raises:
         FileNotFoundError: a local-looking path that does not exist.
         ValueError: an unknown file format, a split the data lacks (the available ones
-            listed), or an empty split.
+            listed), or an empty split; streaming: a sliced split, or a source ``datasets``
+            cannot stream (naming ``dataset.streaming``).
     """
     import datasets
 
@@ -76,10 +80,11 @@ def load_rows(path_or_dataset_id: str | Sequence[str], split: str = "train", key
             raise ValueError(f"{key}: split {split!r} of {paths[0]} has no rows: its files are empty")
         extra = {"sample_by": text_sample_by} if builder == "text" else {}
         rows = load_split(lambda s: datasets.load_dataset(builder, data_files={base: [str(f) for f in files]}, split=s,
-                                                     **extra), split, key, paths[0])
-        return _check_rows(rows, split, key, paths[0])
-    rows = load_split(lambda s: datasets.load_dataset(paths[0], name, split=s), split, key, paths[0])
-    return _check_rows(rows, split, key, paths[0])
+                                                     streaming=streaming, **extra), split, key, paths[0], streaming)
+        return rows if streaming else _check_rows(rows, split, key, paths[0])
+    rows = load_split(lambda s: datasets.load_dataset(paths[0], name, split=s, streaming=streaming), split, key,
+                      paths[0], streaming)
+    return rows if streaming else _check_rows(rows, split, key, paths[0])
 
 
 # file-name prefixes of a folder's splits, as the hub names them
@@ -99,14 +104,26 @@ def _files_by_split(files: Sequence[Path]) -> dict[str, list[Path]] | None:
     return out or None
 
 
-def load_split(fn, split: str, key: str, source):
+def load_split(fn, split: str, key: str, source, streaming: bool = False):
     """``fn(split)`` (a ``datasets.load_dataset`` call) with its failures as ``ValueError``
     naming ``key``: a file its builder cannot parse, a split or slice of no rows (also the
-    JSON builder's bare ``StopIteration`` on empty files), a split the data lacks."""
+    JSON builder's bare ``StopIteration`` on empty files), a split the data lacks; with
+    ``streaming``, a sliced split or a source ``datasets`` cannot stream (naming the
+    section's ``streaming`` key)."""
     from datasets.exceptions import DatasetGenerationError
 
+    from nemo_pp.datasets.streaming import refuse_sliced_split
+
+    section = key.split(".", 1)[0]
+    if streaming:
+        refuse_sliced_split(split, section)
     try:
         return fn(split)
+    except NotImplementedError as exc:  # a builder without a streaming reader
+        if not streaming:
+            raise
+        raise ValueError(f"{section}.streaming: true, but `datasets` cannot stream {source} ({exc}); set "
+                         f"{section}.streaming: false") from None
     except StopIteration:  # the JSON builder on files of no rows: next() over no tables
         raise ValueError(f"{key}: split {split!r} of {source} has no rows; check the file or the split slice") from None
     except DatasetGenerationError as exc:  # a file its builder cannot parse
