@@ -3,6 +3,7 @@
 
     nemo-pp finetune --config smollm2_135m_squad_pp2 --nproc-per-node 2 [--a.b value ...]
     nemo-pp finetune --config my.yaml --nproc-per-node 8 --nnodes 2 --node-rank 0 --rdzv-endpoint host:29500
+    nemo-pp finetune --config my.yaml --slurm --nodes 2 --gpus-per-node 8 --time 04:00:00 [--dry-run]
     nemo-pp list                         # the shipped configs
     nemo-pp cp smollm2_135m_squad_pp2 my.yaml
     nemo-pp check-model --config my.yaml # is this model family exact under the pipeline?
@@ -14,6 +15,14 @@ or without ``.yaml``). ``finetune`` execs ``python -m torch.distributed.run`` (t
 with ``-m nemo_pp.recipes.finetune``: every argument it does not know goes to the recipe
 as an override. The launcher options are torchrun's own (``--nproc-per-node``,
 ``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``, ``--rdzv-backend``, ``--master-port``).
+
+``finetune --slurm`` submits the run as a Slurm batch job instead (:mod:`nemo_pp.launch.slurm`):
+it checks the layout against ``--nodes`` x ``--gpus-per-node`` ranks and that checkpoints
+are on, writes ``<checkpoint_dir>/slurm/finetune.sbatch`` (one torchrun per node through
+``srun``) and runs ``sbatch`` on it; the log is ``<checkpoint_dir>/slurm/<job id>.log``.
+Slurm's SIGTERM (``--signal-seconds`` before ``--time``, or ``scancel --signal=TERM <job>``)
+makes the run save a checkpoint; the script then requeues the job and it resumes there.
+``--dry-run`` prints the script and submits nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +73,23 @@ def _parser() -> argparse.ArgumentParser:
             ft.add_argument(f"--{opt}", action="store_true", help="torchrun's --standalone")
         else:
             ft.add_argument(f"--{opt}", help=f"torchrun's --{opt}")
+    slurm = ft.add_argument_group("Slurm (--slurm: submit a batch job instead of running torchrun here)")
+    slurm.add_argument("--slurm", action="store_true",
+                       help="write <checkpoint_dir>/slurm/finetune.sbatch and submit it with sbatch; a preempted "
+                            "job (SIGTERM) saves a checkpoint, requeues itself and resumes")
+    slurm.add_argument("--nodes", type=int, help="nodes of the job (with --slurm)")
+    slurm.add_argument("--gpus-per-node", type=int,
+                       help="ranks per node: GPUs requested per node on CUDA, cores (--cpus-per-task) on CPU")
+    slurm.add_argument("--time", help="time limit, HH:MM:SS or D-HH:MM:SS (default: the partition's)")
+    slurm.add_argument("--partition", help="sbatch --partition (default: the cluster's)")
+    slurm.add_argument("--account", help="sbatch --account (default: yours)")
+    slurm.add_argument("--signal-seconds", type=int, default=120,
+                       help="SIGTERM this many seconds before the time limit, to save a checkpoint (default 120)")
+    slurm.add_argument("--cpus-per-task", type=int,
+                       help="cores of each node's task (torchrun and its ranks; default: the site's on CUDA, "
+                            "--gpus-per-node on CPU)")
+    slurm.add_argument("--job-name", help="sbatch --job-name (default: nemo-pp-<checkpoint_dir's name>)")
+    slurm.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
     sub.add_parser("list", help="the shipped configs")
     check = sub.add_parser("check-model", help="the pipeline parity probe of the config's model family")
     check.add_argument("--config", "-c", required=True, help="a YAML path or a shipped config name")
@@ -97,6 +123,45 @@ def finetune_command(args: argparse.Namespace, overrides: Sequence[str]) -> list
         elif value not in (None, False):
             cmd.append(f"--{opt}={value}")
     return cmd + ["-m", "nemo_pp.recipes.finetune", "--config", str(resolve_config(args.config)), *overrides]
+
+
+def slurm_command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """``nemo-pp finetune --slurm``: check, write and submit the batch script
+    (:mod:`nemo_pp.launch.slurm`); print the job id and its log, or with ``--dry-run`` the
+    script only. 0 when submitted (or printed).
+
+    Raises:
+        ValueError: a torchrun option given with --slurm, --nodes or --gpus-per-node
+            missing, and what :func:`nemo_pp.launch.slurm.prepare_job` refuses.
+        FileNotFoundError: sbatch is not on the PATH (checked first, unless --dry-run), the
+            config or its local model folder is missing.
+        FileExistsError: a job from the same checkpoint_dir is queued or running.
+        nemo_pp.launch.slurm.SubmitError: sbatch refused the script.
+    """
+    from nemo_pp.launch import slurm
+
+    given = [f"--{opt}" for opt in LAUNCHER_OPTIONS if getattr(args, opt.replace("-", "_")) not in (None, False)]
+    if given:
+        raise ValueError(f"--slurm: {', '.join(given)} are torchrun's options, which the batch script sets; "
+                         "use --nodes and --gpus-per-node")
+    missing = [name for name in ("nodes", "gpus-per-node") if getattr(args, name.replace("-", "_")) is None]
+    if missing:
+        raise ValueError(f"--slurm needs {' and '.join('--' + m for m in missing)} (e.g. --nodes 2 --gpus-per-node 8)")
+    options = slurm.SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
+                                 partition=args.partition, account=args.account, signal_seconds=args.signal_seconds,
+                                 cpus_per_task=args.cpus_per_task, job_name=args.job_name)
+    options.check()
+    sbatch = None if args.dry_run else slurm.find_sbatch()  # before the plan: the cheap check first
+    job = slurm.prepare_job(resolve_config(args.config), overrides, options)
+    for note in job.notes:
+        print(f"nemo-pp: {note}", file=sys.stderr)
+    if args.dry_run:
+        print(job.script, end="")
+        return 0
+    job_id = slurm.submit(job, sbatch)
+    print(f"submitted Slurm job {job_id}: {job.world_size} ranks ({args.nodes} x {args.gpus_per_node}, {job.device}); "
+          f"script {job.script_path}; log {str(job.log_pattern).replace('%j', job_id)}", flush=True)
+    return 0
 
 
 def check_model(config: str, overrides: Sequence[str]) -> int:
@@ -202,9 +267,11 @@ def plan_command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``nemo-pp`` console script: ``finetune``, ``list``, ``cp``, ``check-model`` or ``verify``.
+    """Entry point of the ``nemo-pp`` console script: ``finetune``, ``list``, ``cp``, ``check-model``,
+    ``verify`` or ``plan``.
 
     ``finetune`` replaces this process with torchrun (``os.execv``) and does not return;
+    ``finetune --slurm`` submits a batch job (:func:`slurm_command`) and returns;
     ``plan`` searches the layouts (:func:`plan_command`).
 
     Args:
@@ -214,14 +281,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0, or 2 (message on stderr) for a config that is not found, a
         ``cp`` destination that exists, a model family whose parity probe fails, a
         folder whose files do not match their checksums, a plan where no layout fits or a
-        config or device the plan refuses.
+        config or device the plan refuses; for ``--slurm``: sbatch not on the PATH, a layout
+        that does not fit the allocation, checkpoints off, a job of the same checkpoint_dir
+        already queued, or sbatch's refusal.
 
     Raises:
         SystemExit: argparse's usage errors, and extra arguments given to ``list`` or ``cp``.
     """
     args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.command == "finetune" and args.slurm:
+            return slurm_command(args, rest)
         if args.command == "finetune":
+            slurm_only = [f"--{name}" for name in ("nodes", "gpus-per-node", "time", "partition", "account",
+                                                   "cpus-per-task", "job-name", "dry-run")
+                          if getattr(args, name.replace("-", "_")) not in (None, False)]
+            if slurm_only:
+                raise ValueError(f"{', '.join(slurm_only)}: Slurm options; add --slurm to submit a batch job")
             cmd = finetune_command(args, rest)
             print("+ " + " ".join(cmd), flush=True)
             os.execv(cmd[0], cmd)  # torchrun takes over this process (signals, exit code)
@@ -247,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.copyfile(src, dest)
             print(f"copied {src.name} to {dest}")
             return 0
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # ConfigError is a ValueError
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:  # ConfigError: a ValueError; SubmitError
         print(f"nemo-pp: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
+# Debian's Slurm for tests/e2e/test_slurm.py (root with apt-get; otherwise it only says so)
+bash scripts/install_slurm.sh
 # the layers (pyproject.toml [tool.importlinter]): no upward import, no cycle between layers
 .venv/bin/lint-imports
 .venv/bin/ruff check nemo_pp tests scripts examples recipes

@@ -51,11 +51,17 @@ def test_wheel_in_a_fresh_venv_runs_a_shipped_config_by_name(real_assets, tmp_pa
                  "--step_scheduler.max_steps", "2", "--step_scheduler.global_batch_size", "2",
                  "--dataloader.batch_size", "2", "--dataset.seq_length", "64", "--dataset.limit_dataset_samples", "16",
                  "--validation_dataset.limit_dataset_samples", "2", "--checkpoint.enabled", "false",
-                 "--checkpoint.save_consolidated", "false"], work, env={"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+                 "--checkpoint.save_consolidated", "false", "--evaluation", "null"], work, env={"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
     assert "-m nemo_pp.recipes.finetune --config " + str(site) in proc.stdout  # the packaged recipe and config
     records = [json.loads(line) for line in (work / "outputs" / "smollm2_135m_squad_pp2" / "metrics.jsonl")
                .read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
+
+    # the Slurm batch script's template is package data: a dry run renders it from the wheel
+    dry = _run([nemo_pp, "finetune", "--config", "smollm2_135m_squad_pp2", "--slurm", "--nodes", "1",
+                "--gpus-per-node", "2", "--dry-run", "--dist_env.device", "cpu", "--checkpoint.enabled", "true"],
+               work).stdout
+    assert "#SBATCH --requeue" in dry and f"--config {site}/nemo_pp/configs/smollm2_135m_squad_pp2.yaml" in dry
 
     # the layout search from the wheel: the shipped config, and the shipped 70B config (its model a
     # config folder inside the package) over 8 nodes of 8 H100s, written as a YAML the recipe plans

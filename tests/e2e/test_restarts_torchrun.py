@@ -2,40 +2,20 @@
 (the real SmolLM2 proves nothing more here): a killed worker stops the job and the same
 command resumes; ``--max-restarts`` brings the group back by itself; SIGTERM to torchrun
 leaves a checkpoint the same command resumes from. Each ends with the final loss of an
-uninterrupted run."""
+uninterrupted run (``straight_loss``: tests/e2e/conftest.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _command(model: Path, squad: Path, out: Path, *launcher: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *launcher, "recipes/finetune.py",
-            "--config", "configs/smollm2_135m_squad_pp2.yaml", f"--model.pretrained_model_name_or_path={model}",
-            f"--dataset.path_or_dataset={squad}", f"--validation_dataset.path_or_dataset={squad}",
-            "--dataset.seq_length=32", "--validation_dataset.seq_length=32", "--validation_dataset.limit_dataset_samples=4",
-            "--dataset.limit_dataset_samples=200", "--dataloader.pad_seq_len_divisible=8", "--optimizer.lr=1e-3",
-            f"--checkpoint.checkpoint_dir={out}", "--checkpoint.enabled=true", "--step_scheduler.ckpt_every_steps=4",
-            "--step_scheduler.max_steps=24", "--step_scheduler.global_batch_size=2", "--dataloader.batch_size=2",
-            "--checkpoint.save_consolidated=null"]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import ROOT
+from tests.helpers import metric_records as _records
+from tests.helpers import quiet_env as _env
+from tests.helpers import restart_command as _command
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
@@ -43,15 +23,6 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
     while not path.exists():
         assert proc.poll() is None and time.time() < deadline, f"the run ended before {path} appeared"
         time.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def straight_loss(tiny_assets, tmp_path_factory) -> float:
-    model, squad = tiny_assets
-    out = tmp_path_factory.mktemp("straight")
-    proc = subprocess.run(_command(model, squad, out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return _records(out)[-1]["final_train_loss"]
 
 
 def test_a_killed_worker_stops_the_job_and_the_same_command_resumes(tiny_assets, tmp_path, straight_loss):
