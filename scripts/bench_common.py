@@ -31,7 +31,7 @@ def timed_recipe_run(nproc: int, steps: int, *overrides: str, config: str = CONF
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "recipes/finetune.py",
                "--config", config, "--step_scheduler.max_steps", str(steps), "--validation_dataset", "null",
-               "--checkpoint.save_consolidated", "false", "--checkpoint.enabled", "false",
+               "--evaluation", "null", "--checkpoint.save_consolidated", "false", "--checkpoint.enabled", "false",
                f"--checkpoint.checkpoint_dir={out}", *overrides]
         env = {**os.environ, "TQDM_DISABLE": "1"}
         if threads is not None:

@@ -314,6 +314,7 @@ def recipe_overrides(model: Path, squad: Path, out: Path, *extra: str) -> list[s
         "--optimizer.lr=1e-3", "--lr_scheduler.lr_warmup_steps=1",
         f"--checkpoint.checkpoint_dir={out}", "--checkpoint.enabled=true",
         "--checkpoint.save_consolidated=final", "--step_scheduler.ckpt_every_steps=3",
+        "--evaluation=null",  # scored by generation in test_evaluation only
         *extra,
     ]
 
@@ -474,3 +475,42 @@ def vlm_reference(model, batches: list[tuple[dict, dict]], backward: bool = True
         total += float(loss.detach())
     grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
     return total / tokens, grads, tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# the restart tests' run (tests/e2e/test_restarts_torchrun.py, test_slurm.py): the tiny model
+# on SQuAD, 24 steps of 2 samples, a checkpoint every 4; the loss of an uninterrupted run is
+# the reference of every interrupted one (tests/e2e/conftest.py: straight_loss)
+
+RESTART_CONFIG = "configs/smollm2_135m_squad_pp2.yaml"
+
+
+def restart_overrides(model: Path, squad: Path, out: Path) -> list[str]:
+    """The recipe's overrides of the restart run, checkpoints in ``out``."""
+    return [f"--model.pretrained_model_name_or_path={model}",
+            f"--dataset.path_or_dataset={squad}", f"--validation_dataset.path_or_dataset={squad}",
+            "--dataset.seq_length=32", "--validation_dataset.seq_length=32", "--validation_dataset.limit_dataset_samples=4",
+            "--dataset.limit_dataset_samples=200", "--dataloader.pad_seq_len_divisible=8", "--optimizer.lr=1e-3",
+            f"--checkpoint.checkpoint_dir={out}", "--checkpoint.enabled=true", "--step_scheduler.ckpt_every_steps=4",
+            "--step_scheduler.max_steps=24", "--step_scheduler.global_batch_size=2", "--dataloader.batch_size=2",
+            "--checkpoint.save_consolidated=null", "--evaluation=null"]
+
+
+def restart_command(model: Path, squad: Path, out: Path, *launcher: str) -> list[str]:
+    """The restart run as a torchrun command line of 2 ranks (run from the repository root)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *launcher, "recipes/finetune.py",
+            "--config", RESTART_CONFIG, *restart_overrides(model, squad, out)]
+
+
+def quiet_env() -> dict:
+    """This environment with one thread per rank (2 CPU cores) and no progress bars."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def metric_records(out: Path) -> list[dict]:
+    """The records of ``out/metrics.jsonl``."""
+    import json
+
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

@@ -156,6 +156,7 @@ def checkpoint_to_resume(cfg, model, dp: int) -> Path | None:
             f"{exc}. The previous complete checkpoint is {older[-1]}: resume from it with "
             f"checkpoint.restore_from={older[-1]}"
         ) from None
+    check_stream_resume(cfg, state, path, dp)
     samples = int(state.get("samples_in_epoch", 0))
     if samples % dp:
         raise CorruptCheckpointError(
@@ -163,6 +164,104 @@ def checkpoint_to_resume(cfg, model, dp: int) -> Path | None:
             "split evenly; resume with a data-parallel size that divides it"
         )
     return path
+
+
+# the trainer-state key of a streamed data set's per-rank positions (nemo_pp.datasets.streaming)
+STREAM_STATE_KEY = "data_stream"
+
+
+def is_streaming(node) -> bool:
+    """Whether data set config ``node`` streams: ``streaming: true``, or a ``_target_`` that
+    always streams (``ColumnMappedTextInstructionIterableDataset``)."""
+    from nemo_pp.config.targets import node_target_object
+
+    if node is None:
+        return False
+    return bool(node.get("streaming")) or bool(getattr(node_target_object(node), "always_streams", False))
+
+
+def check_streaming(cfg) -> bool:
+    """Refuse what a streamed training set cannot do exactly, before any row or weight is
+    read; returns whether ``dataset`` streams.
+
+    Raises:
+        ValueError: naming the key and the fix: a data set class that cannot stream
+            (``dataset.streaming``), a streamed ``validation_dataset``, no
+            ``step_scheduler.max_steps`` (a stream has no length), ``dataloader.shuffle: true``
+            (``datasets``' shuffle buffer is not restored on resume), ``dataloader.num_workers``
+            > 0 (workers would read ahead of the saved position), a sliced ``dataset.split``.
+    """
+    from nemo_pp.config.targets import node_target_object
+
+    val = cfg.get("validation_dataset")
+    if is_streaming(val):
+        raise ValueError("validation_dataset.streaming: true is not supported: validation reads its whole set at "
+                         "every validation (its batches and mean need a length); set validation_dataset.streaming: "
+                         "false and keep it small with validation_dataset.limit_dataset_samples")
+    node = cfg.get("dataset")
+    if not is_streaming(node):
+        return False
+    target = node_target_object(node)
+    if not getattr(target, "can_stream", False):
+        name = node.get("_target_")
+        raise ValueError(
+            f"dataset.streaming: true, but {name} cannot stream (it needs its whole split: vision-language rows, "
+            "chats checked row by row, text cut into blocks); streaming data sets are nemo_pp.datasets.llm.squad.SQuAD "
+            "and nemo_pp.datasets.llm.column_mapped_text_instruction_dataset.ColumnMappedTextInstructionDataset; set "
+            "dataset.streaming: false")
+    if cfg.step_scheduler.get("max_steps") is None:
+        raise ValueError("dataset.streaming: true: a stream has no length, so the run needs step_scheduler.max_steps "
+                         "(optimizer steps; the stream starts again at its end)")
+    if cfg.dataloader.shuffle:
+        raise ValueError(
+            "dataloader.shuffle: true cannot resume a streamed data set exactly (datasets' shuffle buffer is lost "
+            "on resume); set dataloader.shuffle: false and shuffle the rows once before training (e.g. "
+            "datasets.load_dataset(...).shuffle(seed=0).to_json(...)), or set dataset.streaming: false")
+    if cfg.dataloader.num_workers:
+        raise ValueError(f"dataloader.num_workers={cfg.dataloader.num_workers}: a streamed data set is read in the "
+                         "training process (workers would read ahead of the position a checkpoint saves); set "
+                         "dataloader.num_workers: 0")
+    if "[" in str(node.get("split", "")):
+        raise ValueError(f"dataset.split={node.get('split')!r}: a streamed split cannot be sliced; give the split "
+                         "name alone and dataset.limit_dataset_samples for the first N rows, or set "
+                         "dataset.streaming: false")
+    return True
+
+
+def check_stream_resume(cfg, state: dict, path, dp: int) -> None:
+    """Refuse a checkpoint whose data position this run's data cannot continue exactly.
+
+    A streamed run records ``{"dp_size", "packed_sequence_size", "ranks": [position per dp
+    rank]}`` under :data:`STREAM_STATE_KEY`. Unpacked, the global sample count positions
+    the stream at any dp size. Packed, each rank packed its own share of the rows, so its
+    position holds only at the dp size and row length that made it.
+
+    Raises:
+        CorruptCheckpointError: the checkpoint streamed and this run does not, or the
+            reverse; a different ``packed_sequence.packed_sequence_size``; a packed stream
+            resumed at another ``distributed.dp_size``.
+    """
+    saved = state.get(STREAM_STATE_KEY)
+    streaming = is_streaming(cfg.get("dataset"))
+    if saved is None and not streaming:
+        return
+    if (saved is not None) != streaming:
+        was, now = ("a map-style", "streams") if saved is None else ("a streamed", "does not stream")
+        raise CorruptCheckpointError(
+            f"{path} holds the position of {was} data set and this run {now} (dataset.streaming): the two read rows "
+            "in different orders; resume with the checkpoint's dataset.streaming, or start a new run in another "
+            "checkpoint.checkpoint_dir")
+    pack = cfg.packed_sequence.packed_sequence_size
+    if int(saved.get("packed_sequence_size", 0)) != pack:
+        raise CorruptCheckpointError(
+            f"{path} streamed with packed_sequence.packed_sequence_size={saved.get('packed_sequence_size', 0)} and "
+            f"this run sets {pack}: its data position counts rows of those packs; resume with "
+            f"packed_sequence.packed_sequence_size={saved.get('packed_sequence_size', 0)}")
+    if pack and int(saved["dp_size"]) != dp:
+        raise CorruptCheckpointError(
+            f"{path} packed its stream at distributed.dp_size={saved['dp_size']} and this run has {dp} data-parallel "
+            "ranks: each rank packed its own share of the rows, and those positions do not map onto another dp size "
+            f"(without packing they would); resume with distributed.dp_size={saved['dp_size']}")
 
 
 def check_compile(cfg) -> dict | None:
@@ -321,6 +420,24 @@ def check_logger_packages(cfg) -> None:
         if cfg.get(section) is not None and importlib.util.find_spec(package) is None:
             raise ValueError(f"{section}: the {package} package is not installed; pip install {package} "
                              f"(or nemo_pp[loggers]), or remove the {section} section")
+
+
+def check_evaluation(cfg) -> None:
+    """Refuse an ``evaluation`` section the run cannot honour (before any data is read).
+
+    Raises:
+        ValueError: no ``validation_dataset`` (its prompts and answers are what is scored),
+            or no export to generate with after training (``checkpoint.save_consolidated``).
+    """
+    if cfg.get("evaluation") is None:
+        return
+    if cfg.get("validation_dataset") is None:
+        raise ValueError("evaluation scores generations on the validation_dataset's prompts, and there is none: "
+                         "add a validation_dataset section (e.g. SQuAD's validation split) or remove evaluation")
+    if cfg.checkpoint.save_consolidated not in ("final", "every"):
+        raise ValueError(f"evaluation generates with the exported Hugging Face folder after training, and "
+                         f"checkpoint.save_consolidated={cfg.checkpoint.save_consolidated} exports none: set it to "
+                         "final, or remove evaluation")
 
 
 def check_activation_checkpointing(model) -> None:

@@ -109,12 +109,15 @@ class RunPlan:
     compile_kwargs: dict | None = None
     head_computes_loss: bool = False
 
-    def total_steps(self, batches_per_epoch: int) -> int:
-        """Optimizer steps of the run: ``max_steps`` or what the epochs hold.
+    def total_steps(self, batches_per_epoch: int | None) -> int:
+        """Optimizer steps of the run: ``max_steps`` or what the epochs hold (None: a
+        stream of no known length, ``max_steps``, which the plan requires for one).
 
         Raises:
             ValueError: training is asked for but the data set holds less than one step.
         """
+        if batches_per_epoch is None:
+            return self.max_steps
         per_epoch = batches_per_epoch // self.grad_acc_steps
         if per_epoch < 1 and self.max_steps != 0:
             raise ValueError(
@@ -358,9 +361,11 @@ def plan_run(cfg, world_size: int, check_checkpoint: bool = True, piece_costs: P
     sizes = resolve_parallel_sizes(world_size, d.pp_size, d.dp_size, d.dp_replicate_size, d.tp_size, d.cp_size,
                                    sequence_parallel=d.sequence_parallel, ep_size=d.ep_size)
     checks.check_packing(cfg, sizes)
+    checks.check_streaming(cfg)
     cp_attention, pad_divisible = checks.check_context_parallel(cfg, sizes)
     _check_sequence_parallel(cfg, sizes)
     checks.check_logger_packages(cfg)
+    checks.check_evaluation(cfg)
     compile_kwargs = checks.check_compile(cfg)
     model_path = cfg.model.get("pretrained_model_name_or_path")
     _check_paths(cfg, model_path)

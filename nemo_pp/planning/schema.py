@@ -28,6 +28,7 @@ __all__ = [
     "DataloaderConfig",
     "DistEnvConfig",
     "DistributedConfig",
+    "EvaluationConfig",
     "FinetuneConfig",
     "LRSchedulerConfig",
     "LoggingConfig",
@@ -336,6 +337,28 @@ class PackedSequenceConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """``evaluation``: a task metric by generation, before and after training
+    (:mod:`nemo_pp.training.evaluation`): greedy answers to the ``validation_dataset``
+    prompts by the pretrained model and by the exported one, scored with SQuAD's exact
+    match and F1 (``torchmetrics``).
+
+    Attributes:
+        metric: ``squad``: exact match and token F1 with the official SQuAD v1.1 normalisation.
+        max_new_tokens: tokens generated per answer at most (generation stops at eos).
+        num_samples: the first N validation prompts; null: all of them.
+        batch_size: prompts generated together on each rank (left-padded).
+        before_training: also score the pretrained model (``model.pretrained_model_name_or_path``).
+    """
+
+    metric: str = setting("squad", choices=("squad",))
+    max_new_tokens: int = setting(32, ge=1)
+    num_samples: Optional[int] = setting(None, ge=1, hint="null: every validation prompt")
+    batch_size: int = setting(8, ge=1)
+    before_training: bool = True
+
+
+@dataclass
 class TensorBoardConfig:
     """``tensorboard``: TensorBoard event files (nemo_pp.training.loggers).
 
@@ -375,7 +398,8 @@ class FinetuneConfig:
         loss_fn: ``loss_fn(logits [mb, S, V], labels [mb, S] int64) -> summed loss``.
         dataset / validation_dataset: data set ``_target_`` and kwargs (yield input_ids and aligned labels).
         dataloader / step_scheduler / lr_scheduler / clip_grad_norm: see their classes.
-        logging / compile / checkpoint / packed_sequence / tensorboard / wandb: see their classes.
+        logging / compile / checkpoint / packed_sequence / tensorboard / wandb / evaluation: see their
+            classes (tensorboard, wandb and evaluation are on when present).
         optimizer: a torch optimizer ``_target_`` and kwargs, one per model part.
         peft: LoRA (``nemo_pp._peft.lora.PeftConfig``); null: full fine-tuning.
     """
@@ -403,6 +427,7 @@ class FinetuneConfig:
     packed_sequence: PackedSequenceConfig = setting(factory=PackedSequenceConfig)
     tensorboard: Optional[TensorBoardConfig] = None
     wandb: Optional[WandbConfig] = None
+    evaluation: Optional[EvaluationConfig] = None
 
 
 def validate_config(cfg: DictConfig, schema: type = FinetuneConfig) -> DictConfig:

@@ -47,13 +47,24 @@ from nemo_pp.planning.cost import layers_per_stage
 from nemo_pp.planning.fit import preflight_fit_warning
 from nemo_pp.planning.run_plan import RunPlan, plan_run, profile_pipeline_costs, replan, replan_for_fused_loss
 from nemo_pp.planning.schema import load_recipe_config
-from nemo_pp.training.data import build_dataloader, build_dataset_main_first, data_tools, label_token_share
+from nemo_pp.training.data import (
+    build_dataloader,
+    build_dataset_main_first,
+    build_stream_loader,
+    data_tools,
+    is_stream_loader,
+    label_token_share,
+    restore_stream,
+    stream_checkpoint_state,
+    stream_step_groups,
+)
 from nemo_pp.training.engine import TrainEngine
+from nemo_pp.training.evaluation import GenerationEvaluator
 from nemo_pp.training.flops import FlopsMeter
 from nemo_pp.training.loggers import build_metric_loggers
 from nemo_pp.training.lr_scheduler import build_lr_scheduler
 from nemo_pp.training.metrics import ExpertLoadLog, format_step, peak_memory_bytes
-from nemo_pp.training.preemption import PreemptionWatcher
+from nemo_pp.training.preemption import PreemptionWatcher, clear_preempted_marker, write_preempted_marker
 from nemo_pp.training.skips import SkipCounter
 
 logger = logging.getLogger("nemo_pp.finetune")
@@ -147,17 +158,23 @@ class FinetuneRecipe:
         self.label_share = label_token_share(train_ds) if self.plan.head_computes_loss else None
         train_collate = collate
         pack = cfg.packed_sequence.packed_sequence_size
+        stream = getattr(train_ds, "stream", None)  # dataset.streaming: rows read, tokenized and packed as consumed
         if pack:  # rows of several samples, padded to one length (validation stays unpacked)
+            train_collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=pack)
+        if pack and stream is None:
             samples = len(train_ds)
             train_ds = PackedSequenceDataset(train_ds, pack, cfg.packed_sequence.split_across_pack)
-            train_collate = SFTCollator(pad_token_id=pad_id, pad_seq_len_divisible=pack)
             if self.is_main:
                 print(f"packed_sequence: {samples} samples in {len(train_ds)} rows of {pack} tokens", flush=True)
-        self.train_loader = build_dataloader(
-            train_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
-            shuffle=cfg.dataloader.shuffle, seed=cfg.seed, collate_fn=train_collate,
-            num_workers=cfg.dataloader.num_workers,
-        )
+        if stream is not None:
+            self.train_loader = build_stream_loader(stream, self.plan.local_batch_size, self.mesh.sizes.dp,
+                                                    self.mesh.dp_rank, train_collate, pack)
+        else:
+            self.train_loader = build_dataloader(
+                train_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
+                shuffle=cfg.dataloader.shuffle, seed=cfg.seed, collate_fn=train_collate,
+                num_workers=cfg.dataloader.num_workers,
+            )
         self.val_loader = None
         if cfg.get("validation_dataset") is not None:
             val_ds = build_dataset_main_first(cfg.validation_dataset, "validation_dataset", self.tokenizer, self.is_main,
@@ -166,6 +183,10 @@ class FinetuneRecipe:
                 val_ds, self.plan.local_batch_size, self.mesh.sizes.dp, self.mesh.dp_rank,
                 shuffle=False, seed=cfg.seed, collate_fn=collate, num_workers=0,
             )
+        self.evaluator = None  # the evaluation section's scorer (checked against the data before any weight is read)
+        if cfg.get("evaluation") is not None:
+            self.evaluator = GenerationEvaluator(cfg.evaluation, val_ds, self.tokenizer, self.dist.device,
+                                                 self.dist.rank, self.dist.world_size)
 
     def _balance_for_fused_loss(self) -> None:
         """Under a loss computing label tokens only (``FusedLinearCrossEntropy``) the head costs
@@ -227,7 +248,7 @@ class FinetuneRecipe:
             instantiate(cfg.optimizer, params=[{"params": [p for p in part.parameters() if p.requires_grad]}])
             for part in self.parts
         ]
-        self.total_steps = self.plan.total_steps(len(self.train_loader))
+        self.total_steps = self.plan.total_steps(None if is_stream_loader(self.train_loader) else len(self.train_loader))
         self.lr_schedulers = [
             build_lr_scheduler(opt, self.total_steps, **dict(cfg.lr_scheduler)) for opt in self.optimizers
         ]
@@ -250,6 +271,7 @@ class FinetuneRecipe:
         start = time.perf_counter()
         state = self.checkpointer.load(self.plan.resume_from)
         self.start = TrainingPosition(int(state["step"]), int(state["epoch"]), int(state.get("samples_in_epoch", 0)))
+        restore_stream(self.train_loader, state)  # a streamed data set's position (a sampler's: _step_batches sets it)
         if self.is_main:
             left = "" if self.start.step < self.total_steps else "; nothing left to train (a new run needs another checkpoint.checkpoint_dir)"
             print(f"resumed from {self.plan.resume_from} (written at layout {state.get('layout')}): step "
@@ -299,12 +321,31 @@ class FinetuneRecipe:
             tqdm.write(f"validation ({tag}, step {step}): loss {loss:.4f} [{seconds:.1f} s]")
         return loss
 
+    def _evaluate(self, step: int, tag: str, folder, adapter=None) -> dict | None:
+        """The ``evaluation`` scores of the model in ``folder``: logged like the validation
+        loss, returned (None without an evaluation section). Collective."""
+        if self.evaluator is None:
+            return None
+        result = self.evaluator.score(folder, adapter, dtype=next(self.parts[0].parameters()).dtype)  # as it trains
+        examples = result.pop("examples")
+        self.metrics.log({"event": "evaluation", "tag": tag, "step": step, "model": str(folder), **result})
+        if self.is_main:
+            tqdm.write(f"evaluation ({tag}, step {step}): exact match {result['exact_match']:.1f} %, F1 "
+                       f"{result['f1']:.1f} % on {result['samples']} prompts [{result['seconds']:.1f} s]")
+            for prediction, references in examples:
+                tqdm.write(f"  generated {prediction!r}; reference {references[0]!r}")
+        return result
+
     def _step_batches(self):
         """Yield ``(batches, position)`` per optimizer step from where the run starts:
         ``grad_acc_steps`` batches, and the :class:`TrainingPosition` after them."""
         acc = self.plan.grad_acc_steps
         first = self.start
         step = first.step
+        if is_stream_loader(self.train_loader):  # endless: its passes and position are the stream's own
+            for group, position in stream_step_groups(self.train_loader, acc, step, self.total_steps):
+                yield group, TrainingPosition(*position)
+            return
         for epoch in range(first.epoch, self.plan.num_epochs):
             if step >= self.total_steps:
                 return
@@ -324,7 +365,8 @@ class FinetuneRecipe:
     def _save_checkpoint(self, position: TrainingPosition) -> None:
         step = position.step
         start = time.perf_counter()
-        path = self.checkpointer.save(position.epoch, step, dataclasses.asdict(position), self.config_yaml)
+        trainer_state = {**dataclasses.asdict(position), **stream_checkpoint_state(self.train_loader)}  # collective
+        path = self.checkpointer.save(position.epoch, step, trainer_state, self.config_yaml)
         seconds = time.perf_counter() - start
         self.metrics.log({"event": "checkpoint", "step": step, "path": str(path), "blocking_s": seconds,
                           "async": self.cfg.checkpoint.is_async})
@@ -404,7 +446,8 @@ class FinetuneRecipe:
     def run(self) -> dict:
         """Train from the plan's start to ``total_steps``: validation before and after,
         metrics per step, checkpoints every ``ckpt_every_steps``, at the end and on SIGTERM
-        (then exit without exporting), the Hugging Face export at the end.
+        (then exit without exporting, leaving ``checkpoint_dir/preempted.json``, which a finished
+        run removes: :mod:`nemo_pp.training.preemption`), the Hugging Face export at the end.
 
         Returns:
             the summary record (also written to the metric sinks).
@@ -416,6 +459,9 @@ class FinetuneRecipe:
         step = self.start.step
         position = self.start
         val_before = self._validate(step, "before training")
+        eval_before = None
+        if self.evaluator is not None and cfg.evaluation.before_training:
+            eval_before = self._evaluate(0, "pretrained", self.plan.model_path)  # the starting point, on resume too
         bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", disable=not self.is_main,
                    dynamic_ncols=True)
         train_tokens, train_seconds, train_flops, record, saved_at, preempted = 0, 0.0, 0.0, {}, None, False
@@ -449,24 +495,34 @@ class FinetuneRecipe:
             summary = {"event": "summary", "steps": step, "preempted": True, "final_train_loss": record.get("loss")}
             self.metrics.log(summary)
             self.metrics.close()
+            if self.is_main:  # last: the batch script requeues on it (the checkpoint and metrics are written)
+                write_preempted_marker(self.out_dir, step)
             return summary
         val_after = self._validate(step, "after training") if step > self.start.step else val_before
         export_dir = self._export_final()
+        eval_after = eval_before if step == 0 else None  # never trained: the pretrained weights
+        if self.evaluator is not None and eval_after is None:
+            lora = self.plan.peft is not None
+            eval_after = self._evaluate(step, "after training", self.plan.model_path if lora else export_dir,
+                                        export_dir if lora else None)
         summary = {
             "event": "summary", "steps": step, "wall_time_s": time.perf_counter() - wall_start,
             "train_tokens": train_tokens, "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
             **self.flops.run_metrics(train_flops, train_seconds),
             "val_loss_before": val_before, "val_loss_after": val_after,
             "final_train_loss": record.get("loss"), "export_dir": str(export_dir) if export_dir else None,
+            **_scores(eval_before, "before"), **_scores(eval_after, "after"),
             "skipped_steps": skips.total, "peak_memory_bytes_by_rank": self._peak_memory_by_rank(),
         }
         self.metrics.log(summary)
         self.metrics.close()
         if self.is_main:
+            clear_preempted_marker(self.out_dir)  # finished: an earlier run's marker must not requeue anything
             print(
                 f"done: {step} steps in {summary['wall_time_s']:.0f} s, {summary['train_tokens_per_s']:.0f} train tok/s"
                 f"{self.flops.describe_run(summary)}; "
-                f"val loss {_fmt(val_before)} -> {_fmt(val_after)}; exported to {export_dir}",
+                f"val loss {_fmt(val_before)} -> {_fmt(val_after)}{_describe_scores(eval_before, eval_after)}; "
+                f"exported to {export_dir}",
                 flush=True,
             )
         return summary
@@ -474,6 +530,19 @@ class FinetuneRecipe:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def _scores(result: dict | None, when: str) -> dict:
+    """The summary's ``exact_match_<when>`` and ``f1_<when>`` (percent), none without a result."""
+    return {} if result is None else {f"exact_match_{when}": result["exact_match"], f"f1_{when}": result["f1"]}
+
+
+def _describe_scores(before: dict | None, after: dict | None) -> str:
+    if after is None:
+        return ""
+    em = f"{before['exact_match']:.1f} -> " if before else ""
+    f1 = f"{before['f1']:.1f} -> " if before else ""
+    return f"; exact match {em}{after['exact_match']:.1f} %, F1 {f1}{after['f1']:.1f} %"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ Only the main rank writes. Records are the recipe's ``metrics.jsonl`` records; e
 becomes scalars under ``train/``, ``validation/`` and ``checkpoint/`` at its step:
 
     train/loss, train/grad_norm, train/lr, train/tokens_per_s, train/step_time_s,
-    train/peak_memory_gib, validation/loss, checkpoint/blocking_s
+    train/peak_memory_gib, validation/loss, checkpoint/blocking_s,
+    evaluation/exact_match, evaluation/f1 (percent; the pretrained model's at step 0)
 
 and for a mixture of experts ``train/aux_loss`` (the router's load-balancing loss) and, from
 each ``expert_load`` record, ``experts/max_imbalance``, ``experts/mean_imbalance`` and
@@ -41,6 +42,8 @@ def scalars_of(record: dict) -> dict[str, float]:
         return out
     if event == "validation" and record.get("val_loss") is not None:
         return {"validation/loss": float(record["val_loss"])}
+    if event == "evaluation":
+        return {"evaluation/exact_match": float(record["exact_match"]), "evaluation/f1": float(record["f1"])}
     if event == "checkpoint":
         return {"checkpoint/blocking_s": float(record["blocking_s"])}
     if event == "expert_load":

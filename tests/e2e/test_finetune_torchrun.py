@@ -16,8 +16,11 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 CONFIG = "configs/smollm2_135m_squad_pp2.yaml"
 
 
-def run_recipe(nproc: int, *overrides: str, timeout: float = 600, config: str = CONFIG) -> subprocess.CompletedProcess:
-    cmd = TORCHRUN + [f"--nproc_per_node={nproc}", "recipes/finetune.py", "--config", config, *overrides]
+def run_recipe(nproc: int, *overrides: str, timeout: float = 600, config: str = CONFIG,
+               evaluation: bool = False) -> subprocess.CompletedProcess:
+    """torchrun on ``config``; the scoring by generation off unless ``evaluation`` (it has its own test)."""
+    off = [] if evaluation or config != CONFIG else ["--evaluation=null"]
+    cmd = TORCHRUN + [f"--nproc_per_node={nproc}", "recipes/finetune.py", "--config", config, *off, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -113,13 +116,14 @@ def test_empty_validation_split_fails_fast_with_the_key(real_assets, tmp_path):
 
 @pytest.mark.e2e
 def test_max_steps_0_validates_and_exports_without_training(real_assets, tmp_path):
-    """Also: split: profile times the pieces on rank 0 and every rank plans with them."""
+    """Also: split: profile times the pieces on rank 0 and every rank plans with them; the
+    evaluation section scores the pretrained model once (never trained: the same weights after)."""
     out = tmp_path / "run"
     proc = run_recipe(
         2, f"--checkpoint.checkpoint_dir={out}", "--step_scheduler.max_steps", "0",
         "--distributed.pipeline.split", "profile",
         "--validation_dataset.seq_length", "96", "--validation_dataset.limit_dataset_samples", "8",
-        "--dataset.limit_dataset_samples", "16",
+        "--dataset.limit_dataset_samples", "16", "--evaluation.num_samples", "4", evaluation=True,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = read_metrics(out)
@@ -129,6 +133,10 @@ def test_max_steps_0_validates_and_exports_without_training(real_assets, tmp_pat
     assert (out / "hf_model" / "config.json").is_file()
     assert "stage 1 (pp_rank 1)" in proc.stdout  # the plan is printed before the run
     assert "split: profile: fwd+bwd per microbatch" in proc.stdout  # timed on rank 0, shared
+    scored = [r for r in records if r["event"] == "evaluation"]
+    assert [(r["tag"], r["samples"]) for r in scored] == [("pretrained", 4)], scored
+    assert summary["exact_match_after"] == summary["exact_match_before"] == scored[0]["exact_match"]
+    assert "evaluation (pretrained, step 0): exact match" in proc.stdout and "exact match " in proc.stdout
 
 
 @pytest.mark.e2e

@@ -24,7 +24,7 @@ def _measured_step_seconds(overrides: list[str], out: Path) -> float:
     """Median optimizer step of steps 2..4 of the recipe under torchrun on 2 processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "recipes" / "finetune.py"),
            "--config", str(CONFIG), *overrides, "--step_scheduler.max_steps", "4", "--validation_dataset", "null",
-           "--checkpoint.enabled", "false", "--checkpoint.save_consolidated", "false",
+           "--evaluation", "null", "--checkpoint.enabled", "false", "--checkpoint.save_consolidated", "false",
            f"--checkpoint.checkpoint_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
@@ -45,7 +45,8 @@ def test_the_chosen_layout_is_the_measured_fastest(tiny_assets, tmp_path):
     model, squad = tiny_assets
     fixed = ["--model.pretrained_model_name_or_path", str(model), "--dataset.path_or_dataset", str(squad),
              "--dataset.seq_length", "128", "--dataloader.pad_seq_len_divisible", "128",
-             "--step_scheduler.global_batch_size", "8", "--dataloader.batch_size", "8", "--validation_dataset", "null"]
+             "--step_scheduler.global_batch_size", "8", "--dataloader.batch_size", "8", "--validation_dataset", "null",
+             "--evaluation", "null"]
     path, overrides = parse_cli(["--config", str(CONFIG), *fixed])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun runs each rank

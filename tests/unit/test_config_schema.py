@@ -144,6 +144,7 @@ def test_defaults_are_the_recipe_defaults():
         "packed_sequence": {"packed_sequence_size": 0, "split_across_pack": False},
         "tensorboard": None,
         "wandb": None,
+        "evaluation": None,
     }  # fmt: skip
 
 

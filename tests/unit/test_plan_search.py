@@ -37,7 +37,7 @@ def tiny_cfg(tmp_path_factory):
     (folder / "data").mkdir()
     path, overrides = parse_cli([
         "--config", CONFIG, "--model.pretrained_model_name_or_path", str(folder / "model"),
-        "--dataset.path_or_dataset", str(folder / "data"), "--validation_dataset", "null",
+        "--dataset.path_or_dataset", str(folder / "data"), "--validation_dataset", "null", "--evaluation", "null",
         "--dataset.seq_length", "1024", "--step_scheduler.global_batch_size", "8", "--dataloader.batch_size", "8",
         "--dataloader.pad_seq_len_divisible", "16"])
     return path, overrides

@@ -8,7 +8,23 @@ The loss does not shift again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from nemo_pp.loss import IGNORE_INDEX
+
+
+@dataclass
+class GenerationExample:
+    """One prompt to answer by generation and its reference answers (``evaluation:``).
+
+    Attributes:
+        prompt_ids: the prompt's tokens exactly as training formats them (chat template and
+            generation prompt included), ``list[int]``.
+        answers: every reference answer (SQuAD has up to 5 per question).
+    """
+
+    prompt_ids: list[int]
+    answers: list[str]
 
 
 def truncate_prompt_answer(prompt: list[int], answer: list[int], seq_length: int) -> tuple[list[int], list[int]]:

@@ -18,13 +18,15 @@ import torch
 
 from nemo_pp.assets import looks_like_local_path, missing_asset_message, squad_dir
 from nemo_pp.datasets.llm.loading import load_split
-from nemo_pp.datasets.llm.sft import IGNORE_INDEX, prompt_answer_example  # noqa: F401  (IGNORE_INDEX: re-exported)
+from nemo_pp.datasets.llm.sft import IGNORE_INDEX, GenerationExample, prompt_answer_example  # noqa: F401  (IGNORE_INDEX: re-exported)
+from nemo_pp.datasets.streaming import NoRandomAccess, Streamable, StreamSource
 
 _KEY = "dataset.path_or_dataset"
 
 
-def load_squad_rows(path_or_dataset: str, split: str):
-    """Load one split as a ``datasets.Dataset`` of ``rajpurkar/squad`` rows.
+def load_squad_rows(path_or_dataset: str, split: str, streaming: bool = False):
+    """Load one split as a ``datasets.Dataset`` of ``rajpurkar/squad`` rows (a
+    ``datasets.IterableDataset`` with ``streaming``: nothing read yet).
 
     Args:
         path_or_dataset: a hub id (``"rajpurkar/squad"``), a local folder holding
@@ -34,7 +36,8 @@ def load_squad_rows(path_or_dataset: str, split: str):
 
     Raises:
         FileNotFoundError: a local-looking path that does not exist.
-        ValueError: a local split with no rows or a file ``datasets`` cannot parse.
+        ValueError: a local split with no rows or a file ``datasets`` cannot parse;
+            streaming: a sliced split or a source ``datasets`` cannot stream.
     """
     import datasets
 
@@ -43,9 +46,14 @@ def load_squad_rows(path_or_dataset: str, split: str):
         if not path.exists():
             raise FileNotFoundError(missing_asset_message(path_or_dataset, "dataset path_or_dataset"))
         if path.is_file():
-            return load_split(lambda s: datasets.load_dataset("json", data_files={s: str(path)}, split=s), split, _KEY, path)
-        return load_split(lambda s: datasets.load_dataset(str(path), split=s), split, _KEY, path)
+            return load_split(lambda s: datasets.load_dataset("json", data_files={s: str(path)}, split=s,
+                                                              streaming=streaming), split, _KEY, path, streaming)
+        return load_split(lambda s: datasets.load_dataset(str(path), split=s, streaming=streaming), split, _KEY, path,
+                          streaming)
     try:
+        if streaming:
+            return load_split(lambda s: datasets.load_dataset(path_or_dataset, split=s, streaming=True), split, _KEY,
+                              path_or_dataset, streaming)
         return datasets.load_dataset(path_or_dataset, split=split)
     except OSError as e:  # ConnectionError, hub's not-found errors
         msg = (
@@ -60,7 +68,7 @@ def load_squad_rows(path_or_dataset: str, split: str):
         raise err from e
 
 
-class SQuAD(torch.utils.data.Dataset):
+class SQuAD(Streamable, torch.utils.data.Dataset):
     """SQuAD question answering, tokenized for SFT with the loss on the answer only.
 
     Each item is ``{"input_ids": list[int], "labels": list[int]}`` of equal length.
@@ -93,11 +101,15 @@ class SQuAD(torch.utils.data.Dataset):
         answer_only_loss: mask the prompt in the labels (else train on every token).
         seed: kept for NeMo YAML compatibility; rows are not shuffled here (the sampler
             shuffles).
+        streaming: read and tokenize rows as training consumes them
+            (:mod:`nemo_pp.datasets.streaming`): :attr:`stream` is set, ``len`` and indexing
+            raise ``TypeError``, iterating yields one pass of samples.
 
     Raises:
         TypeError: ``tokenizer`` is None.
         ValueError: ``use_chat_template=True`` without a chat template, no eos token,
-            or ``seq_length < 1``.
+            or ``seq_length < 1``; streaming: a sliced split, an empty stream, a source
+            ``datasets`` cannot stream.
         FileNotFoundError: a local path that does not exist.
     """
 
@@ -111,6 +123,7 @@ class SQuAD(torch.utils.data.Dataset):
         use_chat_template: bool | None = None,
         answer_only_loss: bool = True,
         seed: int = 42,
+        streaming: bool = False,
     ):
         if tokenizer is None:
             raise TypeError("SQuAD needs a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...)")
@@ -128,9 +141,14 @@ class SQuAD(torch.utils.data.Dataset):
         self.answer_only_loss = answer_only_loss
         self.seed = seed
 
-        rows = load_squad_rows(str(path_or_dataset), split)
+        rows = load_squad_rows(str(path_or_dataset), split, streaming)
+        if streaming:  # nothing tokenized now: the recipe's stream maps rows as it reads them
+            self.rows = rows.take(int(limit_dataset_samples)) if limit_dataset_samples is not None else rows
+            self.stream, self.dataset = StreamSource(self.rows, self._tokenize_row), NoRandomAccess("SQuAD")
+            return
         if limit_dataset_samples is not None:
             rows = rows.select(range(min(int(limit_dataset_samples), len(rows))))
+        self.rows = rows  # the raw rows: the reference answers of generation_example
         self.dataset = rows.map(
             self._tokenize_row,
             remove_columns=rows.column_names,
@@ -171,6 +189,13 @@ class SQuAD(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict[str, list[int]]:
         row = self.dataset[int(idx)]
         return {"input_ids": row["input_ids"], "labels": row["labels"]}
+
+    def generation_example(self, idx: int) -> GenerationExample:
+        """Row ``idx`` as a prompt to answer by generation (formatted as training formats
+        it, its last ``seq_length`` tokens) and every reference answer of the row."""
+        row = self.rows[int(idx)]
+        prompt = self._prompt_ids(row["context"], row["question"])
+        return GenerationExample(prompt[-self.seq_length:] if self.seq_length else prompt, list(row["answers"]["text"]))
 
 
 def make_squad_dataset(
