@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     slurm.add_argument("--time", help="time limit, HH:MM:SS or D-HH:MM:SS (default: the partition's)")
     slurm.add_argument("--partition", help="sbatch --partition (default: the cluster's)")
     slurm.add_argument("--account", help="sbatch --account (default: yours)")
-    slurm.add_argument("--signal-seconds", type=int, default=120,
+    slurm.add_argument("--signal-seconds", type=int, default=None,
                        help="SIGTERM this many seconds before the time limit, to save a checkpoint (default 120)")
     slurm.add_argument("--cpus-per-task", type=int,
                        help="cores of each node's task (torchrun and its ranks; default: the site's on CUDA, "
@@ -147,8 +147,9 @@ def slurm_command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     missing = [name for name in ("nodes", "gpus-per-node") if getattr(args, name.replace("-", "_")) is None]
     if missing:
         raise ValueError(f"--slurm needs {' and '.join('--' + m for m in missing)} (e.g. --nodes 2 --gpus-per-node 8)")
+    signal_seconds = slurm.SlurmOptions.signal_seconds if args.signal_seconds is None else args.signal_seconds
     options = slurm.SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
-                                 partition=args.partition, account=args.account, signal_seconds=args.signal_seconds,
+                                 partition=args.partition, account=args.account, signal_seconds=signal_seconds,
                                  cpus_per_task=args.cpus_per_task, job_name=args.job_name)
     options.check()
     sbatch = None if args.dry_run else slurm.find_sbatch()  # before the plan: the cheap check first
@@ -291,10 +292,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "finetune" and args.slurm:
-            return slurm_command(args, rest)
+            from nemo_pp.launch.slurm import SubmitError
+
+            try:
+                return slurm_command(args, rest)
+            except SubmitError as exc:  # sbatch refused the job: its message, not a traceback
+                print(f"nemo-pp: error: {exc}", file=sys.stderr)
+                return 2
         if args.command == "finetune":
             slurm_only = [f"--{name}" for name in ("nodes", "gpus-per-node", "time", "partition", "account",
-                                                   "cpus-per-task", "job-name", "dry-run")
+                                                   "signal-seconds", "cpus-per-task", "job-name", "dry-run")
                           if getattr(args, name.replace("-", "_")) not in (None, False)]
             if slurm_only:
                 raise ValueError(f"{', '.join(slurm_only)}: Slurm options; add --slurm to submit a batch job")
@@ -323,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.copyfile(src, dest)
             print(f"copied {src.name} to {dest}")
             return 0
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:  # ConfigError: a ValueError; SubmitError
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # ConfigError: a ValueError
         print(f"nemo-pp: error: {exc}", file=sys.stderr)
         return 2
     return 0

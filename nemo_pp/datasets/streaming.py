@@ -8,6 +8,7 @@ packer::
     .skip(k)  resume: the rows every rank consumed before, k = rows per rank * dp
     blocks    whole blocks of dp rows (.batch(dp, drop_last_batch=True), flattened)
     split     split_dataset_by_node(rank, dp, strategy="examples"): rank r keeps rows r, r + dp, ...
+              (rank_rows: a filter on the row index where datasets predates strategy=)
     .map      the data set's own tokenizer function (row -> {"input_ids", "labels"})
     packs     greedy packs (packed_sequence.packed_sequence_size), packed_sequence's rule
 
@@ -72,6 +73,24 @@ def complete_blocks(rows, dp: int):
     return blocks.map(lambda block: {c: [v for b in block[c] for v in b] for c in block}, batched=True, batch_size=1)
 
 
+def rank_rows(rows, dp: int, rank: int):
+    """Rows ``rank``, ``rank + dp``, ... of ``rows``, lazily:
+    ``datasets.distributed.split_dataset_by_node(strategy="examples")``, or on a ``datasets``
+    without that argument (before 5.2) the same selection by a filter on the row index (the
+    older default may hand whole files to ranks, an order that depends on dp)."""
+    from datasets.distributed import split_dataset_by_node
+
+    try:
+        return split_dataset_by_node(rows, rank=rank, world_size=dp, strategy="examples")
+    except TypeError:
+        return every_nth_row(rows, dp, rank)
+
+
+def every_nth_row(rows, n: int, offset: int):
+    """Rows ``offset``, ``offset + n``, ... of a ``datasets.IterableDataset``, lazily."""
+    return rows.filter(lambda _row, i: i % n == offset, with_indices=True)
+
+
 class StreamSource:
     """The rows of one split as ``datasets`` streams them, and the function that tokenizes a row.
 
@@ -99,11 +118,9 @@ class StreamSource:
         Returns:
             a ``datasets.IterableDataset`` of ``{"input_ids": list[int], "labels": list[int]}``.
         """
-        from datasets.distributed import split_dataset_by_node
-
         rows = self.rows.skip(skip) if skip else self.rows
         if dp > 1:
-            rows = split_dataset_by_node(complete_blocks(rows, dp), rank=rank, world_size=dp, strategy="examples")
+            rows = rank_rows(complete_blocks(rows, dp), dp, rank)
         return rows.map(self.tokenize, remove_columns=self.columns)
 
     def first(self, n: int) -> list[dict]:

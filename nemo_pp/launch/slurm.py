@@ -58,8 +58,9 @@ class SlurmOptions:
             ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``); None: the partition's default.
         partition: ``--partition``; None: the cluster's default.
         account: ``--account``; None: the user's default.
-        signal_seconds: SIGTERM this many seconds before the time limit (``--signal=TERM@N``);
-            enough to finish a step and write a checkpoint.
+        signal_seconds: SIGTERM this many seconds before the time limit (``--signal=TERM@N``).
+            However large, the ranks have 30 s from the signal to finish their step and save:
+            torchrun kills its workers 30 s after it forwards a signal (torch.distributed.elastic).
         cpus_per_task: ``--cpus-per-task`` of the one task per node (torchrun and its ranks).
         job_name: ``--job-name``; None: ``nemo-pp-<checkpoint_dir's name>``.
     """

@@ -189,7 +189,8 @@ def check_streaming(cfg) -> bool:
             (``dataset.streaming``), a streamed ``validation_dataset``, no
             ``step_scheduler.max_steps`` (a stream has no length), ``dataloader.shuffle: true``
             (``datasets``' shuffle buffer is not restored on resume), ``dataloader.num_workers``
-            > 0 (workers would read ahead of the saved position), a sliced ``dataset.split``.
+            > 0 (workers would read ahead of the saved position), a sliced ``dataset.split``,
+            ``dataset.repeat_on_exhaustion: false`` (the recipe always starts the next pass).
     """
     from nemo_pp.config.targets import node_target_object
 
@@ -212,6 +213,9 @@ def check_streaming(cfg) -> bool:
     if cfg.step_scheduler.get("max_steps") is None:
         raise ValueError("dataset.streaming: true: a stream has no length, so the run needs step_scheduler.max_steps "
                          "(optimizer steps; the stream starts again at its end)")
+    if node.get("repeat_on_exhaustion") is False:
+        raise ValueError("dataset.repeat_on_exhaustion: false: the recipe starts a stream again at its end and runs "
+                         "step_scheduler.max_steps steps; remove the key, or set max_steps to the steps one pass holds")
     if cfg.dataloader.shuffle:
         raise ValueError(
             "dataloader.shuffle: true cannot resume a streamed data set exactly (datasets' shuffle buffer is lost "

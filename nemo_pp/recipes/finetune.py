@@ -48,6 +48,7 @@ from nemo_pp.planning.fit import preflight_fit_warning
 from nemo_pp.planning.run_plan import RunPlan, plan_run, profile_pipeline_costs, replan, replan_for_fused_loss
 from nemo_pp.planning.schema import load_recipe_config
 from nemo_pp.training.data import (
+    agreed_stream_position,
     build_dataloader,
     build_dataset_main_first,
     build_stream_loader,
@@ -59,7 +60,7 @@ from nemo_pp.training.data import (
     stream_step_groups,
 )
 from nemo_pp.training.engine import TrainEngine
-from nemo_pp.training.evaluation import GenerationEvaluator
+from nemo_pp.training.evaluation import EvaluationError, GenerationEvaluator
 from nemo_pp.training.flops import FlopsMeter
 from nemo_pp.training.loggers import build_metric_loggers
 from nemo_pp.training.lr_scheduler import build_lr_scheduler
@@ -365,7 +366,10 @@ class FinetuneRecipe:
     def _save_checkpoint(self, position: TrainingPosition) -> None:
         step = position.step
         start = time.perf_counter()
-        trainer_state = {**dataclasses.asdict(position), **stream_checkpoint_state(self.train_loader)}  # collective
+        stream_state = stream_checkpoint_state(self.train_loader)  # collective
+        if (agreed := agreed_stream_position(stream_state)) is not None:  # one folder name on every rank
+            position = dataclasses.replace(position, epoch=agreed[0], samples_in_epoch=agreed[1])
+        trainer_state = {**dataclasses.asdict(position), **stream_state}
         path = self.checkpointer.save(position.epoch, step, trainer_state, self.config_yaml)
         seconds = time.perf_counter() - start
         self.metrics.log({"event": "checkpoint", "step": step, "path": str(path), "blocking_s": seconds,
@@ -458,36 +462,44 @@ class FinetuneRecipe:
         wall_start = time.perf_counter()
         step = self.start.step
         position = self.start
-        val_before = self._validate(step, "before training")
-        eval_before = None
-        if self.evaluator is not None and cfg.evaluation.before_training:
-            eval_before = self._evaluate(0, "pretrained", self.plan.model_path)  # the starting point, on resume too
-        bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", disable=not self.is_main,
-                   dynamic_ncols=True)
-        train_tokens, train_seconds, train_flops, record, saved_at, preempted = 0, 0.0, 0.0, {}, None, False
-        val_every = cfg.step_scheduler.get("val_every_steps")
-        skips = SkipCounter(cfg.step_scheduler.max_consecutive_skipped_steps, self.is_main)
-        with PreemptionWatcher(self.dist.device, enabled=ck_on) as watcher, self._ending_cleanly(skips):
-            for batches, position in self._step_batches():
-                out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
-                step = position.step
-                train_tokens += out["tokens"]  # summed over dp ranks; pp ranks of a group share them
-                train_seconds += out["step_time_s"]
-                record = self._log_step(step, out, bar, batches)
-                train_flops += record["model_flops"]
-                skips.update(step, out)  # raises after too many in a row (every rank alike)
-                self.checkpointer.poll()
-                preempted = watcher.requested()
-                if ck_on and (preempted or (ck_every and step % ck_every == 0)):
-                    self._save_checkpoint(position)
-                    saved_at = step
-                if preempted:
-                    break
-                if val_every and step % val_every == 0 and step < self.total_steps:
-                    self._validate(step, "periodic")
-            bar.close()
-            if ck_on and not preempted and saved_at != step and step > self.start.step:
-                self._save_checkpoint(position)  # the end of training is always resumable
+        # the watcher from the first validation on: a signal there stops the run at the first step boundary
+        with PreemptionWatcher(self.dist.device, enabled=ck_on) as watcher:
+            val_before = self._validate(step, "before training")
+            eval_before = None
+            if self.evaluator is not None and cfg.evaluation.before_training:
+                if self.start.step == 0:
+                    eval_before = self._evaluate(0, "pretrained", self.plan.model_path)
+                elif self.is_main:  # a resumed run: the first start scored it (metrics.jsonl)
+                    tqdm.write("evaluation (pretrained): scored when this run first started (metrics.jsonl)")
+            bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", disable=not self.is_main,
+                       dynamic_ncols=True)
+            train_tokens, train_seconds, train_flops, record, saved_at, preempted = 0, 0.0, 0.0, {}, None, False
+            val_every = cfg.step_scheduler.get("val_every_steps")
+            skips = SkipCounter(cfg.step_scheduler.max_consecutive_skipped_steps, self.is_main)
+            with self._ending_cleanly(skips):
+                for batches, position in self._step_batches():
+                    out = self.engine.train_step(batches, self.optimizers, self.lr_schedulers)
+                    step = position.step
+                    train_tokens += out["tokens"]  # summed over dp ranks; pp ranks of a group share them
+                    train_seconds += out["step_time_s"]
+                    record = self._log_step(step, out, bar, batches)
+                    train_flops += record["model_flops"]
+                    skips.update(step, out)  # raises after too many in a row (every rank alike)
+                    self.checkpointer.poll()
+                    preempted = watcher.requested()
+                    if ck_on and (preempted or (ck_every and step % ck_every == 0)):
+                        self._save_checkpoint(position)
+                        saved_at = step
+                    if preempted:
+                        break
+                    if val_every and step % val_every == 0 and step < self.total_steps:
+                        self._validate(step, "periodic")
+                bar.close()
+                if ck_on and not preempted and saved_at != step and step > self.start.step:
+                    self._save_checkpoint(position)  # the end of training is always resumable
+            # a signal during the last step or its save: the checkpoint of `step` is written; the
+            # requeued run resumes there and exports (a signal during the export itself is not caught)
+            preempted = preempted or watcher.requested()
         if preempted:
             if self.is_main:
                 print(f"stopped by signal after step {step}; checkpoint {self.cfg.checkpoint.checkpoint_dir}: run the "
@@ -550,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         0 after training; 2 for a config or input the plan refuses; 3 when training stops
-        on non-finite steps or weights, or a checkpoint cannot be written (each printed on every rank).
+        on non-finite steps or weights, a checkpoint cannot be written, or the evaluation
+        fails on some rank (each printed on every rank).
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank = int(os.environ.get("RANK", 0))
@@ -565,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         recipe.run()
-    except (NonFiniteStepError, NonFiniteWeightsError, CheckpointWriteError) as exc:
+    except (NonFiniteStepError, NonFiniteWeightsError, CheckpointWriteError, EvaluationError) as exc:
         # decided alike on every rank (all-reduced loss and norm, agreed write errors)
         print(f"[rank {rank}] error: {exc}", file=sys.stderr, flush=True)
         return 3

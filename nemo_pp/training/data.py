@@ -235,6 +235,20 @@ def stream_checkpoint_state(loader) -> dict:
                                "ranks": [by_rank[r] for r in range(stream.dp)]}}
 
 
+def agreed_stream_position(stream_state: dict) -> tuple[int, int] | None:
+    """``(epoch, samples_in_epoch)`` every rank records for a checkpoint of a stream: data-parallel
+    rank 0's (None for ``{}``, another loader's state). A packed stream's ranks may be passes
+    apart, and the checkpoint's folder (``epoch_E_step_S``) must be one name on every rank;
+    each rank's own position is in ``ranks``."""
+    from nemo_pp.planning.checks import STREAM_STATE_KEY
+
+    if not stream_state:
+        return None
+    saved = stream_state[STREAM_STATE_KEY]
+    first = saved["ranks"][0]
+    return int(first["epoch"]), int(first["rows"]) * int(saved["dp_size"])
+
+
 def restore_stream(loader, trainer_state: dict) -> None:
     """Position a stream loader where ``trainer_state`` (a checkpoint's) left it; nothing for
     another loader. Unpacked, the global ``samples_in_epoch`` gives every rank's row at any dp

@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from nemo_pp.datasets.llm.sft import GenerationExample
 
-__all__ = ["GenerationEvaluator", "GenerationExample", "check_generation_dataset", "evaluate_generation", "load_generation_model",
-           "score_answers"]
+__all__ = ["EvaluationError", "GenerationEvaluator", "GenerationExample", "check_generation_dataset",
+           "evaluate_generation", "load_generation_model", "score_answers"]
 
 
 def check_generation_dataset(dataset, key: str = "validation_dataset") -> int:
@@ -110,11 +110,10 @@ def score_answers(predictions: list[str], references: list[list[str]], device: t
     return {"exact_match": em / max(n, 1), "f1": f1 / max(n, 1), "samples": int(n)}
 
 
-def evaluate_generation(model, tokenizer, dataset, rank: int, world_size: int, *, max_new_tokens: int,
-                        batch_size: int, num_samples: int | None, device: torch.device) -> dict:
-    """Exact match and F1 (percent) of ``model``'s greedy answers to the first
-    ``num_samples`` prompts of ``dataset`` (all when None), this rank answering every
-    ``world_size``-th one. Collective over the default process group when ``world_size`` > 1.
+def evaluate_generation(model, tokenizer, examples: list[GenerationExample], *, max_new_tokens: int,
+                        batch_size: int, device: torch.device, sync: bool = False) -> dict:
+    """Exact match and F1 (percent) of ``model``'s greedy answers to ``examples`` (this
+    rank's share), summed over the default process group when ``sync`` (collective).
 
     Returns:
         ``{"exact_match", "f1", "samples", "seconds", "examples"}``: percentages over all
@@ -122,17 +121,22 @@ def evaluate_generation(model, tokenizer, dataset, rank: int, world_size: int, *
         ``(prediction, references)`` pairs.
     """
     start = time.perf_counter()
-    n = len(dataset) if num_samples is None else min(num_samples, len(dataset))
-    mine = [dataset.generation_example(i) for i in range(rank, n, world_size)]
-    predictions = _generate(model, mine, tokenizer, max_new_tokens, batch_size, device)
-    references = [e.answers for e in mine]
-    scores = score_answers(predictions, references, device, sync=world_size > 1)
+    predictions = _generate(model, examples, tokenizer, max_new_tokens, batch_size, device)
+    references = [e.answers for e in examples]
+    scores = score_answers(predictions, references, device, sync=sync)
     return {**scores, "seconds": time.perf_counter() - start,
             "examples": list(zip(predictions[:3], references[:3]))}
 
 
+class EvaluationError(RuntimeError):
+    """Scoring failed on some rank (the same message is raised on every rank)."""
+
+
 class GenerationEvaluator:
     """The ``evaluation:`` section for one run: scores a model folder on the validation prompts.
+
+    The prompts are built and checked here, at setup, on every rank alike (the same data),
+    so a bad one stops every rank with the same error before any weight is read.
 
     Args:
         cfg: the ``evaluation`` config node (:class:`nemo_pp.planning.schema.EvaluationConfig`).
@@ -141,21 +145,47 @@ class GenerationEvaluator:
         device: this rank's device; rank / world_size: the default process group's.
 
     Raises:
-        ValueError: the data set has no reference answers (:func:`check_generation_dataset`).
+        ValueError: the data set has no reference answers (:func:`check_generation_dataset`),
+            or a prompt has none (SQuAD v2's unanswerable questions), naming ``validation_dataset``.
     """
 
     def __init__(self, cfg, dataset, tokenizer, device: torch.device, rank: int, world_size: int):
-        self.num_prompts = check_generation_dataset(dataset)
-        self.cfg, self.dataset, self.tokenizer = cfg, dataset, tokenizer
+        n = check_generation_dataset(dataset)
+        n = n if cfg.num_samples is None else min(cfg.num_samples, n)
+        examples = [dataset.generation_example(i) for i in range(n)]
+        empty = [i for i, e in enumerate(examples) if not any(str(a).strip() for a in e.answers)]
+        if empty:
+            raise ValueError(
+                f"evaluation: validation_dataset rows {empty[:5]} ({len(empty)} of {n}) have no reference answer to "
+                "score against (SQuAD v2's unanswerable questions, an empty answer column); drop those rows from the "
+                "validation file, or remove the evaluation section")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.examples = examples[rank::world_size]  # this rank answers every world_size-th prompt
         self.device, self.rank, self.world_size = device, rank, world_size
 
     def score(self, folder: str | Path, adapter: str | Path | None = None, dtype: torch.dtype | None = None) -> dict:
         """:func:`evaluate_generation` of the model in ``folder`` (with a PEFT ``adapter``
-        folder on top) in ``dtype`` (None: the folder's); the model is freed afterwards. Collective."""
-        model = load_generation_model(folder, self.device, dtype, adapter)
+        folder on top) in ``dtype`` (None: the folder's); the model is freed afterwards. Collective.
+
+        Raises:
+            EvaluationError: loading or generating failed on some rank (out of memory, an
+                unreadable folder): raised on every rank, so none waits in the all-reduce.
+        """
+        from nemo_pp.errors import first_error_of_all_ranks
+
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the training step's cached blocks: room for the whole model
+        predictions, error, start = [], None, time.perf_counter()
         try:
-            return evaluate_generation(model, self.tokenizer, self.dataset, self.rank, self.world_size,
-                                       max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size,
-                                       num_samples=self.cfg.num_samples, device=self.device)
-        finally:
+            model = load_generation_model(folder, self.device, dtype, adapter)
+            predictions = _generate(model, self.examples, self.tokenizer, self.cfg.max_new_tokens,
+                                    self.cfg.batch_size, self.device)
             del model
+        except Exception as exc:  # every failure must reach the other ranks, not only ours
+            error = f"evaluation of {folder} failed on rank {self.rank}: {type(exc).__name__}: {exc}"
+        if (error := first_error_of_all_ranks(error)) is not None:
+            raise EvaluationError(error)
+        references = [e.answers for e in self.examples]
+        scores = score_answers(predictions, references, self.device, sync=self.world_size > 1)
+        return {**scores, "seconds": time.perf_counter() - start,
+                "examples": list(zip(predictions[:3], references[:3]))}

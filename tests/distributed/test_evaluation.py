@@ -35,16 +35,17 @@ def test_recipe_scores_equal_one_process_scoring_the_same_folders(tiny_assets, t
     rows = load_squad_rows(str(squad), "validation").select(range(6))
     _, pretrained_answers = _single_process_scores(
         model, tokenizer, SQuAD(str(squad), "validation", tokenizer=tokenizer, seq_length=32, limit_dataset_samples=6))
-    # half the questions get the pretrained model's own answer as a reference: a score that is not 0
+    # half the questions get the pretrained model's own answer (where it gave one) as the
+    # reference: a score that is not 0
     path = tmp_path / "validation.jsonl"
     with path.open("w") as f:
         for i, row in enumerate(rows):
-            if i % 2 == 0:
+            if i % 2 == 0 and pretrained_answers[i].strip():
                 row["answers"] = {"text": [pretrained_answers[i]], "answer_start": [0]}
             f.write(json.dumps(row) + "\n")
     validation = SQuAD(str(path), "validation", tokenizer=tokenizer, seq_length=32)
     expected_before, _ = _single_process_scores(model, tokenizer, validation)
-    assert expected_before["exact_match"] >= 50
+    assert expected_before["exact_match"] > 0
 
     out = tmp_path / "run"
     launch_recipe(2, recipe_overrides(model, squad, out, f"--validation_dataset.path_or_dataset={path}",

@@ -84,12 +84,32 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(squad_valida
     by_hand = [tokenizer.decode(_greedy_one(model, e.prompt_ids, 6, tokenizer.eos_token_id),
                                 skip_special_tokens=True).strip() for e in examples]
     assert batched == by_hand
-    result = evaluate_generation(model, tokenizer, ds, 0, 1, max_new_tokens=6, batch_size=4, num_samples=5,
-                                 device=torch.device("cpu"))
     alone = [ds.generation_example(i) for i in range(5)]
+    result = evaluate_generation(model, tokenizer, alone, max_new_tokens=6, batch_size=4, device=torch.device("cpu"))
     assert result["samples"] == 5
     assert result["f1"] == score_answers(_generate(model, alone, tokenizer, 6, 1, torch.device("cpu")),
                                          [e.answers for e in alone])["f1"]
+
+
+def test_prompts_without_a_reference_answer_are_refused_at_setup(squad_validation, tiny_assets, tmp_path):
+    """SQuAD v2's unanswerable questions: refused when the evaluator is built (every rank
+    alike), never found by one rank alone while the others wait in the all-reduce."""
+    from omegaconf import OmegaConf
+
+    from nemo_pp.datasets.llm.squad import SQuAD, load_squad_rows
+    from nemo_pp.training.evaluation import GenerationEvaluator
+
+    tokenizer, _ = squad_validation
+    rows = load_squad_rows(str(tiny_assets[1]), "validation").select(range(4))
+    path = tmp_path / "v2.jsonl"
+    path.write_text("".join(json.dumps({**r, "answers": {"text": [], "answer_start": []} if i == 2 else r["answers"]})
+                            + "\n" for i, r in enumerate(rows)))
+    ds = SQuAD(str(path), "validation", tokenizer=tokenizer, seq_length=32)
+    cfg = OmegaConf.create({"num_samples": None, "max_new_tokens": 4, "batch_size": 2})
+    with pytest.raises(ValueError, match=r"validation_dataset rows \[2\] \(1 of 4\) have no reference answer"):
+        GenerationEvaluator(cfg, ds, tokenizer, torch.device("cpu"), 0, 2)
+    evaluator = GenerationEvaluator(OmegaConf.merge(cfg, {"num_samples": 2}), ds, tokenizer, torch.device("cpu"), 1, 2)
+    assert [e.answers for e in evaluator.examples] == [ds.generation_example(1).answers]  # rank 1 of 2: prompt 1
 
 
 def test_a_data_set_without_reference_answers_is_refused(tiny_assets, tmp_path):

@@ -95,6 +95,28 @@ def test_each_dp_rank_reads_every_dp_th_row_of_whole_blocks(data_file, tok, mapp
     assert [shards[r][i] for i in range(whole // dp) for r in range(dp)] == mapped[:whole]
 
 
+def test_the_row_index_filter_selects_what_split_dataset_by_node_selects(data_file):
+    """The selection on a datasets release without split_dataset_by_node(strategy=...)."""
+    from datasets import load_dataset
+    from datasets.distributed import split_dataset_by_node
+
+    from nemo_pp.datasets.streaming import every_nth_row
+
+    raw = load_dataset("json", data_files=data_file, split="train", streaming=True)
+    for dp, rank in ((2, 0), (2, 1), (4, 3)):
+        assert [x["q"] for x in every_nth_row(raw, dp, rank)] == \
+            [x["q"] for x in split_dataset_by_node(raw, rank=rank, world_size=dp, strategy="examples")]
+
+
+def test_a_checkpoint_of_ranks_passes_apart_takes_dp_rank_0s_folder_and_position():
+    from nemo_pp.training.data import agreed_stream_position
+
+    state = {"data_stream": {"dp_size": 2, "packed_sequence_size": 64,
+                             "ranks": [{"epoch": 3, "rows": 4}, {"epoch": 4, "rows": 1}]}}
+    assert agreed_stream_position(state) == (3, 8)
+    assert agreed_stream_position({}) is None
+
+
 def test_a_pass_that_ends_starts_the_next(data_file, tok, mapped):
     stream = RankStream(_stream(data_file, tok).stream, 2, 1)
     items = _take(stream, 18 + 5)  # 18 rows per pass for rank 1 (36 whole rows of 37)
@@ -171,6 +193,7 @@ def _config(*overrides: str):
     (["--dataloader.shuffle=true"], "dataloader.shuffle"),
     (["--dataloader.num_workers=2"], "dataloader.num_workers"),
     (["--dataset.split=train[:90%]"], "dataset.split"),
+    (["+dataset.repeat_on_exhaustion=false"], "dataset.repeat_on_exhaustion"),
     (["+validation_dataset.streaming=true"], "validation_dataset.streaming"),
     (["--dataset._target_=nemo_pp.datasets.llm.chat_dataset.ChatDataset"], "dataset.streaming: true, but"),
     (["--dataset._target_=nemo_pp.datasets.vlm.datasets.make_vlm_dataset"], "dataset.streaming: true, but"),

@@ -155,5 +155,5 @@ class ColumnMappedTextInstructionDataset(Streamable, torch.utils.data.Dataset):
         row = self.rows[int(idx)]
         prompt = self._row_prompt_ids(row)
         cell = row[self.mapping["answer"]]
-        answers = [_text(a) for a in cell] if isinstance(cell, (list, tuple)) and cell else [_text(cell)]
+        answers = [_text(a) for a in cell] if isinstance(cell, (list, tuple)) else [_text(cell)]  # []: none
         return GenerationExample(prompt[-self.seq_length:] if self.seq_length else prompt, answers)
