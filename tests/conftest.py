@@ -42,7 +42,7 @@ def real_moe_model(real_assets):
     return _prepared(smollm2_moe_dir(), "upcycled model missing: run python -m nemo_pp.assets --only moe_model")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once: read-only, and the same seed would build it alike anyway
 def tiny_assets(real_assets, tmp_path_factory):
     """A tiny tied Llama (8 layers, SmolLM2's vocabulary and tokenizer) saved as an HF folder,
     and the SQuAD folder: the recipe's model and data in tests that run the real recipe."""

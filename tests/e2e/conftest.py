@@ -9,7 +9,7 @@ import pytest
 from tests.helpers import ROOT, metric_records, quiet_env, restart_command
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one reference run for the restart and the Slurm tests
 def straight_loss(tiny_assets, tmp_path_factory) -> float:
     """The final train loss of the restart run (:func:`tests.helpers.restart_command`)
     uninterrupted: what every interrupted and resumed run must end with."""
