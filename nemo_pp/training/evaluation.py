@@ -5,11 +5,12 @@ The model generating is a Hugging Face model read from a folder: before training
 pretrained model (``model.pretrained_model_name_or_path``), after training the run's
 export (``hf_model/``, or the base model with the ``hf_adapter/`` of a LoRA run). It is
 not the pipelined stages: ``transformers``' ``generate`` (KV cache, stop at eos) is the
-library's, and what is scored is exactly what a user loads afterwards. Each rank loads
+library's, and what is scored is exactly what a user loads afterwards. Prompts are formatted
+as training formats them, cut from the left to the data set's ``seq_length``. Each rank loads
 the whole model and answers every ``world_size``-th prompt, so this suits models that fit
 one device; the scores are summed over ranks.
 
-Scoring is ``torchmetrics.text.SQuAD``: the official SQuAD v1.1 evaluation script's
+Scoring is ``torchmetrics.functional.text.squad``: the official SQuAD v1.1 evaluation script's
 normalisation (lower case, no punctuation, no articles ``a an the``, single spaces) and
 its token F1, each prediction taking its best reference (Rajpurkar et al., 2016).
 """
