@@ -86,16 +86,22 @@ def test_dry_run_prints_the_script_and_writes_nothing(tiny_overrides, tmp_path, 
     assert not out.exists()
 
 
-def test_cpu_device_and_auto_on_a_machine_without_cuda(tiny_overrides, tmp_path, capsys):
+def test_cpu_device_requests_a_core_per_rank(tiny_overrides, tmp_path, capsys):
     job = slurm.prepare_job(CONFIG, [*tiny_overrides, "--dist_env.device", "cpu",
                                      f"--checkpoint.checkpoint_dir={tmp_path}"], slurm.SlurmOptions(1, 2))
     assert job.device == "cpu" and job.world_size == 2 and "#SBATCH --cpus-per-task=2" in job.script
     assert job.script_path == tmp_path / "slurm" / "finetune.sbatch" and not job.notes
+
+
+def test_auto_device_is_read_from_the_submitting_machine(tiny_overrides, tmp_path):
+    """Either branch asserts: GPUs requested where CUDA is, else CPU with a note saying how to ask for them."""
     import torch
 
-    if not torch.cuda.is_available():
-        auto = slurm.prepare_job(CONFIG, [*tiny_overrides, "--dist_env.device", "auto",
-                                          f"--checkpoint.checkpoint_dir={tmp_path}"], slurm.SlurmOptions(1, 2))
+    auto = slurm.prepare_job(CONFIG, [*tiny_overrides, "--dist_env.device", "auto",
+                                      f"--checkpoint.checkpoint_dir={tmp_path}"], slurm.SlurmOptions(1, 2))
+    if torch.cuda.is_available():
+        assert auto.device == "cuda" and "#SBATCH --gpus-per-node=2" in auto.script
+    else:
         assert auto.device == "cpu" and "--dist_env.device cuda" in auto.notes[0]
 
 
